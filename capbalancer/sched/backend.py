@@ -1,0 +1,148 @@
+"""What the scheduler knows about one backend: health, last snapshot, and its own record of requests.
+
+The proxy-side record is what keeps the view from going stale between polls (DESIGN invariant 3): the
+view is the last snapshot, plus what was sent since, minus what finished since.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from capbalancer.fleet.snapshot import EngineSnapshot
+from capbalancer.sched.types import BackendSpec, HealthSettings
+
+
+class Health(str, Enum):
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass(slots=True)
+class InflightRequest:
+    request_id: str
+    backend_id: str
+    prompt_tokens: int
+    max_tokens: int
+    expected_output_tokens: int  # what the scheduler expects it to generate (<= max_tokens)
+    dispatched_at_s: float
+    first_token_at_s: float | None = None
+    output_tokens: int = 0
+    # The KV tokens of this request that the backend's last snapshot already counted; None when the
+    # request was dispatched after that snapshot was taken.
+    kv_tokens_at_snapshot: int | None = None
+    # What the policy predicted at dispatch (for online calibration and /admin/backends).
+    predicted_ttft_s: float | None = None
+    predicted_tpot_s: float | None = None
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.prompt_tokens + self.output_tokens
+
+    @property
+    def kv_tokens_reserved(self) -> int:
+        """KV tokens it will hold at the end if it generates what we expect (never less than now)."""
+        return self.prompt_tokens + max(self.output_tokens, self.expected_output_tokens)
+
+
+@dataclass(slots=True)
+class Ewma:
+    """Exponentially weighted mean that knows whether it has seen anything yet."""
+
+    alpha: float = 0.2
+    value: float | None = None
+    count: int = 0
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+        self.count += 1
+
+
+@dataclass(slots=True)
+class BackendState:
+    spec: BackendSpec
+    health: Health = Health.UP  # assumed up until polls or the relay say otherwise
+    draining: bool = False
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    last_failure_reason: str = ""
+    snapshot: EngineSnapshot | None = None
+    inflight: dict[str, InflightRequest] = field(default_factory=dict)
+    # KV tokens counted by the last snapshot for requests that have finished since; subtracted from it.
+    kv_released_since_snapshot: int = 0
+    requests_finished_since_snapshot: int = 0
+    # Observed costs for online calibration (seconds).
+    observed_ttft_s: Ewma = field(default_factory=Ewma)
+    observed_tpot_s: Ewma = field(default_factory=Ewma)
+    predicted_ttft_s: Ewma = field(default_factory=Ewma)
+    predicted_tpot_s: Ewma = field(default_factory=Ewma)
+    completed: int = 0
+    failed: int = 0
+
+    @property
+    def backend_id(self) -> str:
+        return self.spec.backend_id
+
+    def routable(self) -> bool:
+        return self.health is Health.UP and not self.draining
+
+    def snapshot_is_fresh(self, now: float, settings: HealthSettings) -> bool:
+        return self.snapshot is not None and now - self.snapshot.taken_at_s <= settings.stale_after_s
+
+    def fresh_snapshot(self, now: float, settings: HealthSettings) -> EngineSnapshot | None:
+        return self.snapshot if self.snapshot_is_fresh(now, settings) else None
+
+    # --- accounting -----------------------------------------------------------------------------
+    def add_inflight(self, req: InflightRequest) -> None:
+        self.inflight[req.request_id] = req
+
+    def remove_inflight(self, request_id: str) -> InflightRequest | None:
+        req = self.inflight.pop(request_id, None)
+        if req is not None and req.kv_tokens_at_snapshot is not None:
+            self.kv_released_since_snapshot += req.kv_tokens_at_snapshot
+            self.requests_finished_since_snapshot += 1
+        return req
+
+    def take_snapshot(self, snapshot: EngineSnapshot) -> None:
+        """A new snapshot counts every request dispatched before it was taken, at its size then."""
+        self.snapshot = snapshot
+        self.kv_released_since_snapshot = 0
+        self.requests_finished_since_snapshot = 0
+        for req in self.inflight.values():
+            if req.dispatched_at_s <= snapshot.taken_at_s:
+                req.kv_tokens_at_snapshot = req.kv_tokens
+            else:
+                req.kv_tokens_at_snapshot = None
+
+    # --- the view between polls ---------------------------------------------------------------
+    def requests_estimate(self, now: float, settings: HealthSettings) -> int:
+        """Requests on the engine (running + waiting): snapshot, plus sent since, minus finished since."""
+        own = len(self.inflight)
+        snap = self.fresh_snapshot(now, settings)
+        if snap is None or snap.running is None:
+            return own
+        at_snapshot = snap.running + (snap.waiting or 0)
+        sent_since = sum(1 for r in self.inflight.values() if r.kv_tokens_at_snapshot is None)
+        return max(own, at_snapshot + sent_since - self.requests_finished_since_snapshot)
+
+    def kv_used_estimate(self, now: float, settings: HealthSettings) -> int:
+        """KV tokens in use now: the snapshot's figure moved by what we sent, grew and freed since."""
+        own = sum(r.kv_tokens for r in self.inflight.values())
+        snap = self.fresh_snapshot(now, settings)
+        used = snap.kv_used_tokens if snap is not None else None
+        if used is None:
+            return own
+        growth = sum(r.kv_tokens - (r.kv_tokens_at_snapshot or 0) for r in self.inflight.values())
+        return max(own, used + growth - self.kv_released_since_snapshot)
+
+    def kv_external_tokens(self, now: float, settings: HealthSettings) -> int:
+        """KV the engine holds that is not ours (other clients, other proxies): never negative."""
+        return max(0, self.kv_used_estimate(now, settings) - sum(r.kv_tokens for r in self.inflight.values()))
+
+    def kv_capacity_tokens(self, now: float, settings: HealthSettings) -> int | None:
+        snap = self.snapshot
+        if snap is not None and snap.kv_capacity_tokens:
+            return snap.kv_capacity_tokens
+        if self.spec.profile is not None:
+            return self.spec.profile.kv_capacity_tokens
+        return None

@@ -1,0 +1,99 @@
+"""The hold queue: requests that no backend can take now, by priority, then arrival order."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from capbalancer.sched.types import Demand
+
+
+@dataclass(order=True, slots=True)
+class _Entry:
+    sort_key: tuple[int, int]  # (-priority, arrival sequence)
+    demand: Demand = field(compare=False)
+    held_at_s: float = field(compare=False)
+    deadline_s: float = field(compare=False)
+    removed: bool = field(default=False, compare=False)
+
+
+class HoldQueue:
+    """Priority-then-FIFO queue with O(log n) push/pop and lazy removal for cancels and expiries."""
+
+    def __init__(self) -> None:
+        self._heap: list[_Entry] = []
+        self._by_id: dict[str, _Entry] = {}
+        self._deadlines: list[tuple[float, int, _Entry]] = []  # min-heap by deadline, lazily cleaned
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._by_id
+
+    def push(self, demand: Demand, now: float, deadline_s: float) -> int:
+        seq = next(self._seq)
+        entry = _Entry((-demand.priority, seq), demand, now, deadline_s)
+        heapq.heappush(self._heap, entry)
+        heapq.heappush(self._deadlines, (deadline_s, seq, entry))
+        self._by_id[demand.request_id] = entry
+        return self.position_of(entry)
+
+    def position_of(self, entry: _Entry) -> int:
+        # Exact position is O(n); cheap enough for a header and only computed on hold.
+        return sum(1 for e in self._by_id.values() if e.sort_key < entry.sort_key)
+
+    def peek(self) -> tuple[Demand, float] | None:
+        self._skip_removed()
+        if not self._heap:
+            return None
+        head = self._heap[0]
+        return head.demand, head.held_at_s
+
+    def pop(self) -> tuple[Demand, float]:
+        self._skip_removed()
+        entry = heapq.heappop(self._heap)
+        entry.removed = True
+        del self._by_id[entry.demand.request_id]
+        return entry.demand, entry.held_at_s
+
+    def remove(self, request_id: str) -> Demand | None:
+        entry = self._by_id.pop(request_id, None)
+        if entry is None:
+            return None
+        entry.removed = True
+        return entry.demand
+
+    def head_priority(self) -> int | None:
+        self._skip_removed()
+        return self._heap[0].demand.priority if self._heap else None
+
+    def expired(self, now: float) -> list[tuple[Demand, float]]:
+        """Remove and return every entry whose deadline has passed."""
+        out = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, entry = heapq.heappop(self._deadlines)
+            if not entry.removed:
+                self.remove(entry.demand.request_id)
+                out.append((entry.demand, entry.held_at_s))
+        return out
+
+    def drain_all(self) -> list[tuple[Demand, float]]:
+        out = [(e.demand, e.held_at_s) for e in sorted(self._by_id.values(), key=lambda e: e.sort_key)]
+        for e in self._by_id.values():
+            e.removed = True
+        self._heap.clear()
+        self._by_id.clear()
+        self._deadlines.clear()
+        return out
+
+    def next_deadline_s(self) -> float | None:
+        while self._deadlines and self._deadlines[0][2].removed:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def _skip_removed(self) -> None:
+        while self._heap and self._heap[0].removed:
+            heapq.heappop(self._heap)

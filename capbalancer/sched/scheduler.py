@@ -1,0 +1,436 @@
+"""The scheduler: one pure object that the live proxy and the discrete-event runner both drive.
+
+It never awaits, sleeps or reads a clock (DESIGN invariant 1). Every input carries the time it happened
+(`now`, in seconds on whatever clock the driver uses), and every method returns its decisions:
+
+    decision = sched.submit(demand, now)          # Route(backend) | Hold | Reject
+    events   = sched.observe(backend, snap, now)  # a fresher snapshot may free room: [Dispatch | Expire]
+    sched.on_first_token(request_id, now); sched.on_progress(request_id, tokens, now)
+    events   = sched.finish(request_id, now, output_tokens=..)   # a completion frees room too
+    events   = sched.tick(now)                    # deadlines of held requests
+    when     = sched.next_wakeup_s()              # the driver calls tick() no later than this
+
+A driver acts on each Dispatch (send the held request to that backend) and each Expire (answer it with
+the status and Retry-After given).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from capbalancer.fleet.snapshot import EngineSnapshot
+from capbalancer.sched.backend import BackendState, Health, InflightRequest
+from capbalancer.sched.estimates import OutputLengthEstimator
+from capbalancer.sched.hold import HoldQueue
+from capbalancer.sched.policies import Policy, PolicyContext, make_policy
+from capbalancer.sched.types import (
+    BackendSpec,
+    Decision,
+    Demand,
+    Dispatch,
+    Event,
+    Expire,
+    HealthSettings,
+    Hold,
+    PoolSettings,
+    Reject,
+    Route,
+)
+
+
+class SchedulerError(KeyError):
+    pass
+
+
+@dataclass(slots=True)
+class PoolState:
+    settings: PoolSettings
+    policy: Policy
+    hold: HoldQueue = field(default_factory=HoldQueue)
+    backend_ids: list[str] = field(default_factory=list)  # in insertion order: round-robin is stable
+    output_lengths: OutputLengthEstimator = field(default_factory=OutputLengthEstimator)
+    held_total: int = 0
+    rejected_total: int = 0
+    expired_total: int = 0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pools: Iterable[PoolSettings],
+        backends: Iterable[BackendSpec] = (),
+        health: HealthSettings | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.health = health or HealthSettings()
+        self._rng = random.Random(seed)
+        self.pools: dict[str, PoolState] = {}
+        self.backends: dict[str, BackendState] = {}
+        # Backends removed while requests were still on them: kept until those finish.
+        self._retired: dict[str, BackendState] = {}
+        self._request_backend: dict[str, str] = {}  # in-flight request -> backend id
+        self._held_pool: dict[str, str] = {}  # held request -> pool name
+        for settings in pools:
+            self.add_pool(settings)
+        for spec in backends:
+            self.add_backend(spec, 0.0)
+
+    # --- configuration ------------------------------------------------------------------------
+    def add_pool(self, settings: PoolSettings) -> None:
+        if settings.name in self.pools:
+            self.update_pool(settings)
+            return
+        policy = make_policy(settings.policy, settings.policy_options, random.Random(self._rng.random()))
+        self.pools[settings.name] = PoolState(settings=settings, policy=policy)
+
+    def update_pool(self, settings: PoolSettings) -> None:
+        pool = self.pools[settings.name]
+        if (settings.policy, settings.policy_options) != (pool.settings.policy, pool.settings.policy_options):
+            pool.policy = make_policy(settings.policy, settings.policy_options, random.Random(self._rng.random()))
+        pool.settings = settings
+
+    def remove_pool(self, name: str, now: float) -> list[Event]:
+        pool = self.pools.pop(name)
+        for backend_id in list(pool.backend_ids):
+            self._retire(backend_id)
+        return [self._expire(d, now, 503, "model removed from configuration", pool.settings)
+                for d, _ in pool.hold.drain_all()]
+
+    def add_backend(self, spec: BackendSpec, now: float) -> list[Event]:
+        if spec.pool not in self.pools:
+            raise SchedulerError(f"backend {spec.backend_id!r} names unknown pool {spec.pool!r}")
+        existing = self.backends.get(spec.backend_id)
+        if existing is not None:
+            # Same name again (config reload): keep its live state, take the new spec.
+            if existing.spec.pool != spec.pool:
+                self.pools[existing.spec.pool].backend_ids.remove(spec.backend_id)
+                self.pools[spec.pool].backend_ids.append(spec.backend_id)
+            existing.spec = spec
+        else:
+            state = self._retired.pop(spec.backend_id, None) or BackendState(spec=spec)
+            state.spec = spec
+            self.backends[spec.backend_id] = state
+            self.pools[spec.pool].backend_ids.append(spec.backend_id)
+        return self._release(spec.pool, now)
+
+    def remove_backend(self, backend_id: str, now: float) -> list[Event]:
+        state = self._backend(backend_id)
+        self._retire(backend_id)
+        return self._expire_if_unservable(state.spec.pool, now)
+
+    def set_draining(self, backend_id: str, draining: bool, now: float) -> list[Event]:
+        state = self._backend(backend_id)
+        state.draining = draining
+        return self._release(state.spec.pool, now) if not draining else self._expire_if_unservable(
+            state.spec.pool, now)
+
+    # --- what the fleet monitor and the relay report -----------------------------------------
+    def observe(self, backend_id: str, snapshot: EngineSnapshot, now: float) -> list[Event]:
+        """A successful metrics poll."""
+        state = self.backends.get(backend_id)
+        if state is None:
+            return []
+        state.take_snapshot(snapshot)
+        return self._release(state.spec.pool, now)
+
+    def observe_health(self, backend_id: str, ok: bool, now: float, reason: str = "") -> list[Event]:
+        """A health poll: consecutive results move the backend up or down, with hysteresis."""
+        state = self.backends.get(backend_id)
+        if state is None:
+            return []
+        if ok:
+            state.consecutive_failures = 0
+            state.consecutive_successes += 1
+            if state.health is Health.DOWN and state.consecutive_successes >= self.health.success_threshold:
+                state.health = Health.UP
+                return self._release(state.spec.pool, now)
+            return []
+        state.consecutive_successes = 0
+        state.consecutive_failures += 1
+        state.last_failure_reason = reason
+        if state.health is Health.UP and state.consecutive_failures >= self.health.failure_threshold:
+            state.health = Health.DOWN
+            return self._expire_if_unservable(state.spec.pool, now)
+        return []
+
+    def report_failure(self, backend_id: str, now: float, reason: str) -> list[Event]:
+        """The relay could not reach the backend at all (refused, reset): down at once, not after N polls."""
+        state = self.backends.get(backend_id)
+        if state is None:
+            return []
+        state.consecutive_successes = 0
+        state.consecutive_failures = max(state.consecutive_failures + 1, self.health.failure_threshold)
+        state.last_failure_reason = reason
+        if state.health is Health.UP:
+            state.health = Health.DOWN
+            return self._expire_if_unservable(state.spec.pool, now)
+        return []
+
+    # --- requests --------------------------------------------------------------------------------
+    def submit(self, demand: Demand, now: float, exclude: Iterable[str] = ()) -> Decision:
+        pool = self.pools.get(demand.pool)
+        if pool is None:
+            raise SchedulerError(f"unknown pool {demand.pool!r}")
+        settings = pool.settings
+        excluded = set(exclude)
+        candidates = [b for b in self._routable(pool) if b.backend_id not in excluded]
+        if not candidates:
+            pool.rejected_total += 1
+            return Reject(503, "no healthy backend for this model", settings.retry_after_s)
+        # Requests already held go first unless this one outranks them: no jumping the queue.
+        head_priority = pool.hold.head_priority()
+        if head_priority is None or demand.priority > head_priority:
+            choice = pool.policy.choose(demand, candidates, self._ctx(pool, demand, now))
+            if choice is not None:
+                self._dispatch(choice, demand, pool, now)
+                return Route(choice.backend_id)
+            reason = "capacity"
+        else:
+            reason = "queue-order"
+        if len(pool.hold) >= settings.hold_max_requests:
+            pool.rejected_total += 1
+            return Reject(429, "hold queue is full", settings.retry_after_s)
+        deadline = demand.deadline_s if demand.deadline_s is not None else now + settings.hold_timeout_s
+        position = pool.hold.push(demand, now, deadline)
+        self._held_pool[demand.request_id] = demand.pool
+        pool.held_total += 1
+        return Hold(reason=reason, queue_position=position)
+
+    def on_first_token(self, request_id: str, now: float) -> None:
+        req = self._inflight(request_id)
+        if req is not None and req.first_token_at_s is None:
+            req.first_token_at_s = now
+            if req.output_tokens == 0:
+                req.output_tokens = 1
+
+    def on_progress(self, request_id: str, output_tokens: int, now: float) -> None:
+        req = self._inflight(request_id)
+        if req is None:
+            return
+        if req.first_token_at_s is None and output_tokens > 0:
+            req.first_token_at_s = now
+        req.output_tokens = max(req.output_tokens, output_tokens)
+
+    def finish(
+        self,
+        request_id: str,
+        now: float,
+        *,
+        output_tokens: int | None = None,
+        prompt_tokens: int | None = None,
+        ok: bool = True,
+    ) -> list[Event]:
+        """The request ended on its backend (complete, failed or aborted): release its accounting."""
+        backend_id = self._request_backend.pop(request_id, None)
+        if backend_id is None:
+            return self.cancel(request_id, now)
+        state = self.backends.get(backend_id) or self._retired.get(backend_id)
+        if state is None:
+            return []
+        req = state.remove_inflight(request_id)
+        if req is None:
+            return []
+        if output_tokens is not None:
+            req.output_tokens = output_tokens
+        if prompt_tokens is not None:
+            req.prompt_tokens = prompt_tokens
+        pool = self.pools.get(state.spec.pool)
+        if ok:
+            state.completed += 1
+            self._record_costs(state, req, now)
+            if pool is not None:
+                pool.output_lengths.observe(req.output_tokens)
+        else:
+            state.failed += 1
+        if backend_id in self._retired and not state.inflight:
+            del self._retired[backend_id]
+        return self._release(state.spec.pool, now) if pool is not None else []
+
+    def cancel(self, request_id: str, now: float) -> list[Event]:
+        """The client went away. A held request leaves the queue; one in flight is released."""
+        pool_name = self._held_pool.pop(request_id, None)
+        if pool_name is not None:
+            pool = self.pools.get(pool_name)
+            if pool is not None:
+                pool.hold.remove(request_id)
+            return []
+        if request_id in self._request_backend:
+            return self.finish(request_id, now, ok=False)
+        return []
+
+    def tick(self, now: float) -> list[Event]:
+        """Expire held requests past their deadline, and retry the queues (snapshots may have aged)."""
+        events: list[Event] = []
+        for name, pool in self.pools.items():
+            for demand, _held_at in pool.hold.expired(now):
+                self._held_pool.pop(demand.request_id, None)
+                pool.expired_total += 1
+                events.append(Expire(demand.request_id, 503, "held past its deadline with no backend free",
+                                     pool.settings.retry_after_s))
+            if len(pool.hold):
+                events.extend(self._release(name, now))
+        return events
+
+    def next_wakeup_s(self) -> float | None:
+        deadlines = [d for p in self.pools.values() if (d := p.hold.next_deadline_s()) is not None]
+        return min(deadlines) if deadlines else None
+
+    # --- views ---------------------------------------------------------------------------------
+    def expected_output_tokens(self, pool_name: str, max_tokens: int) -> int:
+        return self.pools[pool_name].output_lengths.expected(max_tokens)
+
+    def held_count(self, pool_name: str | None = None) -> int:
+        if pool_name is not None:
+            return len(self.pools[pool_name].hold)
+        return sum(len(p.hold) for p in self.pools.values())
+
+    def is_held(self, request_id: str) -> bool:
+        return request_id in self._held_pool
+
+    def backend_of(self, request_id: str) -> str | None:
+        return self._request_backend.get(request_id)
+
+    def routable_backends(self, pool_name: str) -> list[BackendState]:
+        return self._routable(self.pools[pool_name])
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """Live state for /admin/backends: health, snapshot age, load, predicted vs observed costs."""
+        out: dict[str, Any] = {"pools": {}, "backends": {}}
+        for name, pool in self.pools.items():
+            out["pools"][name] = {
+                "policy": pool.settings.policy,
+                "backends": list(pool.backend_ids),
+                "held": len(pool.hold),
+                "held_total": pool.held_total,
+                "rejected_total": pool.rejected_total,
+                "expired_total": pool.expired_total,
+                "expected_output_tokens": pool.output_lengths.mean_output_tokens,
+            }
+        for backend_id, b in self.backends.items():
+            snap = b.snapshot
+            out["backends"][backend_id] = {
+                "pool": b.spec.pool,
+                "url": b.spec.url,
+                "engine": b.spec.engine,
+                "profile": b.spec.profile.name if b.spec.profile else None,
+                "health": b.health.value,
+                "draining": b.draining,
+                "last_failure": b.last_failure_reason or None,
+                "snapshot_age_s": None if snap is None else round(now - snap.taken_at_s, 3),
+                "snapshot_stale": not b.snapshot_is_fresh(now, self.health),
+                "snapshot": None if snap is None else {
+                    "running": snap.running, "waiting": snap.waiting,
+                    "kv_usage_fraction": snap.kv_usage_fraction, "kv_capacity_tokens": snap.kv_capacity_tokens,
+                    "preemptions_total": snap.preemptions_total,
+                },
+                "inflight": len(b.inflight),
+                "requests_estimate": b.requests_estimate(now, self.health),
+                "kv_used_estimate_tokens": b.kv_used_estimate(now, self.health),
+                "completed": b.completed,
+                "failed": b.failed,
+                "ttft_seconds": {"predicted": b.predicted_ttft_s.value, "observed": b.observed_ttft_s.value},
+                "tpot_seconds": {"predicted": b.predicted_tpot_s.value, "observed": b.observed_tpot_s.value},
+            }
+        return out
+
+    # --- internals -----------------------------------------------------------------------------
+    def _backend(self, backend_id: str) -> BackendState:
+        try:
+            return self.backends[backend_id]
+        except KeyError:
+            raise SchedulerError(f"unknown backend {backend_id!r}") from None
+
+    def _inflight(self, request_id: str) -> InflightRequest | None:
+        backend_id = self._request_backend.get(request_id)
+        if backend_id is None:
+            return None
+        state = self.backends.get(backend_id) or self._retired.get(backend_id)
+        return state.inflight.get(request_id) if state is not None else None
+
+    def _routable(self, pool: PoolState) -> list[BackendState]:
+        return [b for bid in pool.backend_ids if (b := self.backends[bid]).routable()]
+
+    def _ctx(self, pool: PoolState, demand: Demand, now: float) -> PolicyContext:
+        return PolicyContext(now=now, health=self.health,
+                             expected_output_tokens=pool.output_lengths.expected(demand.max_tokens)
+                             if demand.api != "embeddings" else 0)
+
+    def _dispatch(self, backend: BackendState, demand: Demand, pool: PoolState, now: float) -> None:
+        expected = 0 if demand.api == "embeddings" else pool.output_lengths.expected(demand.max_tokens)
+        req = InflightRequest(
+            request_id=demand.request_id,
+            backend_id=backend.backend_id,
+            prompt_tokens=demand.prompt_tokens,
+            max_tokens=demand.max_tokens,
+            expected_output_tokens=expected,
+            dispatched_at_s=now,
+        )
+        predictor = getattr(pool.policy, "predict", None)
+        if predictor is not None:
+            prediction = predictor(demand, backend, self._ctx(pool, demand, now))
+            if prediction is not None:
+                req.predicted_ttft_s, req.predicted_tpot_s = prediction
+        backend.add_inflight(req)
+        self._request_backend[demand.request_id] = backend.backend_id
+
+    def _release(self, pool_name: str, now: float) -> list[Event]:
+        """Dispatch held requests, head first, while the policy finds them a backend."""
+        pool = self.pools.get(pool_name)
+        if pool is None or not len(pool.hold):
+            return []
+        events: list[Event] = []
+        candidates = self._routable(pool)
+        if not candidates:
+            return self._expire_if_unservable(pool_name, now)
+        while True:
+            head = pool.hold.peek()
+            if head is None:
+                break
+            demand, held_at = head
+            choice = pool.policy.choose(demand, candidates, self._ctx(pool, demand, now))
+            if choice is None:
+                break
+            pool.hold.pop()
+            self._held_pool.pop(demand.request_id, None)
+            self._dispatch(choice, demand, pool, now)
+            events.append(Dispatch(demand.request_id, choice.backend_id, now - held_at))
+        return events
+
+    def _expire_if_unservable(self, pool_name: str, now: float) -> list[Event]:
+        """With no routable backend left, held requests are answered at once rather than left to hang."""
+        pool = self.pools.get(pool_name)
+        if pool is None or self._routable(pool) or not len(pool.hold):
+            return []
+        return [self._expire(d, now, 503, "no healthy backend for this model", pool.settings)
+                for d, _ in pool.hold.drain_all()]
+
+    def _expire(self, demand: Demand, now: float, status: int, reason: str, settings: PoolSettings) -> Expire:
+        self._held_pool.pop(demand.request_id, None)
+        pool = self.pools.get(demand.pool)
+        if pool is not None:
+            pool.expired_total += 1
+        return Expire(demand.request_id, status, reason, settings.retry_after_s)
+
+    def _retire(self, backend_id: str) -> None:
+        state = self.backends.pop(backend_id, None)
+        if state is None:
+            return
+        pool = self.pools.get(state.spec.pool)
+        if pool is not None and backend_id in pool.backend_ids:
+            pool.backend_ids.remove(backend_id)
+        if state.inflight:
+            self._retired[backend_id] = state
+
+    def _record_costs(self, state: BackendState, req: InflightRequest, now: float) -> None:
+        if req.first_token_at_s is None:
+            return
+        state.observed_ttft_s.add(req.first_token_at_s - req.dispatched_at_s)
+        if req.predicted_ttft_s is not None:
+            state.predicted_ttft_s.add(req.predicted_ttft_s)
+        if req.output_tokens > 1:
+            state.observed_tpot_s.add((now - req.first_token_at_s) / (req.output_tokens - 1))
+            if req.predicted_tpot_s is not None:
+                state.predicted_tpot_s.add(req.predicted_tpot_s)
