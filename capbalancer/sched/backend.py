@@ -34,6 +34,10 @@ class InflightRequest:
     # What the policy predicted at dispatch (for online calibration and /admin/backends).
     predicted_ttft_s: float | None = None
     predicted_tpot_s: float | None = None
+    predicted_ttft_base_s: float | None = None  # the same prediction before online correction
+    # The backend's load integrals when this request produced its first token (see BackendState).
+    seq_integral_at_first_token: float = 0.0
+    kv_integral_at_first_token: float = 0.0
 
     @property
     def kv_tokens(self) -> int:
@@ -68,14 +72,27 @@ class BackendState:
     last_failure_reason: str = ""
     snapshot: EngineSnapshot | None = None
     inflight: dict[str, InflightRequest] = field(default_factory=dict)
+    # Running sums over `inflight`, kept incrementally so a policy reads a backend's load in O(1)
+    # (the discrete-event runner asks about 100 backends per request).
+    own_kv_tokens: int = 0  # prompt + generated so far
+    own_reserved_kv_tokens: int = 0  # prompt + max(generated, expected output)
+    own_pending_prefill_tokens: int = 0  # prompts of requests that have not produced a first token
+    own_kv_at_snapshot: int = 0  # the part of own_kv_tokens the last snapshot already counted
+    own_sent_since_snapshot: int = 0  # requests dispatched after the last snapshot was taken
     # KV tokens counted by the last snapshot for requests that have finished since; subtracted from it.
     kv_released_since_snapshot: int = 0
     requests_finished_since_snapshot: int = 0
-    # Observed costs for online calibration (seconds).
+    # Time integrals of our own load, for calibration: the mean batch a request saw while decoding.
+    load_integral_seq_s: float = 0.0
+    load_integral_kv_s: float = 0.0
+    load_integral_at_s: float = 0.0
+    # Observed and predicted costs, for online calibration and /admin/backends (seconds).
     observed_ttft_s: Ewma = field(default_factory=Ewma)
     observed_tpot_s: Ewma = field(default_factory=Ewma)
     predicted_ttft_s: Ewma = field(default_factory=Ewma)
     predicted_tpot_s: Ewma = field(default_factory=Ewma)
+    ttft_correction: Ewma = field(default_factory=lambda: Ewma(alpha=0.1))  # observed / predicted
+    tpot_correction: Ewma = field(default_factory=lambda: Ewma(alpha=0.1))
     completed: int = 0
     failed: int = 0
 
@@ -93,14 +110,53 @@ class BackendState:
         return self.snapshot if self.snapshot_is_fresh(now, settings) else None
 
     # --- accounting -----------------------------------------------------------------------------
-    def add_inflight(self, req: InflightRequest) -> None:
-        self.inflight[req.request_id] = req
+    def _advance_integrals(self, now: float) -> None:
+        dt = now - self.load_integral_at_s
+        if dt > 0:
+            self.load_integral_seq_s += dt * len(self.inflight)
+            self.load_integral_kv_s += dt * self.own_kv_tokens
+            self.load_integral_at_s = now
 
-    def remove_inflight(self, request_id: str) -> InflightRequest | None:
-        req = self.inflight.pop(request_id, None)
-        if req is not None and req.kv_tokens_at_snapshot is not None:
+    def add_inflight(self, req: InflightRequest) -> None:
+        self._advance_integrals(req.dispatched_at_s)
+        self.inflight[req.request_id] = req
+        self.own_kv_tokens += req.kv_tokens
+        self.own_reserved_kv_tokens += req.kv_tokens_reserved
+        if req.first_token_at_s is None:
+            self.own_pending_prefill_tokens += req.prompt_tokens
+        self.own_sent_since_snapshot += 1
+
+    def set_progress(self, req: InflightRequest, output_tokens: int, now: float) -> None:
+        """Move a request's generated-token count (never backwards) and mark its first token."""
+        self._advance_integrals(now)
+        if req.first_token_at_s is None and output_tokens > 0:
+            req.first_token_at_s = now
+            req.seq_integral_at_first_token = self.load_integral_seq_s
+            req.kv_integral_at_first_token = self.load_integral_kv_s
+            self.own_pending_prefill_tokens -= req.prompt_tokens
+        if output_tokens <= req.output_tokens:
+            return
+        before_kv, before_reserved = req.kv_tokens, req.kv_tokens_reserved
+        req.output_tokens = output_tokens
+        self.own_kv_tokens += req.kv_tokens - before_kv
+        self.own_reserved_kv_tokens += req.kv_tokens_reserved - before_reserved
+
+    def remove_inflight(self, request_id: str, now: float) -> InflightRequest | None:
+        req = self.inflight.get(request_id)
+        if req is None:
+            return None
+        self._advance_integrals(now)
+        del self.inflight[request_id]
+        self.own_kv_tokens -= req.kv_tokens
+        self.own_reserved_kv_tokens -= req.kv_tokens_reserved
+        if req.first_token_at_s is None:
+            self.own_pending_prefill_tokens -= req.prompt_tokens
+        if req.kv_tokens_at_snapshot is not None:
+            self.own_kv_at_snapshot -= req.kv_tokens_at_snapshot
             self.kv_released_since_snapshot += req.kv_tokens_at_snapshot
             self.requests_finished_since_snapshot += 1
+        else:
+            self.own_sent_since_snapshot -= 1
         return req
 
     def take_snapshot(self, snapshot: EngineSnapshot) -> None:
@@ -108,11 +164,15 @@ class BackendState:
         self.snapshot = snapshot
         self.kv_released_since_snapshot = 0
         self.requests_finished_since_snapshot = 0
+        self.own_kv_at_snapshot = 0
+        self.own_sent_since_snapshot = 0
         for req in self.inflight.values():
             if req.dispatched_at_s <= snapshot.taken_at_s:
                 req.kv_tokens_at_snapshot = req.kv_tokens
+                self.own_kv_at_snapshot += req.kv_tokens
             else:
                 req.kv_tokens_at_snapshot = None
+                self.own_sent_since_snapshot += 1
 
     # --- the view between polls ---------------------------------------------------------------
     def requests_estimate(self, now: float, settings: HealthSettings) -> int:
@@ -122,24 +182,23 @@ class BackendState:
         if snap is None or snap.running is None:
             return own
         at_snapshot = snap.running + (snap.waiting or 0)
-        sent_since = sum(1 for r in self.inflight.values() if r.kv_tokens_at_snapshot is None)
-        return max(own, at_snapshot + sent_since - self.requests_finished_since_snapshot)
+        return max(own, at_snapshot + self.own_sent_since_snapshot - self.requests_finished_since_snapshot)
 
     def kv_used_estimate(self, now: float, settings: HealthSettings) -> int:
         """KV tokens in use now: the snapshot's figure moved by what we sent, grew and freed since."""
-        own = sum(r.kv_tokens for r in self.inflight.values())
+        own = self.own_kv_tokens
         snap = self.fresh_snapshot(now, settings)
         used = snap.kv_used_tokens if snap is not None else None
         if used is None:
             return own
-        growth = sum(r.kv_tokens - (r.kv_tokens_at_snapshot or 0) for r in self.inflight.values())
+        growth = own - self.own_kv_at_snapshot
         return max(own, used + growth - self.kv_released_since_snapshot)
 
     def kv_external_tokens(self, now: float, settings: HealthSettings) -> int:
         """KV the engine holds that is not ours (other clients, other proxies): never negative."""
-        return max(0, self.kv_used_estimate(now, settings) - sum(r.kv_tokens for r in self.inflight.values()))
+        return max(0, self.kv_used_estimate(now, settings) - self.own_kv_tokens)
 
-    def kv_capacity_tokens(self, now: float, settings: HealthSettings) -> int | None:
+    def kv_capacity_tokens(self) -> int | None:
         snap = self.snapshot
         if snap is not None and snap.kv_capacity_tokens:
             return snap.kv_capacity_tokens

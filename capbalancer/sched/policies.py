@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from capbalancer.sched.backend import BackendState
+from capbalancer.sched.capacity import CapacityModel
 from capbalancer.sched.types import Demand, HealthSettings
 
 
@@ -24,6 +25,7 @@ class PolicyContext:
     now: float
     health: HealthSettings
     expected_output_tokens: int  # what the scheduler expects this demand to generate
+    capacity: CapacityModel  # the scheduler's model (default settings, shared online corrections)
 
 
 class Policy(Protocol):

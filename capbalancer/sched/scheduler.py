@@ -23,6 +23,7 @@ from typing import Any
 
 from capbalancer.fleet.snapshot import EngineSnapshot
 from capbalancer.sched.backend import BackendState, Health, InflightRequest
+from capbalancer.sched.capacity import CapacityModel
 from capbalancer.sched.estimates import OutputLengthEstimator
 from capbalancer.sched.hold import HoldQueue
 from capbalancer.sched.policies import Policy, PolicyContext, make_policy
@@ -66,6 +67,8 @@ class Scheduler:
         seed: int = 0,
     ) -> None:
         self.health = health or HealthSettings()
+        # Predicts every dispatch's TTFT/TPOT (whatever the policy) and calibrates from completions.
+        self.capacity = CapacityModel(self.health)
         self._rng = random.Random(seed)
         self.pools: dict[str, PoolState] = {}
         self.backends: dict[str, BackendState] = {}
@@ -200,19 +203,16 @@ class Scheduler:
         return Hold(reason=reason, queue_position=position)
 
     def on_first_token(self, request_id: str, now: float) -> None:
-        req = self._inflight(request_id)
-        if req is not None and req.first_token_at_s is None:
-            req.first_token_at_s = now
-            if req.output_tokens == 0:
-                req.output_tokens = 1
+        found = self._inflight_with_backend(request_id)
+        if found is not None:
+            state, req = found
+            state.set_progress(req, max(1, req.output_tokens), now)
 
     def on_progress(self, request_id: str, output_tokens: int, now: float) -> None:
-        req = self._inflight(request_id)
-        if req is None:
-            return
-        if req.first_token_at_s is None and output_tokens > 0:
-            req.first_token_at_s = now
-        req.output_tokens = max(req.output_tokens, output_tokens)
+        found = self._inflight_with_backend(request_id)
+        if found is not None:
+            state, req = found
+            state.set_progress(req, output_tokens, now)
 
     def finish(
         self,
@@ -230,9 +230,12 @@ class Scheduler:
         state = self.backends.get(backend_id) or self._retired.get(backend_id)
         if state is None:
             return []
-        req = state.remove_inflight(request_id)
+        req = state.inflight.get(request_id)
         if req is None:
             return []
+        if output_tokens is not None:
+            state.set_progress(req, output_tokens, now)
+        state.remove_inflight(request_id, now)
         if output_tokens is not None:
             req.output_tokens = output_tokens
         if prompt_tokens is not None:
@@ -343,12 +346,15 @@ class Scheduler:
         except KeyError:
             raise SchedulerError(f"unknown backend {backend_id!r}") from None
 
-    def _inflight(self, request_id: str) -> InflightRequest | None:
+    def _inflight_with_backend(self, request_id: str) -> tuple[BackendState, InflightRequest] | None:
         backend_id = self._request_backend.get(request_id)
         if backend_id is None:
             return None
         state = self.backends.get(backend_id) or self._retired.get(backend_id)
-        return state.inflight.get(request_id) if state is not None else None
+        if state is None:
+            return None
+        req = state.inflight.get(request_id)
+        return (state, req) if req is not None else None
 
     def _routable(self, pool: PoolState) -> list[BackendState]:
         return [b for bid in pool.backend_ids if (b := self.backends[bid]).routable()]
@@ -356,7 +362,8 @@ class Scheduler:
     def _ctx(self, pool: PoolState, demand: Demand, now: float) -> PolicyContext:
         return PolicyContext(now=now, health=self.health,
                              expected_output_tokens=pool.output_lengths.expected(demand.max_tokens)
-                             if demand.api != "embeddings" else 0)
+                             if demand.api != "embeddings" else 0,
+                             capacity=self.capacity)
 
     def _dispatch(self, backend: BackendState, demand: Demand, pool: PoolState, now: float) -> None:
         expected = 0 if demand.api == "embeddings" else pool.output_lengths.expected(demand.max_tokens)
@@ -368,11 +375,10 @@ class Scheduler:
             expected_output_tokens=expected,
             dispatched_at_s=now,
         )
-        predictor = getattr(pool.policy, "predict", None)
-        if predictor is not None:
-            prediction = predictor(demand, backend, self._ctx(pool, demand, now))
-            if prediction is not None:
-                req.predicted_ttft_s, req.predicted_tpot_s = prediction
+        estimate = self.capacity.estimate(backend, demand, expected, now)
+        req.predicted_ttft_s = estimate.ttft_s
+        req.predicted_tpot_s = estimate.tpot_s
+        req.predicted_ttft_base_s = self.capacity.base_ttft(estimate, backend)
         backend.add_inflight(req)
         self._request_backend[demand.request_id] = backend.backend_id
 
@@ -425,12 +431,4 @@ class Scheduler:
             self._retired[backend_id] = state
 
     def _record_costs(self, state: BackendState, req: InflightRequest, now: float) -> None:
-        if req.first_token_at_s is None:
-            return
-        state.observed_ttft_s.add(req.first_token_at_s - req.dispatched_at_s)
-        if req.predicted_ttft_s is not None:
-            state.predicted_ttft_s.add(req.predicted_ttft_s)
-        if req.output_tokens > 1:
-            state.observed_tpot_s.add((now - req.first_token_at_s) / (req.output_tokens - 1))
-            if req.predicted_tpot_s is not None:
-                state.predicted_tpot_s.add(req.predicted_tpot_s)
+        self.capacity.record_completion(state, req, now)

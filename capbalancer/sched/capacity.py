@@ -1,0 +1,202 @@
+"""How much room a backend has left, and what a new request would see there.
+
+Capacity is two-dimensional (DESIGN invariant 3):
+
+* memory headroom: KV tokens the backend can still give out without preempting. The used figure comes
+  from the last snapshot moved by our own accounting since; the growth still to come is what our
+  in-flight requests are expected to generate. Requests finish at different times, so their final sizes
+  are never all held at once: `kv_growth_reserve` (default 0.5, the mean of a uniform progress) says how
+  much of the remaining growth to reserve.
+* compute headroom: how many sequences the backend's batch can take before it stops gaining throughput
+  (or breaks a TPOT objective). It comes from the profiled step time and the running batch, never from
+  the engine's waiting queue, which stays at zero while an overloaded vLLM's batch keeps growing.
+
+Predictions use the profile's step-time model corrected online by what was observed on that backend
+(`ttft_correction`, `tpot_correction`), so a wrong or stale profile heals. A backend with no profile gets
+a generic one that calibration scales to what it observes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from capbalancer.profiling.schema import Profile, StepTimeModel
+from capbalancer.sched.backend import BackendState, InflightRequest
+from capbalancer.sched.types import Demand, HealthSettings
+
+# Used for a backend configured without a profile: a mid-size GPU serving a mid-size model. Only the
+# ratios between backends matter to routing, and calibration replaces the scale within a few requests.
+GENERIC_STEP = StepTimeModel(fixed_seconds=0.015, prefill_seconds_per_token=0.0002,
+                             decode_seconds_per_seq=0.0002, context_seconds_per_token=2e-7)
+GENERIC_MAX_NUM_SEQS = 256
+GENERIC_MAX_BATCHED_TOKENS = 2048
+CORRECTION_BOUNDS = (0.1, 20.0)
+
+
+@dataclass(frozen=True, slots=True)
+class CapacitySettings:
+    kv_growth_reserve: float = 0.5  # fraction of expected remaining output growth reserved in KV
+    kv_high_watermark: float = 0.95  # admit while projected KV stays below this fraction of capacity
+    knee_throughput_fraction: float = 0.98  # batch cap: where decode throughput reaches this of its max
+    tpot_slo_s: float | None = None  # admit only while predicted TPOT stays under this
+    ttft_weight: float = 1.0  # weight of TTFT against the rest of e2e in the routing score
+    calibrate: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """What a demand would see on one backend if sent there now."""
+
+    backend_id: str
+    seqs_after: int  # requests on the engine, this one included
+    seats: int  # sequences the engine can run at once (seats, KV and the compute knee)
+    kv_projected_tokens: int  # KV in use at the projected peak, this one included
+    kv_capacity_tokens: int | None
+    ttft_s: float
+    tpot_s: float
+    e2e_s: float
+    fits_memory: bool
+    fits_compute: bool
+
+    @property
+    def admits(self) -> bool:
+        return self.fits_memory and self.fits_compute
+
+
+class CapacityModel:
+    def __init__(self, health: HealthSettings, settings: CapacitySettings | None = None) -> None:
+        self.health = health
+        self.settings = settings or CapacitySettings()
+
+    # --- profile with corrections ---------------------------------------------------------------
+    @staticmethod
+    def base_step(state: BackendState) -> StepTimeModel:
+        profile = state.spec.profile
+        return profile.step if profile is not None else GENERIC_STEP
+
+    def tpot_factor(self, state: BackendState) -> float:
+        c = state.tpot_correction
+        return c.value if (self.settings.calibrate and c.value is not None and c.count >= 3) else 1.0
+
+    def ttft_factor(self, state: BackendState) -> float:
+        c = state.ttft_correction
+        return c.value if (self.settings.calibrate and c.value is not None and c.count >= 3) else 1.0
+
+    @staticmethod
+    def _limits(profile: Profile | None) -> tuple[int, int]:
+        if profile is None:
+            return GENERIC_MAX_NUM_SEQS, GENERIC_MAX_BATCHED_TOKENS
+        return profile.max_num_seqs, profile.max_num_batched_tokens
+
+    # --- the estimate -----------------------------------------------------------------------------
+    def estimate(self, state: BackendState, demand: Demand, expected_output_tokens: int, now: float) -> Estimate:
+        s = self.settings
+        profile = state.spec.profile
+        step = self.base_step(state)
+        tpot_k = self.tpot_factor(state)
+        ttft_k = self.ttft_factor(state)
+        max_num_seqs, max_batched_tokens = self._limits(profile)
+
+        seqs_now = state.requests_estimate(now, self.health)
+        seqs_after = seqs_now + 1
+        kv_used = state.kv_used_estimate(now, self.health)
+        own_growth = max(0, state.own_reserved_kv_tokens - state.own_kv_tokens)
+        new_kv = demand.prompt_tokens + s.kv_growth_reserve * expected_output_tokens
+        kv_projected = int(kv_used + s.kv_growth_reserve * own_growth + new_kv)
+        kv_capacity = state.kv_capacity_tokens()
+
+        # Mean context per sequence decides the per-step KV read and how many sequences KV can hold.
+        mean_ctx = (kv_used + new_kv) / seqs_after
+        decode_ctx_tokens = int(mean_ctx * seqs_after)
+        seats = max_num_seqs
+        if kv_capacity is not None and mean_ctx > 0:
+            seats = min(seats, max(1, int(kv_capacity * s.kv_high_watermark / mean_ctx)))
+        seats = min(seats, self._knee_seqs(step, mean_ctx, seats))
+
+        tpot_s = step.decode_step_seconds(min(seqs_after, seats), int(mean_ctx * min(seqs_after, seats))) * tpot_k
+        # Time to first token: the prefill backlog ahead of it in chunks of the step token budget, each
+        # chunk riding on a decode step, plus the wait for a seat if the batch is full.
+        backlog_tokens = state.own_pending_prefill_tokens + demand.prompt_tokens
+        chunk_tokens = max(1, max_batched_tokens - min(seqs_now, seats))
+        chunks = math.ceil(backlog_tokens / chunk_tokens)
+        prefill_s = (backlog_tokens * step.prefill_seconds_per_token
+                     + chunks * step.decode_step_seconds(min(seqs_now, seats), decode_ctx_tokens)) * ttft_k
+        waiting_ahead = max(0, seqs_after - seats)
+        seat_wait_s = 0.0
+        if waiting_ahead:
+            # Seats free at the rate sequences finish: seats / (expected output × TPOT) per second.
+            seat_wait_s = waiting_ahead * max(1, expected_output_tokens) * tpot_s / seats
+        ttft_s = prefill_s + seat_wait_s
+        e2e_s = s.ttft_weight * ttft_s + max(0, expected_output_tokens - 1) * tpot_s
+
+        fits_memory = kv_capacity is None or kv_projected <= kv_capacity * s.kv_high_watermark or seqs_now == 0
+        fits_compute = seqs_after <= seats or seqs_now == 0
+        if s.tpot_slo_s is not None and seqs_now > 0:
+            fits_compute = fits_compute and tpot_s <= s.tpot_slo_s
+        return Estimate(
+            backend_id=state.backend_id, seqs_after=seqs_after, seats=seats, kv_projected_tokens=kv_projected,
+            kv_capacity_tokens=kv_capacity, ttft_s=ttft_s, tpot_s=tpot_s, e2e_s=e2e_s,
+            fits_memory=fits_memory, fits_compute=fits_compute,
+        )
+
+    def _knee_seqs(self, step: StepTimeModel, mean_ctx: float, cap: int) -> int:
+        """Smallest batch whose decode throughput reaches `knee_throughput_fraction` of the batch at `cap`.
+
+        With step(n) = a + k·n, throughput n/step(n) rises towards 1/k; past the knee a bigger batch
+        only makes every sequence slower for little gain.
+        """
+        f = self.settings.knee_throughput_fraction
+        if f >= 1.0 or cap <= 1:
+            return cap
+        a = step.fixed_seconds
+        k = step.decode_seconds_per_seq + step.context_seconds_per_token * mean_ctx
+        if k <= 0:
+            return cap
+        best = cap / (a + k * cap)
+        # n / (a + k n) >= f * best  <=>  n (1 - f k best) >= f a best
+        denom = 1.0 - f * k * best
+        if denom <= 0:
+            return cap
+        return max(1, min(cap, math.ceil(f * a * best / denom)))
+
+    # --- calibration ------------------------------------------------------------------------------
+    def record_completion(self, state: BackendState, req: InflightRequest, now: float) -> None:
+        """Compare what was observed with what the profile predicts for the load the request really saw."""
+        if req.first_token_at_s is None:
+            return
+        observed_ttft = req.first_token_at_s - req.dispatched_at_s
+        state.observed_ttft_s.add(observed_ttft)
+        if req.predicted_ttft_s is not None:
+            state.predicted_ttft_s.add(req.predicted_ttft_s)
+            if req.predicted_ttft_base_s and observed_ttft > 0:
+                state.ttft_correction.add(_clip(observed_ttft / req.predicted_ttft_base_s))
+        decode_s = now - req.first_token_at_s
+        if req.output_tokens <= 1 or decode_s <= 0:
+            return
+        observed_tpot = decode_s / (req.output_tokens - 1)
+        state.observed_tpot_s.add(observed_tpot)
+        if req.predicted_tpot_s is not None:
+            state.predicted_tpot_s.add(req.predicted_tpot_s)
+        # The batch this request decoded alongside, on average: our own load integral over its decode
+        # time, or the snapshot's figure when another client's traffic makes the engine busier.
+        mean_seqs = max(1.0, (state.load_integral_seq_s - req.seq_integral_at_first_token) / decode_s)
+        mean_kv = max(0.0, (state.load_integral_kv_s - req.kv_integral_at_first_token) / decode_s)
+        snap = state.fresh_snapshot(now, self.health)
+        if snap is not None and snap.running:
+            mean_seqs = max(mean_seqs, float(snap.running))
+        base_tpot = self.base_step(state).decode_step_seconds(int(round(mean_seqs)), int(mean_kv))
+        if base_tpot > 0:
+            state.tpot_correction.add(_clip(observed_tpot / base_tpot))
+
+    def predict(self, state: BackendState, demand: Demand, expected_output_tokens: int, now: float) -> Estimate:
+        return self.estimate(state, demand, expected_output_tokens, now)
+
+    def base_ttft(self, estimate: Estimate, state: BackendState) -> float:
+        k = self.ttft_factor(state)
+        return estimate.ttft_s / k if k > 0 else estimate.ttft_s
+
+
+def _clip(x: float) -> float:
+    lo, hi = CORRECTION_BOUNDS
+    return min(hi, max(lo, x))

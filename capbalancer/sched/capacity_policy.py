@@ -1,0 +1,83 @@
+"""`capacity`: send each request where it will be served best, or hold it until some backend has room.
+
+For every routable backend the capacity model predicts what the request would see there (TTFT, TPOT,
+end-to-end time) and whether the backend can take it without queueing behind its own batch or running
+out of KV blocks. Among those that can, the lowest predicted end-to-end time wins: a fast GPU takes work
+until its growing batch makes it as slow as the next one, which evens out predicted work rate rather
+than request counts. When none can, the request is held at the proxy (late binding) and dispatched the
+moment a completion or a fresher snapshot frees room.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from capbalancer.sched.backend import BackendState
+from capbalancer.sched.capacity import CapacityModel, CapacitySettings
+from capbalancer.sched.policies import PolicyContext, register
+from capbalancer.sched.types import Demand
+
+OPTION_NAMES = ("kv_growth_reserve", "kv_high_watermark", "knee_throughput_fraction", "tpot_slo_ms",
+                "ttft_weight", "calibrate", "hold")
+
+
+def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, bool]:
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"unknown capacity option(s) {', '.join(unknown)}; known: {', '.join(OPTION_NAMES)}")
+    defaults = CapacitySettings()
+    tpot_slo_ms = options.get("tpot_slo_ms")
+    settings = CapacitySettings(
+        kv_growth_reserve=float(options.get("kv_growth_reserve", defaults.kv_growth_reserve)),
+        kv_high_watermark=float(options.get("kv_high_watermark", defaults.kv_high_watermark)),
+        knee_throughput_fraction=float(options.get("knee_throughput_fraction", defaults.knee_throughput_fraction)),
+        tpot_slo_s=None if tpot_slo_ms is None else float(tpot_slo_ms) / 1000.0,
+        ttft_weight=float(options.get("ttft_weight", defaults.ttft_weight)),
+        calibrate=bool(options.get("calibrate", 1)),
+    )
+    return settings, bool(options.get("hold", 1))
+
+
+class CapacityPolicy:
+    name = "capacity"
+
+    def __init__(self, settings: CapacitySettings, hold: bool = True) -> None:
+        self.settings = settings
+        self.hold = hold
+        self._model: CapacityModel | None = None
+        self._turn = 0
+
+    def _model_for(self, ctx: PolicyContext) -> CapacityModel:
+        if self._model is None or self._model.health is not ctx.health:
+            self._model = CapacityModel(ctx.health, self.settings)
+        return self._model
+
+    def choose(self, demand: Demand, candidates: Sequence[BackendState], ctx: PolicyContext) -> BackendState | None:
+        if not candidates:
+            return None
+        model = self._model_for(ctx)
+        n = len(candidates)
+        self._turn += 1
+        best: BackendState | None = None
+        best_score = float("inf")
+        fallback: BackendState | None = None
+        fallback_score = float("inf")
+        # Start the scan at a rotating offset so exact ties (identical idle backends) take turns.
+        for i in range(n):
+            b = candidates[(self._turn + i) % n]
+            est = model.estimate(b, demand, ctx.expected_output_tokens, ctx.now)
+            if est.admits:
+                if est.e2e_s < best_score:
+                    best, best_score = b, est.e2e_s
+            elif not self.hold and est.e2e_s < fallback_score:
+                fallback, fallback_score = b, est.e2e_s
+        return best if best is not None else fallback
+
+
+def _make(options: dict[str, float], rng: random.Random) -> CapacityPolicy:
+    settings, hold = settings_from_options(options)
+    return CapacityPolicy(settings, hold)
+
+
+register("capacity")(_make)
