@@ -1,0 +1,23 @@
+#!/bin/bash
+# GPU calls B, C, ...: run the benchmark plan (bench/gpu/driver.py) for at most BUDGET seconds, resuming where the
+# previous call stopped. Call B carries .vw2 (vLLM's kernels); later calls carry nothing while the machine stays warm
+# (the vLLM servers started by call B run on in their own sessions; results accumulate in /root/gpubench).
+#   BUDGET=560 LAYOUT=x2 bash bench/gpu/run.sh            (on the GPU machine, from the repository root)
+#   MODE=sim bash bench/gpu/run.sh                         (anywhere: the same plan against `capbalancer sim` instances)
+# Results: $OUT/res-<n>.tar.gz (every JSON, log and measured profile so far) and $OUT/summary.md.
+R=$(pwd); OUT=${OUT:-$R/out/gpu}; mkdir -p $OUT
+MODE=${MODE:-vllm}; LAYOUT=${LAYOUT:-x2}; BUDGET=${BUDGET:-560}
+export SITE=${SITE:-/root/site}
+if [ "$MODE" = vllm ]; then
+  if [ ! -f $SITE/vllm/__init__.py ]; then echo "FRESH MACHINE: run bench/gpu/install.sh first (call A)"; exit 3; fi
+  if [ ! -f $SITE/vllm/_C_stable_libtorch.abi3.so ]; then
+    xz -dc .vw2/_C_stable_libtorch.abi3.so.xz > $SITE/vllm/_C_stable_libtorch.abi3.so.tmp && \
+      mv $SITE/vllm/_C_stable_libtorch.abi3.so.tmp $SITE/vllm/_C_stable_libtorch.abi3.so || { echo "no .vw2 carried?"; exit 4; }
+  fi
+  export CB_PYTHONPATH=$R:/root/cbsite WORK=${WORK:-/root/gpubench}
+else
+  export CB_PYTHONPATH=$R WORK=${WORK:-$R/out/gpubench-sim}
+fi
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+$PY bench/gpu/driver.py --mode $MODE --layout $LAYOUT --budget $BUDGET --work $WORK --out $OUT $DRIVER_ARGS 2>&1 | tee -a $OUT/driver.log
