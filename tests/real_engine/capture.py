@@ -1,0 +1,83 @@
+"""Capture a real vLLM server's outputs into tests/data/real/ so other tests (metrics adapters, the
+simulator's API shape) can be checked against the real thing without running vLLM.
+
+    .venv/bin/python -m tests.real_engine.capture            # starts its own server (about a minute)
+    .venv/bin/python -m tests.real_engine.capture --url URL  # uses a running one
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tests.real_engine.install import ensure_installed
+from tests.real_engine.make_model import ensure_model
+from tests.real_engine.server import SERVED_MODEL, vllm_server
+from tests.support import free_port
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "real"
+
+
+def _request(url: str, body: dict | None = None) -> tuple[int, dict[str, str], bytes]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def _save(name: str, status: int, headers: dict[str, str], body: bytes, request: dict | None = None) -> None:
+    (DATA / name).write_bytes(body)
+    meta = {"status": status, "content_type": headers.get("content-type", headers.get("Content-Type")),
+            "request": request}
+    (DATA / (name + ".meta.json")).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def capture(url: str) -> None:
+    DATA.mkdir(parents=True, exist_ok=True)
+    prompt = "The quick brown fox jumps over the lazy dog and then"
+    completion = {"model": SERVED_MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0,
+                  "ignore_eos": True}
+    chat = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 12,
+            "temperature": 0, "ignore_eos": True}
+    # Requests first so the metrics page shows non-zero counters and filled histograms.
+    _save("vllm-cpu-completion.json", *_request(url + "/v1/completions", completion), completion)
+    stream = {**completion, "stream": True, "stream_options": {"include_usage": True}}
+    _save("vllm-cpu-completion-stream.sse", *_request(url + "/v1/completions", stream), stream)
+    _save("vllm-cpu-chat.json", *_request(url + "/v1/chat/completions", chat), chat)
+    chat_stream = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+    _save("vllm-cpu-chat-stream.sse", *_request(url + "/v1/chat/completions", chat_stream), chat_stream)
+    unknown = {**completion, "model": "no-such-model"}
+    _save("vllm-cpu-error-unknown-model.json", *_request(url + "/v1/completions", unknown), unknown)
+    too_long = {**completion, "max_tokens": 5000}
+    _save("vllm-cpu-error-too-long.json", *_request(url + "/v1/completions", too_long), too_long)
+    _save("vllm-cpu-models.json", *_request(url + "/v1/models"))
+    _save("vllm-cpu-version.json", *_request(url + "/version"))
+    _save("vllm-cpu-metrics.txt", *_request(url + "/metrics"))
+    spec = json.loads(_request(url + "/openapi.json")[2])
+    routes = sorted(f"{m.upper()} {p}" for p, ops in spec.get("paths", {}).items() for m in ops)
+    (DATA / "vllm-cpu-routes.txt").write_text("\n".join(routes) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running vLLM server (http://127.0.0.1:PORT)")
+    args = parser.parse_args()
+    if args.url:
+        capture(args.url.rstrip("/"))
+        return
+    python = ensure_installed()
+    with vllm_server(python, ensure_model(python), free_port(), name="capture", cpu=0,
+                     num_gpu_blocks=64) as server:
+        print(f"server up in {server.start_seconds:.1f}s", file=sys.stderr)
+        capture(server.url)
+
+
+if __name__ == "__main__":
+    main()
