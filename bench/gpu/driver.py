@@ -516,6 +516,7 @@ class Bench:
         sat_c = self.a.sat_concurrency
         dur = self.a.duration
         policies = self.policies()
+        main, extra = policies[:self.a.main_policies], policies[self.a.main_policies:]
         jobs: list[tuple[str, float, callable]] = []
         jobs.append(("profile", self.a.profile_timeout, self.job_profile))
         ov = self.wl(prompt_len=256, output_len=64, concurrency=1, duration=self.a.overhead_duration)
@@ -524,27 +525,42 @@ class Bench:
         jobs.append(("overhead_proxy", ov["duration"] + 15,
                      lambda: self.measured_run("overhead_proxy", [("proxy", ov)], policy="round_robin",
                                                proxy_names=["A"])))
-        per = max(32, sat_c // len(self.instances))
-        d_wl = self.wl(lengths="sharegpt", concurrency=per, duration=dur)
-        jobs.append(("direct_all", d_wl["duration"] + 30,
-                     lambda: self.measured_run("direct_all", [(i["name"], d_wl) for i in self.instances])))
+        # the best static split of the same users: A (a whole GPU) half of them, the GPU-sharing pair a quarter each
+        split = {i["name"]: max(8, int(sat_c * w)) for i, w in zip(self.instances, self.split_weights(), strict=True)}
+        jobs.append(("direct_all", dur * self.scale + 30,
+                     lambda: self.measured_run("direct_all", [(n, self.wl(lengths="sharegpt", concurrency=c,
+                                                                              duration=dur)) for n, c in split.items()])))
         sat = self.wl(lengths="sharegpt", concurrency=sat_c, duration=dur)
-        for pol in policies:
-            jobs.append((f"sat_{pol}", sat["duration"] + 35,
-                         lambda pol=pol: self.measured_run(f"sat_{pol}", [("proxy", sat)], policy=pol)))
-        for frac in self.a.rate_fracs:
-            for pol in policies:
-                name = f"poisson{int(round(frac * 100))}_{pol}"
-                jobs.append((name, dur * self.scale + 35,
-                             lambda pol=pol, frac=frac, name=name: self.measured_run(
-                                 name, [("proxy", self.wl(lengths="sharegpt", rate=frac * self.base_rate(),
-                                                          concurrency=4096, duration=dur))], policy=pol)))
-            if frac == self.a.rate_fracs[0]:
-                for n in ("B", "C"):  # each of the GPU-sharing pair alone (the other idle)
-                    if any(i["name"] == n for i in self.instances):
-                        jobs.append((f"direct_{n}_alone", d_wl["duration"] + 30,
-                                     lambda n=n: self.measured_run(f"direct_{n}_alone", [(n, d_wl)])))
+
+        def sat_job(pol):
+            return (f"sat_{pol}", sat["duration"] + 35,
+                    lambda: self.measured_run(f"sat_{pol}", [("proxy", sat)], policy=pol))
+
+        def poisson_job(pol, frac):
+            name = f"poisson{int(round(frac * 100))}_{pol}"
+            return (name, dur * self.scale + 35,
+                    lambda: self.measured_run(name, [("proxy", self.wl(lengths="sharegpt", rate=frac * self.base_rate(),
+                                                                       concurrency=4096, duration=dur))], policy=pol))
+
+        for group in (main, extra):
+            jobs += [sat_job(p) for p in group]
+            for frac in self.a.rate_fracs:
+                jobs += [poisson_job(p, frac) for p in group]
+        for n in ("B", "C"):  # each of the GPU-sharing pair alone (the other idle)
+            if any(i["name"] == n for i in self.instances):
+                c = split.get(n, 64)
+                jobs.append((f"direct_{n}_alone", dur * self.scale + 30,
+                             lambda n=n, c=c: self.measured_run(f"direct_{n}_alone", [(n, self.wl(
+                                 lengths="sharegpt", concurrency=c, duration=dur))])))
         return jobs
+
+    def split_weights(self) -> list[float]:
+        """Each instance's share of the GPU's compute (1 / instances on its GPU), normalized."""
+        per_gpu = {}
+        for i in self.instances:
+            per_gpu[i["gpu"]] = per_gpu.get(i["gpu"], 0) + 1
+        w = [1.0 / per_gpu[i["gpu"]] for i in self.instances]
+        return [x / sum(w) for x in w]
 
     def policies(self) -> list[str]:
         if self.a.policies:
@@ -668,7 +684,10 @@ def main() -> None:
     ap.add_argument("--sat-concurrency", type=int, default=256)
     ap.add_argument("--duration", type=float, default=30)
     ap.add_argument("--overhead-duration", type=float, default=15)
-    ap.add_argument("--rate-fracs", type=lambda s: [float(x) for x in s.split(",")], default=[0.6, 0.85, 1.0])
+    ap.add_argument("--rate-fracs", type=lambda s: [float(x) for x in s.split(",")], default=[0.7, 0.9],
+                    help="Poisson rates as fractions of direct_all's request rate")
+    ap.add_argument("--main-policies", type=int, default=5, help="how many policies (in order) run every workload "
+                    "before the others run any")
     ap.add_argument("--default-rate", type=float, default=20.0)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies durations (sim mode: <1 to go faster)")
     ap.add_argument("--start-timeout", type=float, default=300)
