@@ -65,18 +65,51 @@ def capture(url: str) -> None:
     (DATA / "vllm-cpu-routes.txt").write_text("\n".join(routes) + "\n")
 
 
+def capture_loaded(url: str, requests: int = 12, prompt_words: int = 150, max_tokens: int = 300) -> None:
+    """Scrape /metrics while more work is in flight than the KV cache holds (running, waiting and
+    preemptions all non-zero on a 16-block instance), and once more after it drains."""
+    import concurrent.futures
+    import time
+
+    body = {"model": SERVED_MODEL, "prompt": " ".join(["word"] * prompt_words), "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(requests) as pool:
+        futures = [pool.submit(_request, url + "/v1/completions", body) for _ in range(requests)]
+        best, best_score = b"", -1.0
+        while not all(f.done() for f in futures):
+            page = _request(url + "/metrics")[2]
+            score = sum(float(line.rsplit(" ", 1)[1]) for line in page.decode().splitlines()
+                        if line.startswith(("vllm:num_requests_waiting{", "vllm:num_requests_running{",
+                                            "vllm:num_preemptions_total{")))
+            if score > best_score:
+                best, best_score = page, score
+            time.sleep(0.2)
+        statuses = [f.result()[0] for f in futures]
+    if any(s != 200 for s in statuses):
+        raise RuntimeError(f"load requests failed: {statuses}")
+    (DATA / "vllm-cpu-metrics-loaded.txt").write_bytes(best)
+    (DATA / "vllm-cpu-metrics-after-load.txt").write_bytes(_request(url + "/metrics")[2])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running vLLM server (http://127.0.0.1:PORT)")
+    parser.add_argument("--loaded", action="store_true",
+                        help="also capture /metrics under a load that overflows the KV cache")
     args = parser.parse_args()
     if args.url:
         capture(args.url.rstrip("/"))
+        if args.loaded:
+            capture_loaded(args.url.rstrip("/"))
         return
     python = ensure_installed()
+    # 16 blocks of 128 tokens: small enough that the loaded capture really preempts.
     with vllm_server(python, ensure_model(python), free_port(), name="capture", cpu=0,
-                     num_gpu_blocks=64) as server:
+                     num_gpu_blocks=16) as server:
         print(f"server up in {server.start_seconds:.1f}s", file=sys.stderr)
         capture(server.url)
+        if args.loaded:
+            capture_loaded(server.url)
 
 
 if __name__ == "__main__":

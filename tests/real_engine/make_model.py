@@ -59,7 +59,8 @@ def ensure_model(vllm_python: Path, cache_root: Path | None = None) -> Path:
     # Build beside the target and rename, so a crash never leaves a half-written model that looks cached.
     work = Path(tempfile.mkdtemp(prefix="build-", dir=cache_root))
     try:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"), "HF_HOME": str(work / "hf")}
         proc = subprocess.run([str(vllm_python), __file__, "--out", str(work / "model")], env=env,
                               capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
