@@ -8,15 +8,15 @@ import subprocess
 
 import pytest
 import yaml
+from support import REPO, capbalancer
 
 from capbalancer.planning.catalog import ProfileCatalog
-from capbalancer.planning.cluster import Cluster, Machine, Workload, parse_cluster, ClusterError
+from capbalancer.planning.cluster import Cluster, ClusterError, Machine, Workload, parse_cluster
 from capbalancer.planning.hels import brute_force, build_group, solve
 from capbalancer.planning.plan import parse_plan, plan_to_dict
 from capbalancer.planning.predict import Slo, predict_instance
 from capbalancer.planning.search import plan_cluster
 from capbalancer.profiling.specs import load_specs
-from support import REPO, capbalancer
 
 GPUS = ("a100-80g", "a100-40g", "h100-80g", "l4", "rtx3090", "p100-16g", "v100-32g")
 MODELS = ("llama-2-7b", "llama-2-13b", "llama-3.1-8b", "opt-30b")
@@ -30,10 +30,10 @@ def brute_force_value(cluster: Cluster, catalog: ProfileCatalog, workload: Workl
         for counts in itertools.product(range(m.count + 1), range(m.count // 2 + 1), range(m.count // 4 + 1),
                                         range(m.count // 8 + 1)):
             tps = (1, 2, 4, 8)
-            if sum(k * t for k, t in zip(counts, tps)) > m.count:
+            if sum(k * t for k, t in zip(counts, tps, strict=False)) > m.count:
                 continue
             total = 0.0
-            for k, tp in zip(counts, tps):
+            for k, tp in zip(counts, tps, strict=False):
                 if k == 0:
                     continue
                 got = catalog.get(m.gpu, tp, m.interconnect)

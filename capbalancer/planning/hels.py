@@ -103,14 +103,14 @@ class HelsGroup:
 
     def memory_split(self, heads: Sequence[int]) -> tuple[float, ...] | None:
         """KV proportions by free memory (the poster's 'according to their memory capability')."""
-        free = [max(0.0, g.memory_bytes - self.weight_bytes(j, h)) for j, (g, h) in enumerate(zip(self.gpus, heads))]
+        free = [max(0.0, g.memory_bytes - self.weight_bytes(j, h)) for j, (g, h) in enumerate(zip(self.gpus, heads, strict=False))]
         total = sum(free)
         if total <= 0:
             return None
         return tuple(f / total for f in free)
 
     def evaluate(self, heads: Sequence[int], kv_fraction: Sequence[float], requests: int, ctx: float) -> Split:
-        lat = tuple(self.latency(j, h, p, requests, ctx) for j, (h, p) in enumerate(zip(heads, kv_fraction)))
+        lat = tuple(self.latency(j, h, p, requests, ctx) for j, (h, p) in enumerate(zip(heads, kv_fraction, strict=False)))
         return Split(tuple(heads), tuple(kv_fraction), lat)
 
     def hels_split(self, heads: Sequence[int], requests: int, ctx: float) -> Split:
@@ -199,7 +199,7 @@ def render_hels(results: Sequence[HelsResult], group: HelsGroup, link_name: str)
         even = f"{r.even.tpot_s * 1e3:.1f} ms" if r.even.fits else "OOM"
         hels = f"{r.hels.tpot_s * 1e3:.1f} ms" if r.hels.fits else "OOM"
         speed = f"{r.speedup:.2f}x" if r.speedup is not None else "-"
-        split = ", ".join(f"{h}/{p:.0%}" for h, p in zip(r.hels.heads, r.hels.kv_fraction))
+        split = ", ".join(f"{h}/{p:.0%}" for h, p in zip(r.hels.heads, r.hels.kv_fraction, strict=False))
         lines.append(f"{r.requests:>8}  {even:>15}  {hels:>10}  {speed:>7}  {split}")
     lines.append(UNSUPPORTED_NOTE)
     return "\n".join(lines)
