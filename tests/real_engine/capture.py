@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tests.real_engine.install import ensure_installed
 from tests.real_engine.make_model import ensure_model
-from tests.real_engine.server import SERVED_MODEL, vllm_server
+from tests.real_engine.server import SERVED_MODEL, ServerSpec, vllm_server
 from tests.support import free_port
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "real"
@@ -104,8 +104,8 @@ def main() -> None:
         return
     python = ensure_installed()
     # 16 blocks of 128 tokens: small enough that the loaded capture really preempts.
-    with vllm_server(python, ensure_model(python), free_port(), name="capture", cpu=0,
-                     num_gpu_blocks=16) as server:
+    with vllm_server(python, ensure_model(python), free_port(),
+                     ServerSpec(name="capture", cpu=0, num_gpu_blocks=16)) as server:
         print(f"server up in {server.start_seconds:.1f}s", file=sys.stderr)
         capture(server.url)
         if args.loaded:
