@@ -112,9 +112,14 @@ class CapacityModel:
         seats = max_num_seqs
         if kv_capacity is not None and mean_ctx > 0:
             seats = min(seats, max(1, int(kv_capacity * s.kv_high_watermark / mean_ctx)))
-        seats = min(seats, self._knee_seqs(step, mean_ctx, seats))
+        # Churn: in steady state every finishing sequence is replaced by a new one whose prefill runs
+        # inside the decode steps of all the others, so each decoding sequence also pays, per token,
+        # its share of the prefills admitted while it decodes.
+        churn_s_per_seq = self.churn_seconds_per_seq(state, step, demand.prompt_tokens, expected_output_tokens)
+        seats = min(seats, self._knee_seqs(step, mean_ctx, seats, churn_s_per_seq))
 
-        tpot_s = step.decode_step_seconds(min(seqs_after, seats), int(mean_ctx * min(seqs_after, seats))) * tpot_k
+        batch = min(seqs_after, seats)
+        tpot_s = (step.decode_step_seconds(batch, int(mean_ctx * batch)) + churn_s_per_seq * batch) * tpot_k
         # Time to first token: the prefill backlog ahead of it in chunks of the step token budget, each
         # chunk riding on a decode step, plus the wait for a seat if the batch is full.
         backlog_tokens = state.own_pending_prefill_tokens + demand.prompt_tokens
@@ -140,7 +145,13 @@ class CapacityModel:
             fits_memory=fits_memory, fits_compute=fits_compute,
         )
 
-    def _knee_seqs(self, step: StepTimeModel, mean_ctx: float, cap: int) -> int:
+    @staticmethod
+    def churn_seconds_per_seq(state: BackendState, step: StepTimeModel, prompt_tokens: int,
+                              expected_output_tokens: int) -> float:
+        mean_prompt = (state.own_prompt_tokens + prompt_tokens) / (len(state.inflight) + 1)
+        return step.prefill_seconds_per_token * mean_prompt / max(1, expected_output_tokens)
+
+    def _knee_seqs(self, step: StepTimeModel, mean_ctx: float, cap: int, churn_s_per_seq: float = 0.0) -> int:
         """Smallest batch whose decode throughput reaches `knee_throughput_fraction` of the batch at `cap`.
 
         With step(n) = a + k·n, throughput n/step(n) rises towards 1/k; past the knee a bigger batch
@@ -150,7 +161,7 @@ class CapacityModel:
         if f >= 1.0 or cap <= 1:
             return cap
         a = step.fixed_seconds
-        k = step.decode_seconds_per_seq + step.context_seconds_per_token * mean_ctx
+        k = step.decode_seconds_per_seq + step.context_seconds_per_token * mean_ctx + churn_s_per_seq
         if k <= 0:
             return cap
         best = cap / (a + k * cap)
@@ -185,7 +196,10 @@ class CapacityModel:
         snap = state.fresh_snapshot(now, self.health)
         if snap is not None and snap.running:
             mean_seqs = max(mean_seqs, float(snap.running))
-        base_tpot = self.base_step(state).decode_step_seconds(int(round(mean_seqs)), int(mean_kv))
+        step = self.base_step(state)
+        seqs = int(round(mean_seqs))
+        churn = self.churn_seconds_per_seq(state, step, req.prompt_tokens, req.expected_output_tokens)
+        base_tpot = step.decode_step_seconds(seqs, int(mean_kv)) + churn * seqs
         if base_tpot > 0:
             state.tpot_correction.add(_clip(observed_tpot / base_tpot))
 

@@ -64,15 +64,27 @@ class CapacityPolicy:
         fallback: BackendState | None = None
         fallback_score = float("inf")
         # Start the scan at a rotating offset so exact ties (identical idle backends) take turns.
+        deadline = demand.deadline_s
         for i in range(n):
             b = candidates[(self._turn + i) % n]
             est = model.estimate(b, demand, ctx.expected_output_tokens, ctx.now)
-            if est.admits:
+            # A backend that would produce the first token only after the deadline cannot serve it.
+            in_time = deadline is None or ctx.now + est.ttft_s <= deadline
+            if est.admits and in_time:
                 if est.e2e_s < best_score:
                     best, best_score = b, est.e2e_s
             elif not self.hold and est.e2e_s < fallback_score:
                 fallback, fallback_score = b, est.e2e_s
         return best if best is not None else fallback
+
+    def unservable(self, demand: Demand, candidates: Sequence[BackendState], ctx: PolicyContext) -> bool:
+        """True when no backend could produce its first token before the deadline, even with a seat now."""
+        if demand.deadline_s is None or not candidates:
+            return False
+        model = self._model_for(ctx)
+        remaining = demand.deadline_s - ctx.now
+        return all(model.estimate(b, demand, ctx.expected_output_tokens, ctx.now).ttft_s > remaining
+                   for b in candidates)
 
 
 def _make(options: dict[str, float], rng: random.Random) -> CapacityPolicy:

@@ -56,6 +56,11 @@ class PoolState:
     held_total: int = 0
     rejected_total: int = 0
     expired_total: int = 0
+    # How fast held requests leave the queue for a backend (per second, smoothed): tells a newcomer
+    # whether it could leave the queue before its deadline at all.
+    release_rate_per_s: float | None = None
+    release_window_start_s: float = 0.0
+    release_window_count: int = 0
 
 
 class Scheduler:
@@ -178,6 +183,8 @@ class Scheduler:
         if pool is None:
             raise SchedulerError(f"unknown pool {demand.pool!r}")
         settings = pool.settings
+        if demand.deadline_s is None:
+            demand.deadline_s = now + settings.hold_timeout_s
         excluded = set(exclude)
         candidates = [b for b in self._routable(pool) if b.backend_id not in excluded]
         if not candidates:
@@ -196,7 +203,15 @@ class Scheduler:
         if len(pool.hold) >= settings.hold_max_requests:
             pool.rejected_total += 1
             return Reject(429, "hold queue is full", settings.retry_after_s)
-        deadline = demand.deadline_s if demand.deadline_s is not None else now + settings.hold_timeout_s
+        deadline = demand.deadline_s
+        rate = pool.release_rate_per_s
+        if rate is not None and rate > 0 and (len(pool.hold) + 1) / rate > deadline - now:
+            # Fail fast: the queue ahead drains too slowly for this request to leave it in time, and
+            # holding it would only make everything behind it later too.
+            pool.rejected_total += 1
+            wait_s = (len(pool.hold) + 1) / rate
+            return Reject(503, f"the hold queue would take ~{wait_s:.1f}s, past this request's deadline",
+                          max(settings.retry_after_s, wait_s))
         position = pool.hold.push(demand, now, deadline)
         self._held_pool[demand.request_id] = demand.pool
         pool.held_total += 1
@@ -385,25 +400,51 @@ class Scheduler:
     def _release(self, pool_name: str, now: float) -> list[Event]:
         """Dispatch held requests, head first, while the policy finds them a backend."""
         pool = self.pools.get(pool_name)
-        if pool is None or not len(pool.hold):
+        if pool is None:
+            return []
+        if not len(pool.hold):
+            # No queue, no congestion: forget the drain rate so the next queue is judged afresh.
+            pool.release_rate_per_s = None
+            pool.release_window_start_s = now
+            pool.release_window_count = 0
             return []
         events: list[Event] = []
         candidates = self._routable(pool)
         if not candidates:
             return self._expire_if_unservable(pool_name, now)
+        unservable = getattr(pool.policy, "unservable", None)
         while True:
             head = pool.hold.peek()
             if head is None:
                 break
             demand, held_at = head
-            choice = pool.policy.choose(demand, candidates, self._ctx(pool, demand, now))
+            ctx = self._ctx(pool, demand, now)
+            choice = pool.policy.choose(demand, candidates, ctx)
             if choice is None:
+                if unservable is not None and unservable(demand, candidates, ctx):
+                    # Nothing can start it before its deadline: answer now rather than block the queue.
+                    pool.hold.pop()
+                    events.append(self._expire(demand, now, 503, "cannot be served before its deadline",
+                                               pool.settings))
+                    continue
                 break
             pool.hold.pop()
             self._held_pool.pop(demand.request_id, None)
             self._dispatch(choice, demand, pool, now)
+            self._count_release(pool, now)
             events.append(Dispatch(demand.request_id, choice.backend_id, now - held_at))
         return events
+
+    @staticmethod
+    def _count_release(pool: PoolState, now: float, window_s: float = 2.0) -> None:
+        pool.release_window_count += 1
+        elapsed = now - pool.release_window_start_s
+        if elapsed >= window_s:
+            rate = pool.release_window_count / elapsed
+            prev = pool.release_rate_per_s
+            pool.release_rate_per_s = rate if prev is None else 0.5 * prev + 0.5 * rate
+            pool.release_window_start_s = now
+            pool.release_window_count = 0
 
     def _expire_if_unservable(self, pool_name: str, now: float) -> list[Event]:
         """With no routable backend left, held requests are answered at once rather than left to hang."""
