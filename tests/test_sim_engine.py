@@ -138,7 +138,7 @@ def test_ttft_and_tpot_follow_the_profile_at_low_load():
     assert first - 10.0 == pytest.approx(prof.step.step_seconds(prompt, 0, 0), rel=1e-9)
     assert done.output_tokens == out and done.finish_reason == "length"
     # Each decode step of a lone request: fixed + per-seq + its context (prompt + tokens so far).
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     expected = [prof.step.decode_step_seconds(1, prompt + g) for g in range(1, out)]
     assert gaps == pytest.approx(expected, rel=1e-9)
     tpot = (done.time_s - first) / (out - 1)

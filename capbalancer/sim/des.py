@@ -31,7 +31,16 @@ from capbalancer.loadtest.stats import Slo, backend_shares, summarize
 from capbalancer.profiling.library import resolve_profile
 from capbalancer.profiling.schema import Profile
 from capbalancer.sched.scheduler import Scheduler
-from capbalancer.sched.types import BackendSpec, Demand, Dispatch, Expire, HealthSettings, Hold, PoolSettings, Route
+from capbalancer.sched.types import (
+    BackendSpec,
+    Demand,
+    Dispatch,
+    Expire,
+    HealthSettings,
+    Hold,
+    PoolSettings,
+    Route,
+)
 from capbalancer.sim.engine import EngineConfig, EngineModel, Finished, FirstToken, SimRequest
 from capbalancer.sim.workload import DesRequest, DesWorkload, generate_requests, parse_workload
 

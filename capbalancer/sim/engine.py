@@ -96,6 +96,7 @@ class SimRequest:
 class FirstToken:
     request_id: str
     time_s: float
+    scheduled_s: float = 0.0  # when it was first scheduled (queue time = scheduled_s - arrival)
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,7 +341,7 @@ class EngineModel:
             return limit
         steps = full * bs
         left = free - full * n
-        for j in range(bs):
+        for _j in range(bs):
             need = counts[(1 - (epoch + steps)) % bs]
             if need > left or steps >= limit:
                 break
@@ -564,7 +565,7 @@ class EngineModel:
             if req.first_token_s is None:
                 req.first_token_s = end
                 if not req.aborted:
-                    events.append(FirstToken(req.request_id, end))
+                    events.append(FirstToken(req.request_id, end, req.first_scheduled_s or req.arrival_s))
             if self.per_token_events and not req.aborted:
                 events.append(Token(req.request_id, end, req.generated))
             if req.generated >= req.output_tokens_target:

@@ -1,0 +1,1 @@
+"""HTTP fronts for simulated instances: the vLLM, TGI and SGLang APIs and metric names over an EngineModel."""

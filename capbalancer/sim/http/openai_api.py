@@ -1,0 +1,266 @@
+"""OpenAI-compatible routes as vLLM serves them (SGLang serves the same shapes): completions and chat
+completions (stream and not, `usage`, `stream_options.include_usage`), /v1/models, and vLLM's error
+bodies (`{"error": {"message", "type", "param", "code"}}`; shapes from vllm/entrypoints/openai/protocol.py
+and serving_completion.py / serving_chat.py).
+
+Prompt tokens are counted at 4 characters per token (what `capbalancer loadtest`'s synthetic prompts and
+the proxy's default estimate assume); generated text is one four-character word per token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from capbalancer.sim.engine import RequestTooLong
+from capbalancer.sim.http.instance import RequestStream, SimInstance
+
+_WORDS = (" the", " and", " for", " are", " but", " not", " you", " all", " any", " can", " had", " her",
+          " was", " one", " our", " out", " day", " get", " has", " him", " his", " how", " man", " new")
+CHAT_TOKENS_PER_MESSAGE = 4  # role markers and separators of a typical chat template
+
+
+def count_text_tokens(text: str) -> int:
+    return max(1, round(len(text) / 4))
+
+
+def token_text(index: int) -> str:
+    return _WORDS[index % len(_WORDS)]
+
+
+def tokens_text(start: int, end: int) -> str:
+    return "".join(_WORDS[i % len(_WORDS)] for i in range(start, end))
+
+
+def error_response(status: int, message: str, err_type: str, param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def bad_request(message: str, param: str | None = None) -> web.Response:
+    return error_response(400, message, "BadRequestError", param)
+
+
+async def read_json(request: web.Request) -> dict[str, Any] | web.Response:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        return bad_request(f"Invalid JSON body: {exc}")
+    if not isinstance(body, dict):
+        return bad_request("The request body must be a JSON object")
+    return body
+
+
+class OpenAIRoutes:
+    def __init__(self, inst: SimInstance, owned_by: str = "vllm") -> None:
+        self.inst = inst
+        self.owned_by = owned_by
+        self.created = int(time.time())
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+
+    async def models(self, request: web.Request) -> web.Response:
+        inst = self.inst
+        card = {"id": inst.model, "object": "model", "created": self.created, "owned_by": self.owned_by,
+                "root": inst.model, "parent": None, "max_model_len": inst.engine.max_model_len,
+                "permission": [{"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission",
+                                "created": self.created, "allow_create_engine": False, "allow_sampling": True,
+                                "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
+                                "allow_fine_tuning": False, "organization": "*", "group": None,
+                                "is_blocking": False}]}
+        return web.json_response({"object": "list", "data": [card]}, dumps=lambda o: orjson.dumps(o).decode())
+
+    # --- common ----------------------------------------------------------------------------------
+    def _check_model(self, body: dict[str, Any]) -> web.Response | None:
+        model = body.get("model")
+        if model is not None and model != self.inst.model:
+            return error_response(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        return None
+
+    def _max_tokens(self, body: dict[str, Any], prompt_tokens: int, default: int | None) -> int | web.Response:
+        value = body.get("max_completion_tokens", body.get("max_tokens", default))
+        if value is None:
+            value = self.inst.engine.max_model_len - prompt_tokens
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return bad_request(f"max_tokens must be at least 1, got {value}.", "max_tokens")
+        return value
+
+    def _submit(self, body: dict[str, Any], prompt_tokens: int, max_tokens: int) -> RequestStream | web.Response:
+        seed = body.get("seed")
+        try:
+            return self.inst.submit(prompt_tokens, max_tokens, ignore_eos=bool(body.get("ignore_eos", False)),
+                                    seed=seed if isinstance(seed, int) else None)
+        except RequestTooLong as exc:
+            return bad_request(str(exc))
+
+    @staticmethod
+    def _usage(stream: RequestStream) -> dict[str, Any]:
+        return {"prompt_tokens": stream.prompt_tokens, "total_tokens": stream.prompt_tokens + stream.generated,
+                "completion_tokens": stream.generated, "prompt_tokens_details": None}
+
+    async def _collect(self, stream: RequestStream) -> None:
+        while True:
+            item = await stream.queue.get()
+            if item is None:
+                return
+
+    async def _run_stream(self, request: web.Request, stream: RequestStream, chunk_of, usage_chunk,
+                          first_chunk: bytes | None) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                                       "Cache-Control": "no-cache"})
+        finished = False
+        try:
+            await resp.prepare(request)
+            if first_chunk is not None:
+                await resp.write(first_chunk)
+            sent = 0
+            while not finished:
+                item = await stream.queue.get()
+                # Tokens that arrived together go out as one delta, as vLLM does when it falls behind.
+                upto = stream.generated if item is None else item
+                while not stream.queue.empty():
+                    nxt = stream.queue.get_nowait()
+                    if nxt is None:
+                        item = None
+                    else:
+                        upto = nxt
+                if item is None:
+                    finished = True
+                    upto = stream.generated
+                if upto > sent or finished:
+                    reason = stream.finish_reason if finished else None
+                    await resp.write(chunk_of(tokens_text(sent, upto), reason))
+                    sent = upto
+            if usage_chunk is not None:
+                await resp.write(usage_chunk())
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        finally:
+            if not finished:
+                self.inst.abort(stream.request_id)
+        return resp
+
+    async def _await_finish(self, stream: RequestStream) -> None:
+        done = False
+        try:
+            await self._collect(stream)
+            done = True
+        finally:
+            if not done:
+                with contextlib.suppress(Exception):
+                    self.inst.abort(stream.request_id)
+
+    # --- /v1/completions ----------------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        if (err := self._check_model(body)) is not None:
+            return err
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            prompt_tokens = count_text_tokens(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            prompt_tokens = len(prompt)
+        else:
+            return bad_request("prompt must be a string or a list of token ids (one prompt per request)", "prompt")
+        max_tokens = self._max_tokens(body, prompt_tokens, 16)  # OpenAI's and vLLM's default for completions
+        if isinstance(max_tokens, web.Response):
+            return max_tokens
+        stream = self._submit(body, prompt_tokens, max_tokens)
+        if isinstance(stream, web.Response):
+            return stream
+        rid = f"cmpl-{stream.request_id}"
+        created = int(time.time())
+        model = self.inst.model
+        if not body.get("stream"):
+            await self._await_finish(stream)
+            out = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                   "choices": [{"index": 0, "text": tokens_text(0, stream.generated), "logprobs": None,
+                                "finish_reason": stream.finish_reason, "stop_reason": None,
+                                "prompt_logprobs": None}],
+                   "usage": self._usage(stream), "kv_transfer_params": None}
+            return web.Response(body=orjson.dumps(out), content_type="application/json")
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        def chunk_of(text: str, reason: str | None) -> bytes:
+            obj: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                                   "choices": [{"index": 0, "text": text, "logprobs": None,
+                                                "finish_reason": reason, "stop_reason": None}]}
+            if include_usage:
+                obj["usage"] = None
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+        def usage_chunk() -> bytes:
+            obj = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+                   "usage": self._usage(stream)}
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+        return await self._run_stream(request, stream, chunk_of, usage_chunk if include_usage else None, None)
+
+    # --- /v1/chat/completions ------------------------------------------------------------------
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        if (err := self._check_model(body)) is not None:
+            return err
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return bad_request("messages must be a non-empty list", "messages")
+        prompt_tokens = 1  # beginning of sequence
+        for m in messages:
+            if not isinstance(m, dict):
+                return bad_request("each message must be an object", "messages")
+            content = m.get("content") or ""
+            if isinstance(content, list):  # content parts: count the text ones
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            prompt_tokens += CHAT_TOKENS_PER_MESSAGE + (count_text_tokens(content) if content else 0)
+        max_tokens = self._max_tokens(body, prompt_tokens, None)  # vLLM: up to the context when unset
+        if isinstance(max_tokens, web.Response):
+            return max_tokens
+        stream = self._submit(body, prompt_tokens, max_tokens)
+        if isinstance(stream, web.Response):
+            return stream
+        rid = f"chatcmpl-{stream.request_id}"
+        created = int(time.time())
+        model = self.inst.model
+        if not body.get("stream"):
+            await self._await_finish(stream)
+            out = {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                   "choices": [{"index": 0,
+                                "message": {"role": "assistant", "reasoning_content": None,
+                                            "content": tokens_text(0, stream.generated), "tool_calls": []},
+                                "logprobs": None, "finish_reason": stream.finish_reason, "stop_reason": None}],
+                   "usage": self._usage(stream), "prompt_logprobs": None, "kv_transfer_params": None}
+            return web.Response(body=orjson.dumps(out), content_type="application/json")
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        def frame(delta: dict[str, Any], reason: str | None) -> bytes:
+            obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                                   "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                                "finish_reason": reason}]}
+            if include_usage:
+                obj["usage"] = None
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+        def chunk_of(text: str, reason: str | None) -> bytes:
+            return frame({"content": text}, reason)
+
+        def usage_chunk() -> bytes:
+            obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [], "usage": self._usage(stream)}
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+        first = frame({"role": "assistant", "content": ""}, None)
+        return await self._run_stream(request, stream, chunk_of, usage_chunk if include_usage else None, first)

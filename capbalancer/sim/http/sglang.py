@@ -1,0 +1,94 @@
+"""The SGLang flavour: OpenAI routes, /health, /get_model_info, /get_load and SGLang's /metrics.
+
+Series names follow SGLang's collector (python/sglang/srt/metrics/collector.py, `SchedulerMetricsCollector`
+and `TokenizerMetricsCollector`): `sglang:num_running_reqs`, `sglang:num_queue_reqs`,
+`sglang:num_used_tokens`, `sglang:token_usage` (used / max_total_num_tokens), `sglang:gen_throughput`,
+`sglang:cache_hit_rate`, `sglang:max_total_num_tokens`, token counters and latency histograms, labelled
+by `model_name` plus the rank labels the collector adds.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from capbalancer.sim.http.instance import SimInstance
+from capbalancer.sim.http.metrics import Exposition
+from capbalancer.sim.http.openai_api import OpenAIRoutes
+
+
+class _Throughput:
+    """Generation tokens/s since the previous scrape (SGLang logs it per interval)."""
+
+    def __init__(self) -> None:
+        self.last_tokens = 0
+        self.last_real_s: float | None = None
+        self.value = 0.0
+
+    def update(self, tokens: int, real_s: float) -> float:
+        if self.last_real_s is not None and real_s > self.last_real_s:
+            self.value = (tokens - self.last_tokens) / (real_s - self.last_real_s)
+        self.last_tokens, self.last_real_s = tokens, real_s
+        return self.value
+
+
+def render_sglang_metrics(inst: SimInstance, throughput: _Throughput) -> str:
+    eng = inst.engine
+    m = inst.metrics
+    labels = {"model_name": inst.model, "engine_type": "unified", "tp_rank": "0", "pp_rank": "0"}
+    capacity = eng.config.kv_capacity_tokens
+    used = eng.used_blocks * eng.block_size
+    x = Exposition()
+    x.metric("sglang:num_running_reqs", "gauge", "The number of running requests.", len(eng.running), labels)
+    x.metric("sglang:num_used_tokens", "gauge", "The number of used tokens.", min(used, capacity), labels)
+    x.metric("sglang:token_usage", "gauge", "The token usage.", min(1.0, used / capacity) if capacity else 0.0,
+             labels)
+    x.metric("sglang:max_total_num_tokens", "gauge", "Maximum total number of tokens in the KV cache pool.",
+             capacity, labels)
+    x.metric("sglang:gen_throughput", "gauge", "The generation throughput (token/s).",
+             throughput.update(eng.generation_tokens_total, inst.real_now()), labels)
+    x.metric("sglang:num_queue_reqs", "gauge", "The number of requests in the waiting queue.",
+             len(eng.waiting), labels)
+    x.metric("sglang:cache_hit_rate", "gauge", "The prefix cache hit rate.", 0.0, labels)
+    x.metric("sglang:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
+             eng.prompt_tokens_total, labels)
+    x.metric("sglang:generation_tokens_total", "counter", "Number of generation tokens processed.",
+             eng.generation_tokens_total, labels)
+    x.metric("sglang:num_requests_total", "counter", "Number of requests processed.",
+             sum(m.success_by_reason.values()) + m.requests_failed, labels)
+    x.metric("sglang:num_retracted_requests_total", "counter", "Total number of retracted requests.",
+             eng.preemptions_total, labels)
+    x.histogram("sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", m.ttft,
+                labels)
+    x.histogram("sglang:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", m.itl, labels)
+    x.histogram("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds",
+                m.e2e, labels)
+    return x.render()
+
+
+def build_sglang_app(inst: SimInstance) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    OpenAIRoutes(inst, owned_by="sglang").add_to(app)
+    throughput = _Throughput()
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def model_info(request: web.Request) -> web.Response:
+        return web.json_response({"model_path": inst.model, "tokenizer_path": inst.model, "is_generation": True})
+
+    async def get_load(request: web.Request) -> web.Response:
+        eng = inst.engine
+        return web.json_response([{"dp_rank": 0, "num_reqs": len(eng.running) + len(eng.waiting),
+                                   "num_waiting_reqs": len(eng.waiting),
+                                   "num_tokens": eng.used_blocks * eng.block_size}])
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=render_sglang_metrics(inst, throughput), content_type="text/plain",
+                            charset="utf-8")
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/health_generate", health)
+    app.router.add_get("/get_model_info", model_info)
+    app.router.add_get("/get_load", get_load)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,87 @@
+"""The vLLM flavour: OpenAI routes, /health, /version, /load and vLLM 0.3x's /metrics.
+
+Series names, types and the `{engine="0",model_name=...}` label shape follow vLLM's v1 Prometheus logger
+(vllm/v1/metrics/loggers.py, `PrometheusStatLogger`) as a vLLM 0.32 server exposes them (see
+../shared/REAL_VLLM.md): the KV gauge is `vllm:kv_cache_usage_perc` (a 0-1 fraction), cache geometry is
+the `vllm:cache_config_info` info-gauge, latency histograms use the logger's bucket bounds.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from capbalancer.sim.http.instance import SimInstance
+from capbalancer.sim.http.metrics import Exposition
+from capbalancer.sim.http.openai_api import OpenAIRoutes
+
+VLLM_VERSION = "0.32.0"
+
+
+def render_vllm_metrics(inst: SimInstance) -> str:
+    eng = inst.engine
+    m = inst.metrics
+    labels = {"engine": "0", "model_name": inst.model}
+    x = Exposition()
+    x.metric("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.",
+             len(eng.running), labels)
+    x.metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
+             len(eng.waiting), labels)
+    x.metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
+             eng.kv_usage_fraction(), labels)
+    x.metric("vllm:prefix_cache_queries_total", "counter",
+             "Prefix cache queries, in terms of number of queried tokens.", eng.prompt_tokens_total, labels)
+    x.metric("vllm:prefix_cache_hits_total", "counter",
+             "Prefix cache hits, in terms of number of cached tokens.", 0, labels)
+    x.metric("vllm:num_preemptions_total", "counter", "Cumulative number of preemption from the engine.",
+             eng.preemptions_total, labels)
+    x.metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
+             eng.prompt_tokens_total, labels)
+    x.metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
+             eng.generation_tokens_total, labels)
+    x.header("vllm:request_success_total", "counter", "Count of successfully processed requests.")
+    for reason in ("stop", "length", "abort"):
+        count = m.requests_failed if reason == "abort" else m.success_by_reason.get(reason, 0)
+        x.sample("vllm:request_success_total", count, {**labels, "finished_reason": reason})
+    x.histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", m.prompt_tokens, labels)
+    x.histogram("vllm:request_generation_tokens", "Number of generation tokens processed.",
+                m.generation_tokens, labels)
+    x.histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", m.ttft, labels)
+    x.histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", m.itl, labels)
+    x.histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", m.e2e, labels)
+    x.histogram("vllm:request_queue_time_seconds",
+                "Histogram of time spent in WAITING phase for request.", m.queue_time, labels)
+    cfg = eng.config
+    info = {
+        "block_size": str(cfg.block_size), "cache_dtype": "auto", "calculate_kv_scales": "False",
+        "enable_prefix_caching": "False", "engine": "0", "gpu_memory_utilization": str(cfg.gpu_memory_utilization),
+        "kv_cache_size_tokens": str(cfg.kv_capacity_tokens), "num_cpu_blocks": "None",
+        "num_gpu_blocks": str(cfg.num_gpu_blocks), "num_gpu_blocks_override": "None",
+        "prefix_caching_hash_algo": "sha256", "swap_space_bytes": "0",
+    }
+    x.metric("vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig", 1.0, info)
+    return x.render()
+
+
+def build_vllm_app(inst: SimInstance) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    OpenAIRoutes(inst, owned_by="vllm").add_to(app)
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({"version": inst.profile.engine_version or VLLM_VERSION})
+
+    async def load(request: web.Request) -> web.Response:
+        return web.json_response({"server_load": inst.in_flight})
+
+    async def metrics(request: web.Request) -> web.Response:
+        # The step loop keeps the engine's state current; a scrape only reads it.
+        return web.Response(text=render_vllm_metrics(inst), content_type="text/plain", charset="utf-8")
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/ping", health)
+    app.router.add_get("/version", version)
+    app.router.add_get("/load", load)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,255 @@
+"""`capbalancer sim` over real sockets, with real clients: the openai SDK for the vLLM and SGLang flavours,
+aiohttp for TGI. Every instance is a real subprocess on 127.0.0.1, stopped at the end of its test."""
+
+import asyncio
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import openai
+import orjson
+import pytest
+import yaml
+from support import capbalancer, free_port, running
+
+from capbalancer.profiling.schema import load_profile
+
+PROFILES = Path(__file__).parent / "data" / "profiles"
+FAST = str(PROFILES / "fast-13b.yaml")
+TINY_KV = str(PROFILES / "tiny-kv.yaml")
+
+
+def metrics_of(base: str) -> dict[str, float]:
+    """name{labels} -> value for every sample of /metrics."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def sim_args(engine, profile, port, *extra):
+    return capbalancer("sim", "--engine", engine, "--profile", profile, "--port", str(port), "--model", "m", *extra)
+
+
+def test_vllm_flavour_with_the_openai_sdk():
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running(sim_args("vllm", FAST, port), ready_url=f"{base}/health"):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data] == ["m"]
+        done = client.completions.create(model="m", prompt="word " * 100, max_tokens=7, extra_body={"ignore_eos": True})
+        assert done.choices[0].finish_reason == "length"
+        assert done.usage.completion_tokens == 7 and done.usage.prompt_tokens == 125
+        assert len(done.choices[0].text) == 7 * 4
+
+        chunks = list(client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hello " * 20}], max_tokens=12, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finish == ["length"]
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+        assert len(text) == 12 * 4
+
+        # Without ignore_eos the length is a seeded draw below max_tokens: the same seed, the same length.
+        a = client.completions.create(model="m", prompt="x", max_tokens=400, seed=7)
+        b = client.completions.create(model="m", prompt="x", max_tokens=400, seed=7)
+        assert a.usage.completion_tokens == b.usage.completion_tokens <= 400
+
+        with pytest.raises(openai.NotFoundError) as nf:
+            client.completions.create(model="nope", prompt="x", max_tokens=5)
+        assert nf.value.body == {"message": "The model `nope` does not exist.", "type": "NotFoundError",
+                                 "param": "model", "code": 404}
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 4096"):
+            client.completions.create(model="m", prompt="x", max_tokens=5000)
+
+        m = metrics_of(base)
+        labels = '{engine="0",model_name="m"}'
+        assert m[f"vllm:generation_tokens_total{labels}"] == 7 + 12 + 2 * a.usage.completion_tokens
+        assert m[f"vllm:num_requests_running{labels}"] == 0
+        assert m[f"vllm:kv_cache_usage_perc{labels}"] == 0
+        assert m[f"vllm:time_to_first_token_seconds_count{labels}"] == 4
+        assert m[f"vllm:e2e_request_latency_seconds_count{labels}"] == 4
+        info = [k for k in m if k.startswith("vllm:cache_config_info{")]
+        assert len(info) == 1 and 'num_gpu_blocks="3500"' in info[0] and 'block_size="16"' in info[0]
+        for name in ("vllm:num_requests_waiting", "vllm:num_preemptions_total", "vllm:prompt_tokens_total",
+                     "vllm:inter_token_latency_seconds_sum", "vllm:request_queue_time_seconds_sum"):
+            assert f"{name}{labels}" in m
+        with urllib.request.urlopen(f"{base}/version") as resp:
+            assert "version" in orjson.loads(resp.read())
+
+
+async def _poll_metrics(base: str, stop: asyncio.Event, seen: dict[str, float]) -> None:
+    labels = '{engine="0",model_name="m"}'
+    async with aiohttp.ClientSession() as session:
+        while not stop.is_set():
+            async with session.get(f"{base}/metrics") as resp:
+                text = await resp.text()
+            for name in ("vllm:kv_cache_usage_perc", "vllm:num_requests_waiting", "vllm:num_requests_running"):
+                match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+                seen[name] = max(seen.get(name, 0.0), float(match.group(1)))
+            await asyncio.sleep(0.05)
+
+
+def test_kv_pressure_shows_in_metrics_and_every_request_finishes():
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running(sim_args("vllm", TINY_KV, port), ready_url=f"{base}/health"):
+        async def main():
+            client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
+            stop = asyncio.Event()
+            seen: dict[str, float] = {}
+            poller = asyncio.create_task(_poll_metrics(base, stop, seen))
+            results = await asyncio.gather(*[
+                client.completions.create(model="m", prompt="abcd" * 300, max_tokens=100,
+                                          extra_body={"ignore_eos": True}) for _ in range(12)])
+            stop.set()
+            await poller
+            return results, seen
+
+        results, seen = asyncio.run(main())
+        assert [r.usage.completion_tokens for r in results] == [100] * 12
+        assert seen["vllm:kv_cache_usage_perc"] > 0.6  # 12 x 400 tokens do not fit in 2048
+        assert seen["vllm:num_requests_waiting"] > 0
+        m = metrics_of(base)
+        assert m['vllm:num_preemptions_total{engine="0",model_name="m"}'] > 0
+        assert m['vllm:kv_cache_usage_perc{engine="0",model_name="m"}'] == 0
+
+
+def test_time_scale_stretches_latency_consistently():
+    prof = load_profile(FAST)
+    prefill_s = prof.step.step_seconds(2000, 0, 0)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running(sim_args("vllm", FAST, port, "--time-scale", "4"), ready_url=f"{base}/health"):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+        started = time.monotonic()
+        stream = client.completions.create(model="m", prompt="abcd" * 2000, max_tokens=2, stream=True,
+                                           extra_body={"ignore_eos": True})
+        next(iter(stream))
+        ttft = time.monotonic() - started
+        list(stream)
+        assert ttft >= 4 * prefill_s * 0.95
+        assert ttft < 4 * prefill_s + 1.0  # generous: 2 shared cores
+        m = metrics_of(base)
+        reported = m['vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"}']
+        assert reported == pytest.approx(4 * prefill_s, rel=0.25)  # the scaled time, as the client saw it
+
+
+def test_tgi_flavour_frames_metrics_and_overload():
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running(sim_args("tgi", FAST, port, "--max-concurrent-requests", "2", "--time-scale", "3"),
+                 ready_url=f"{base}/health"):
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"{base}/info") as r:
+                    info = await r.json()
+                async with s.post(f"{base}/generate", json={"inputs": "hello " * 10,
+                                                            "parameters": {"max_new_tokens": 5, "details": True,
+                                                                           "ignore_eos": True}}) as r:
+                    gen = await r.json()
+                frames = []
+                async with s.post(f"{base}/generate_stream", json={"inputs": "hi",
+                                                                   "parameters": {"max_new_tokens": 4,
+                                                                                  "ignore_eos": True}}) as r:
+                    assert r.headers["Content-Type"].startswith("text/event-stream")
+                    async for line in r.content:
+                        if line.startswith(b"data:"):
+                            frames.append(orjson.loads(line[5:]))
+
+                async def long_one():
+                    async with s.post(f"{base}/generate", json={"inputs": "x", "parameters": {
+                            "max_new_tokens": 60, "ignore_eos": True}}) as r:
+                        return r.status, await r.json()
+
+                first = [asyncio.create_task(long_one()) for _ in range(2)]
+                await asyncio.sleep(0.3)
+                async with s.post(f"{base}/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 5}}) as r:
+                    overloaded = (r.status, await r.json())
+                ok = await asyncio.gather(*first)
+                async with s.post(f"{base}/generate", json={"inputs": "x" * 40000,
+                                                            "parameters": {"max_new_tokens": 5}}) as r:
+                    too_long = (r.status, await r.json())
+                return info, gen, frames, overloaded, ok, too_long
+
+        info, gen, frames, overloaded, ok, too_long = asyncio.run(main())
+        assert info["router"] == "text-generation-router" and info["max_concurrent_requests"] == 2
+        assert gen["details"]["generated_tokens"] == 5 and len(gen["generated_text"]) == 20
+        assert [f["index"] for f in frames] == [1, 2, 3, 4]
+        assert all(f["generated_text"] is None and f["details"] is None for f in frames[:-1])
+        assert frames[-1]["details"]["generated_tokens"] == 4 and frames[-1]["details"]["finish_reason"] == "length"
+        assert frames[-1]["generated_text"] == "".join(f["token"]["text"] for f in frames)
+        assert overloaded == (429, {"error": "Model is overloaded", "error_type": "overloaded"})
+        assert [status for status, _ in ok] == [200, 200]
+        assert too_long[0] == 422 and too_long[1]["error_type"] == "validation"
+        m = metrics_of(base)
+        for name in ("tgi_queue_size", "tgi_batch_current_size", "tgi_batch_current_max_tokens",
+                     "tgi_request_count", "tgi_request_success", "tgi_request_duration_count"):
+            assert name in m
+        assert m["tgi_batch_max_total_tokens"] == 56000
+        assert m['tgi_request_failure{err="overloaded"}'] == 1
+        assert m["tgi_request_success"] == 4
+
+
+def test_sglang_flavour_metrics_and_load():
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running(sim_args("sglang", FAST, port), ready_url=f"{base}/health"):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=30)
+        out = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                             extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 6 and out.choices[0].finish_reason == "length"
+        with urllib.request.urlopen(f"{base}/get_load") as resp:
+            load = orjson.loads(resp.read())
+        assert load[0]["num_reqs"] == 0
+        m = metrics_of(base)
+        labels = '{model_name="m",engine_type="unified",tp_rank="0",pp_rank="0"}'
+        for name in ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage",
+                     "sglang:num_used_tokens", "sglang:gen_throughput", "sglang:cache_hit_rate"):
+            assert f"{name}{labels}" in m
+        assert m[f"sglang:generation_tokens_total{labels}"] == 6
+        assert m[f"sglang:max_total_num_tokens{labels}"] == 56000
+
+
+def test_cluster_file_serves_every_instance_on_its_port(tmp_path):
+    ports = [free_port() for _ in range(3)]
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"model": "m", "instances": [
+        {"name": "fast", "engine": "vllm", "port": ports[0], "profile": FAST},
+        {"name": "tgi", "engine": "tgi", "port": ports[1], "profile": FAST},
+        {"name": "sgl", "engine": "sglang", "port": ports[2], "profile": FAST, "time_scale": 2.0}]}))
+    with running(capbalancer("sim", "--cluster", str(fleet)), ready_url=f"http://127.0.0.1:{ports[2]}/health"):
+        for p in ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics") as resp:
+                text = resp.read().decode()
+            assert {ports[0]: "vllm:num_requests_running", ports[1]: "tgi_queue_size",
+                    ports[2]: "sglang:num_running_reqs"}[p] in text
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports[0]}/v1", api_key="x", max_retries=0)
+        assert client.completions.create(model="m", prompt="hi", max_tokens=3).usage.completion_tokens <= 3
+
+
+async def test_embedded_cluster_starts_in_this_loop_and_stops():
+    from capbalancer.sim.embedded import start_embedded_cluster
+
+    fleet, stop = await start_embedded_cluster()
+    try:
+        assert len(fleet.instances) == 3
+        assert len({i.profile for i in fleet.instances}) == 2  # one fast, two slow
+        for inst in fleet.instances:
+            client = openai.AsyncOpenAI(base_url=f"{inst.url}/v1", api_key="x", max_retries=0, timeout=30)
+            out = await client.completions.create(model=inst.model, prompt="hello", max_tokens=3,
+                                                  extra_body={"ignore_eos": True})
+            assert out.usage.completion_tokens == 3
+    finally:
+        await stop()
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession() as s, s.get(f"{fleet.instances[0].url}/health"):
+            pass
