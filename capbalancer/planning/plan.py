@@ -50,15 +50,18 @@ class PlanFile:
 
 def plan_to_dict(plan: ClusterPlan) -> dict[str, Any]:
     machines = []
+    next_port: dict[str, int] = {}  # per address: machines that share one (e.g. all on 127.0.0.1) share ports
     for mp in plan.machines:
         instances = []
         next_gpu = 0
         for k, inst in enumerate(mp.chosen.instances):
             p = inst.prediction
             profile = inst.choice.profile
+            port = next_port.get(mp.machine.address, BASE_PORT)
+            next_port[mp.machine.address] = port + 1
             row: dict[str, Any] = {
                 "name": f"{mp.machine.name}-i{k}", "tp": inst.tp,
-                "gpu_ids": list(range(next_gpu, next_gpu + inst.tp)), "port": BASE_PORT + k,
+                "gpu_ids": list(range(next_gpu, next_gpu + inst.tp)), "port": port,
                 "profile": inst.choice.ref, "profile_source": profile.source,
                 "kv_capacity_tokens": profile.kv_capacity_tokens, "max_num_seqs": profile.max_num_seqs,
                 "max_num_batched_tokens": profile.max_num_batched_tokens, "max_model_len": profile.max_model_len,
