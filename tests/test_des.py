@@ -90,3 +90,42 @@ def test_instance_capacity_orders_the_gpus():
     fast = instance_capacity(FAST, wl, n=800)
     slow = instance_capacity(SLOW, wl, n=400)
     assert fast["output_throughput"] > 4 * slow["output_throughput"] > 0
+
+
+def test_des_command_compares_policies_and_writes_json(tmp_path):
+    import json
+    import subprocess
+
+    from support import REPO, capbalancer
+
+    out = tmp_path / "des.json"
+    proc = subprocess.run(
+        capbalancer("des", "--cluster", "deploy/fleets/hels-a100x2-p100x2.yaml", "--workload",
+                    "rate=3,n=400,seed=1", "--policy", "round_robin,capacity", "--slo", "ttft=3000,tpot=150",
+                    "--json", str(out)),
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "policy round_robin" in proc.stdout and "policy capacity" in proc.stdout
+    rr, cap = json.loads(out.read_text())
+    assert rr["policy"] == "round_robin" and cap["policy"] == "capacity"
+    assert rr["summary"]["completed"] == cap["summary"]["completed"] == 400
+    assert set(rr["instances"]) == {"a100-0", "a100-1", "p100-pair-0"}
+    assert rr["instances"]["p100-pair-0"]["share"] > 0.3  # round robin feeds the slow pair a third
+    assert cap["summary"]["request_goodput"] > rr["summary"]["request_goodput"]
+    bad = subprocess.run(capbalancer("des", "--cluster", "deploy/fleets/hels-a100x2-p100x2.yaml", "--policy",
+                                     "no_such_policy"), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "unknown policy" in bad.stderr
+
+
+def test_every_example_fleet_resolves_its_profiles():
+    from support import REPO
+
+    from capbalancer.sim.des import instances_from_fleet
+
+    files = sorted((REPO / "deploy" / "fleets").glob("*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        instances = instances_from_fleet(f)
+        assert len({i.profile.name for i in instances}) >= 2, f  # every example is heterogeneous
+        scaled = instances_from_fleet(f, apply_time_scale=True)
+        assert scaled[0].profile.step.fixed_seconds == pytest.approx(2 * instances[0].profile.step.fixed_seconds)

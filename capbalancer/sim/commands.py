@@ -113,8 +113,10 @@ def sim(engine: str, profile_ref: str | None, host: str, port: int, model: str |
 @click.option("--hold-timeout", type=float, default=30.0, show_default=True,
               help="Deadline of a held request, in seconds.")
 @click.option("--records/--no-records", default=False, help="Include per-request records in --json.")
+@click.option("--apply-time-scale", is_flag=True,
+              help="Slow each instance by its time_scale, as `sim --cluster` does (default: modelled GPU speed).")
 def des(cluster_file: str, workload: str, policy: str, json_out: str | None, seed: int | None, slo: str | None,
-        poll_interval: float, hold_timeout: float, records: bool) -> None:
+        poll_interval: float, hold_timeout: float, records: bool, apply_time_scale: bool) -> None:
     """Run the proxy's scheduler against simulated engines on a virtual clock (no sockets) and report
     throughput, goodput, TTFT/TPOT/E2E percentiles, preemptions and per-instance load."""
     from capbalancer.fleet.description import FleetError
@@ -125,7 +127,7 @@ def des(cluster_file: str, workload: str, policy: str, json_out: str | None, see
     from capbalancer.sim.workload import WorkloadSpecError, parse_workload
 
     try:
-        instances = instances_from_fleet(cluster_file)
+        instances = instances_from_fleet(cluster_file, apply_time_scale)
         wl = parse_workload(workload, seed=seed)
         opts = DesOptions(poll_interval_s=poll_interval, hold_timeout_s=hold_timeout,
                           slo=parse_slo(slo) if slo else None)

@@ -17,6 +17,7 @@ load-test report.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
@@ -91,7 +92,9 @@ class DesResult:
         return out
 
 
-def instances_from_fleet(fleet: FleetDescription | str | Path) -> list[DesInstance]:
+def instances_from_fleet(fleet: FleetDescription | str | Path, apply_time_scale: bool = False) -> list[DesInstance]:
+    """The fleet's instances with their profiles. `time_scale` only slows the HTTP simulator down for a small
+    machine, so the DES ignores it unless asked (to compare with a live run of the same file)."""
     if not isinstance(fleet, FleetDescription):
         fleet = load_fleet(fleet)
     base = Path(fleet.source).resolve().parent if fleet.source and not fleet.source.startswith("<") else None
@@ -99,7 +102,10 @@ def instances_from_fleet(fleet: FleetDescription | str | Path) -> list[DesInstan
     for inst in fleet.instances:
         if inst.profile is None:
             raise ValueError(f"{fleet.source}: instance {inst.name!r} has no profile; the simulator needs one")
-        out.append(DesInstance(inst.name, resolve_profile(inst.profile, base), inst.model, inst.engine))
+        profile = resolve_profile(inst.profile, base)
+        if apply_time_scale and inst.time_scale != 1.0:
+            profile = dataclasses.replace(profile, step=profile.step.scaled(inst.time_scale))
+        out.append(DesInstance(inst.name, profile, inst.model, inst.engine))
     return out
 
 
