@@ -253,3 +253,34 @@ async def test_embedded_cluster_starts_in_this_loop_and_stops():
     with pytest.raises(aiohttp.ClientConnectionError):
         async with aiohttp.ClientSession() as s, s.get(f"{fleet.instances[0].url}/health"):
             pass
+
+
+def test_client_disconnect_aborts_the_request_in_the_engine():
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    labels = '{engine="0",model_name="m"}'
+    with running(sim_args("vllm", FAST, port, "--time-scale", "2"), ready_url=f"{base}/health"):
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                # streaming: read a few events, then drop the connection
+                resp = await s.post(f"{base}/v1/completions", json={
+                    "model": "m", "prompt": "hi", "max_tokens": 3000, "stream": True, "ignore_eos": True})
+                got = 0
+                async for line in resp.content:
+                    got += line.startswith(b"data:")
+                    if got >= 3:
+                        break
+                resp.close()
+                # non-streaming: give up waiting
+                with pytest.raises(asyncio.TimeoutError):
+                    async with s.post(f"{base}/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 3000,
+                                                                      "ignore_eos": True},
+                                      timeout=aiohttp.ClientTimeout(total=0.5)):
+                        pass
+            await asyncio.sleep(1.0)
+
+        asyncio.run(main())
+        m = metrics_of(base)
+        assert m[f"vllm:num_requests_running{labels}"] == 0
+        assert m[f'vllm:request_success_total{{engine="0",model_name="m",finished_reason="abort"}}'] == 2
+        assert m[f"vllm:kv_cache_usage_perc{labels}"] == 0

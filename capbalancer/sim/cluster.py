@@ -54,7 +54,8 @@ class SimCluster:
 
     async def add(self, name: str, inst: SimInstance, host: str, port: int) -> ServedInstance:
         await inst.start()
-        runner = web.AppRunner(build_app(inst), access_log=None, handle_signals=False)
+        # handler_cancellation: a client that goes away mid-request aborts it in the engine, as vLLM does.
+        runner = web.AppRunner(build_app(inst), access_log=None, handle_signals=False, handler_cancellation=True)
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, port, reuse_address=True)
