@@ -282,5 +282,5 @@ def test_client_disconnect_aborts_the_request_in_the_engine():
         asyncio.run(main())
         m = metrics_of(base)
         assert m[f"vllm:num_requests_running{labels}"] == 0
-        assert m[f'vllm:request_success_total{{engine="0",model_name="m",finished_reason="abort"}}'] == 2
+        assert m['vllm:request_success_total{engine="0",model_name="m",finished_reason="abort"}'] == 2
         assert m[f"vllm:kv_cache_usage_perc{labels}"] == 0
