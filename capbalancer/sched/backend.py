@@ -78,6 +78,7 @@ class BackendState:
     own_reserved_kv_tokens: int = 0  # prompt + max(generated, expected output)
     own_pending_prefill_tokens: int = 0  # prompts of requests that have not produced a first token
     own_prompt_tokens: int = 0  # prompts of all our requests in flight (their mean sizes the churn)
+    own_expected_output_tokens: int = 0  # what our requests in flight are expected to generate, in all
     own_kv_at_snapshot: int = 0  # the part of own_kv_tokens the last snapshot already counted
     own_sent_since_snapshot: int = 0  # requests dispatched after the last snapshot was taken
     # KV tokens counted by the last snapshot for requests that have finished since; subtracted from it.
@@ -124,6 +125,7 @@ class BackendState:
         self.own_kv_tokens += req.kv_tokens
         self.own_reserved_kv_tokens += req.kv_tokens_reserved
         self.own_prompt_tokens += req.prompt_tokens
+        self.own_expected_output_tokens += req.expected_output_tokens
         if req.first_token_at_s is None:
             self.own_pending_prefill_tokens += req.prompt_tokens
         self.own_sent_since_snapshot += 1
@@ -152,6 +154,7 @@ class BackendState:
         self.own_kv_tokens -= req.kv_tokens
         self.own_reserved_kv_tokens -= req.kv_tokens_reserved
         self.own_prompt_tokens -= req.prompt_tokens
+        self.own_expected_output_tokens -= req.expected_output_tokens
         if req.first_token_at_s is None:
             self.own_pending_prefill_tokens -= req.prompt_tokens
         if req.kv_tokens_at_snapshot is not None:

@@ -32,13 +32,17 @@ GENERIC_STEP = StepTimeModel(fixed_seconds=0.015, prefill_seconds_per_token=0.00
 GENERIC_MAX_NUM_SEQS = 256
 GENERIC_MAX_BATCHED_TOKENS = 2048
 CORRECTION_BOUNDS = (0.1, 20.0)
+MIN_CHURN_OUTPUT_TOKENS = 16.0  # a floor so a population of tiny outputs does not divide by ~0
 
 
 @dataclass(frozen=True, slots=True)
 class CapacitySettings:
     kv_growth_reserve: float = 0.5  # fraction of expected remaining output growth reserved in KV
     kv_high_watermark: float = 0.95  # admit while projected KV stays below this fraction of capacity
-    knee_throughput_fraction: float = 0.98  # batch cap: where decode throughput reaches this of its max
+    # Batch cap where decode throughput reaches this fraction of its best (1.0 = off). Off by default:
+    # with prefill churn the linear model puts the knee too early (measured: -13% throughput on a
+    # memory-bound A100 at 0.98); a TPOT objective (`tpot_slo_s`) bounds the batch for latency instead.
+    knee_throughput_fraction: float = 1.0
     tpot_slo_s: float | None = None  # admit only while predicted TPOT stays under this
     ttft_weight: float = 1.0  # weight of TTFT against the rest of e2e in the routing score
     calibrate: bool = True
@@ -148,8 +152,15 @@ class CapacityModel:
     @staticmethod
     def churn_seconds_per_seq(state: BackendState, step: StepTimeModel, prompt_tokens: int,
                               expected_output_tokens: int) -> float:
-        mean_prompt = (state.own_prompt_tokens + prompt_tokens) / (len(state.inflight) + 1)
-        return step.prefill_seconds_per_token * mean_prompt / max(1, expected_output_tokens)
+        """Prefill time each decoding sequence pays per output token, in steady state.
+
+        A property of the backend's population of requests (their mean prompt over their mean output),
+        not of the newcomer: one long prompt with max_tokens=1 must not make the batch look slow.
+        """
+        n = len(state.inflight) + 1
+        mean_prompt = (state.own_prompt_tokens + prompt_tokens) / n
+        mean_output = (state.own_expected_output_tokens + expected_output_tokens) / n
+        return step.prefill_seconds_per_token * mean_prompt / max(MIN_CHURN_OUTPUT_TOKENS, mean_output)
 
     def _knee_seqs(self, step: StepTimeModel, mean_ctx: float, cap: int, churn_s_per_seq: float = 0.0) -> int:
         """Smallest batch whose decode throughput reaches `knee_throughput_fraction` of the batch at `cap`.
