@@ -43,10 +43,6 @@ LAYOUTS = {
     "one-h100": [("A", 0, 8001, 0.42), ("B", 0, 8002, 0.25), ("C", 0, 8003, 0.22)],
 }
 
-# Stand-ins for `--mode sim`: (roofline profile, time scale). B and C run at half speed, as if sharing one GPU.
-SIM_STANDINS = {"A": ("h200/llama-3.1-8b-tp1", 1.0), "B": ("h200/llama-3.1-8b-tp1", 2.0),
-                "C": ("h200/llama-3.1-8b-tp1", 2.0)}
-
 # Policies in the order they are run (most important first); the rest of policy_names() follows.
 POLICY_ORDER = ["capacity", "round_robin", "least_requests", "least_kv", "llm_d", "power_of_two", "weighted",
                 "cache_aware"]
@@ -262,20 +258,17 @@ class Bench:
                    "--dtype", "bfloat16", "--max-model-len", "4096",
                    "--gpu-memory-utilization", str(inst["util"])] + shlex.split(self.a.vllm_extra)
         else:
-            prof, ts = SIM_STANDINS[inst["name"]]
+            # the instance's roofline profile: its own KV share, step times x2 when it shares a GPU
             env["PYTHONPATH"] = self.cb_env["PYTHONPATH"]
-            cmd = self.cb + ["sim", "--engine", "vllm", "--profile", prof, "--port", str(inst["port"]),
-                             "--time-scale", str(ts / self.scale_speed()), "--model", MODEL] + \
-                shlex.split(self.a.sim_extra.replace("{name}", inst["name"]))
+            cmd = self.cb + ["sim", "--engine", "vllm", "--profile", str(self.work / "roofline" / f"{inst['name']}.yaml"),
+                             "--port", str(inst["port"]), "--time-scale", str(self.a.sim_time_scale),
+                             "--model", MODEL] + shlex.split(self.a.sim_extra.replace("{name}", inst["name"]))
         inst["cmd"] = cmd
         log(f"start {inst['name']}: {' '.join(cmd)}")
         p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                              start_new_session=True, cwd=str(self.repo))
         inst["pid"], inst["t0"] = p.pid, time.time()
         (self.logs / f"{inst['name']}.pid").write_text(str(p.pid))
-
-    def scale_speed(self) -> float:
-        return 1.0
 
     def _wait_ready(self, inst: dict, kv_only: bool) -> None:
         limit = self.a.start_timeout
@@ -470,8 +463,11 @@ class Bench:
         t0 = time.time()
         for inst in self.instances:
             out = self.profdir / f"{inst['name']}.yaml"
-            args = ["profile", "--url", inst["url"], "--engine", "vllm", "--out", str(out), "--model", MODEL,
-                    "--name", f"{self.a.gpu_label}-{inst['name']}", "--gpu", self.a.gpu_label] + \
+            args = ["profile", "--url", inst["url"], "--engine", "vllm", "--out", str(out),
+                    "--model", "llama-3.1-8b-vocab4096", "--gpu", self.a.gpu_label,
+                    "--name", f"{self.a.gpu_label}-{self.a.layout}/m8b-{inst['name']}",
+                    "--max-concurrency", str(self.a.profile_concurrency), "--max-model-len", "4096"] + \
+                (["--time-scale", str(self.a.sim_time_scale)] if self.a.mode == "sim" else []) + \
                 shlex.split(self.a.profile_extra)
             logf = open(self.logs / f"profile.{inst['name']}.log", "wb")
             logf.write((" ".join(self.cb + args) + "\n\n").encode())
@@ -669,6 +665,7 @@ def main() -> None:
     ap.add_argument("--gpu-label", default="", help="GPU name (profiles/gpus.yaml) for profiles; default by layout")
     ap.add_argument("--vllm-extra", default="")
     ap.add_argument("--sim-extra", default="")
+    ap.add_argument("--sim-time-scale", type=float, default=1.0, help="sim mode: real seconds per modelled second")
     ap.add_argument("--serve-extra", default="")
     ap.add_argument("--loadtest-extra", default="")
     ap.add_argument("--profile-extra", default="")
@@ -693,6 +690,7 @@ def main() -> None:
     ap.add_argument("--start-timeout", type=float, default=300)
     ap.add_argument("--kv-gap", type=float, default=3)
     ap.add_argument("--profile-timeout", type=float, default=150)
+    ap.add_argument("--profile-concurrency", type=int, default=128, help="capbalancer profile --max-concurrency")
     ap.add_argument("--proxy-settle", type=float, default=2.0)
     ap.add_argument("--fail-fast", action="store_true")
     a = ap.parse_args()
