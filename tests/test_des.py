@@ -129,3 +129,14 @@ def test_every_example_fleet_resolves_its_profiles():
         assert len({i.profile.name for i in instances}) >= 2, f  # every example is heterogeneous
         scaled = instances_from_fleet(f, apply_time_scale=True)
         assert scaled[0].profile.step.fixed_seconds == pytest.approx(2 * instances[0].profile.step.fixed_seconds)
+
+
+def test_ideal_is_the_sum_of_the_instances_alone():
+    from capbalancer.sim.des import ideal_throughput
+
+    wl = "prompt=300,output=100,seed=1"
+    ideal = ideal_throughput(HETERO, wl, n=600)
+    fast = instance_capacity(FAST, wl, n=600)["request_throughput"]
+    slow = instance_capacity(SLOW, wl, n=600)["request_throughput"]
+    assert ideal["request_throughput"] == pytest.approx(fast + 2 * slow)
+    assert set(ideal["instances"]) == {"fast0", "slow0", "slow1"}

@@ -354,7 +354,9 @@ def instance_capacity(profile: Profile, workload: DesWorkload | str | dict[str, 
     ramp-up and the drain do not count. The "ideal" of a cluster is the sum over its instances.
     """
     wl = workload if isinstance(workload, DesWorkload) else parse_workload(workload)
-    conc = concurrency or profile.max_num_seqs * 2
+    # Enough outstanding requests to fill every seat twice over, but few enough that most of the n requests
+    # run in the steady state rather than in one initial burst.
+    conc = concurrency or min(profile.max_num_seqs * 2, max(16, n // 4))
     wl = parse_workload({**_workload_keys(wl), "n": n, "concurrency": conc, "rate": "inf"})
     requests = generate_requests(wl, min(profile.max_model_len, profile.kv_capacity_tokens))
     eng = EngineModel(EngineConfig.from_profile(profile))
@@ -392,3 +394,19 @@ def instance_capacity(profile: Profile, workload: DesWorkload | str | dict[str, 
     return {"request_throughput": count / span if span > 0 else math.inf,
             "output_throughput": sum(window) / span if span > 0 else math.inf,
             "preemptions": float(eng.preemptions_total)}
+
+
+def ideal_throughput(fleet: FleetDescription | str | Path | Sequence[DesInstance] | Sequence[tuple[str, Profile]],
+                     workload: DesWorkload | str | dict[str, Any], n: int = 2000) -> dict[str, Any]:
+    """The fleet's "ideal": the sum of each instance's own saturated throughput (instance_capacity), with
+    the per-instance figures. Instances that share a profile are measured once."""
+    per_profile: dict[str, dict[str, float]] = {}
+    per_instance: dict[str, dict[str, float]] = {}
+    for inst in _as_instances(fleet):
+        key = inst.profile.name
+        if key not in per_profile:
+            per_profile[key] = instance_capacity(inst.profile, workload, n=n)
+        per_instance[inst.name] = per_profile[key]
+    return {"request_throughput": sum(c["request_throughput"] for c in per_instance.values()),
+            "output_throughput": sum(c["output_throughput"] for c in per_instance.values()),
+            "instances": per_instance}
