@@ -257,6 +257,15 @@ class EngineModel:
         return self.used_blocks / self.total_blocks if self.total_blocks else 0.0
 
     def snapshot(self, now: float, engine: str = "vllm") -> EngineSnapshot:
+        """What an adapter reads from this engine's /metrics, per flavour: TGI exposes no KV usage, no
+        preemptions and no token counters, only its queue, batch size and the batch's token budget."""
+        if engine == "tgi":
+            return EngineSnapshot(
+                taken_at_s=now, engine=engine, running=len(self.running), waiting=len(self.waiting),
+                kv_capacity_tokens=self.config.kv_capacity_tokens,
+                batch_tokens=sum(r.prompt_tokens + r.max_tokens for r in self.running.values()))
+        if engine == "openai":
+            return EngineSnapshot(taken_at_s=now, engine=engine)
         return EngineSnapshot(
             taken_at_s=now, engine=engine, running=len(self.running), waiting=len(self.waiting),
             kv_usage_fraction=self.kv_usage_fraction(), kv_capacity_tokens=self.config.kv_capacity_tokens,
