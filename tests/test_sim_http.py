@@ -2,6 +2,7 @@
 aiohttp for TGI. Every instance is a real subprocess on 127.0.0.1, stopped at the end of its test."""
 
 import asyncio
+import dataclasses
 import re
 import time
 import urllib.request
@@ -284,3 +285,36 @@ def test_client_disconnect_aborts_the_request_in_the_engine():
         assert m[f"vllm:num_requests_running{labels}"] == 0
         assert m['vllm:request_success_total{engine="0",model_name="m",finished_reason="abort"}'] == 2
         assert m[f"vllm:kv_cache_usage_perc{labels}"] == 0
+
+
+def test_http_front_timing_matches_the_engine_model():
+    """The same requests, one after another, on the HTTP front (real time, scaled) and in the DES."""
+    from capbalancer.sim.des import run_des
+
+    scale = 2.0
+    prof = load_profile(str(PROFILES / "slow-13b.yaml"))
+    des = run_des([("s", dataclasses.replace(prof, step=prof.step.scaled(scale)))],
+                  "concurrency=1,n=3,prompt=400,output=15,seed=1", "round_robin")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running(sim_args("vllm", str(PROFILES / "slow-13b.yaml"), port, "--time-scale", str(scale)),
+                 ready_url=f"{base}/health"):
+        async def one(s):
+            started = time.monotonic()
+            ttft = None
+            async with s.post(f"{base}/v1/completions", json={"model": "m", "prompt": "abcd" * 400, "max_tokens": 15,
+                                                              "ignore_eos": True, "stream": True}) as r:
+                async for line in r.content:
+                    if ttft is None and line.startswith(b"data: {"):
+                        ttft = time.monotonic() - started
+            return ttft, time.monotonic() - started
+
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                return [await one(s) for _ in range(3)]
+
+        live = asyncio.run(main())
+    for (ttft, e2e), rec in zip(live, des.records, strict=True):
+        assert ttft == pytest.approx(rec.ttft_s, rel=0.15, abs=0.1)
+        assert e2e == pytest.approx(rec.e2el_s, rel=0.1, abs=0.2)
+    assert des.records[0].ttft_s == pytest.approx(scale * prof.step.step_seconds(400, 0, 0))
