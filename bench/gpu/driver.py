@@ -405,8 +405,8 @@ class Bench:
     def loadtest(self, url: str, wl: dict, name: str) -> dict:
         out_json = self.res / f"{name}.loadtest.json"
         args = self.loadtest_args(url, wl, out_json)
-        rc, wall, text = self.cb_run(args, timeout=wl["duration"] + self.a.request_timeout + 30,
-                                     logname=f"{name}.loadtest")
+        limit = min(wl["duration"] + self.a.request_timeout + 30, max(20.0, self.left() - self.a.reserve))
+        rc, wall, text = self.cb_run(args, timeout=limit, logname=f"{name}.loadtest")
         res = {"rc": rc, "wall_s": round(wall, 1), "url": url, "workload": wl,
                "command": "capbalancer " + " ".join(shlex.quote(x) for x in args).replace(str(out_json), "OUT.json")}
         if out_json.exists():
@@ -592,14 +592,14 @@ class Bench:
                     self.save(name + ".failed", {"error": f"{type(exc).__name__}: {exc}"})
                     if self.a.mode == "sim" and self.a.fail_fast:
                         raise
+                self.pack(quiet=True)  # after every job: a call killed at its limit still returns its results
             else:
                 log("plan complete")
         finally:
             self.pack()
 
-    def pack(self) -> None:
-        n = len(list(self.out.glob("res-*.tar.gz")))
-        tar_path = self.out / f"res-{n}.tar.gz"
+    def pack(self, quiet: bool = False) -> None:
+        tar_path = self.out / "res.tar.gz"  # cumulative: everything in WORK so far
         with tarfile.open(tar_path, "w:gz") as tf:
             tf.add(self.res, arcname="res")
             tf.add(self.profdir, arcname="profiles")
@@ -610,8 +610,9 @@ class Bench:
             (self.out / "summary.md").write_text(tables(load_results([str(self.work)])))
         except Exception as exc:
             (self.out / "summary.md").write_text(f"summary failed: {exc}\n")
-        log(f"packed {tar_path} ({tar_path.stat().st_size / 1e6:.1f} MB); {self.left():.0f}s left")
-        print((self.out / "summary.md").read_text())
+        if not quiet:
+            log(f"packed {tar_path} ({tar_path.stat().st_size / 1e6:.1f} MB); {self.left():.0f}s left")
+            print((self.out / "summary.md").read_text())
 
 
 def _trim_filter(ti: tarfile.TarInfo) -> tarfile.TarInfo | None:

@@ -4,7 +4,7 @@
 # (the vLLM servers started by call B run on in their own sessions; results accumulate in /root/gpubench).
 #   BUDGET=560 LAYOUT=x2 bash bench/gpu/run.sh            (on the GPU machine, from the repository root)
 #   MODE=sim bash bench/gpu/run.sh                         (anywhere: the same plan against `capbalancer sim` instances)
-# Results: $OUT/res-<n>.tar.gz (every JSON, log and measured profile so far) and $OUT/summary.md.
+# Results: $OUT/res.tar.gz (every JSON, log and measured profile so far, rewritten after each job) and $OUT/summary.md.
 R=$(pwd); OUT=${OUT:-$R/out/gpu}; mkdir -p $OUT
 MODE=${MODE:-vllm}; LAYOUT=${LAYOUT:-x2}; BUDGET=${BUDGET:-560}
 export SITE=${SITE:-/root/site}
