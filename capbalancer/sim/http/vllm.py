@@ -3,7 +3,8 @@
 Series names, types and the `{engine="0",model_name=...}` label shape follow vLLM's v1 Prometheus logger
 (vllm/v1/metrics/loggers.py, `PrometheusStatLogger`) as a vLLM 0.32 server exposes them (see
 ../shared/REAL_VLLM.md): the KV gauge is `vllm:kv_cache_usage_perc` (a 0-1 fraction), cache geometry is
-the `vllm:cache_config_info` info-gauge, latency histograms use the logger's bucket bounds.
+the `vllm:cache_config_info` info-gauge, latency histograms use the logger's bucket bounds; label order,
+HELP/TYPE lines and histogram layout match a captured real vLLM 0.32 (tests/data/real/vllm-cpu-metrics*.txt).
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def render_vllm_metrics(inst: SimInstance) -> str:
              len(eng.running), labels)
     x.metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
              len(eng.waiting), labels)
+    x.header("vllm:num_requests_waiting_by_reason", "gauge",
+             "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for scheduling capacity; "
+             "'deferred' = deferred by transient constraints (LoRA budget, KV transfer, blocked status). Sum of all "
+             "reasons equals vllm:num_requests_waiting.")
+    x.sample("vllm:num_requests_waiting_by_reason", len(eng.waiting), {**labels, "reason": "capacity"})
+    x.sample("vllm:num_requests_waiting_by_reason", 0, {**labels, "reason": "deferred"})
     x.metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
              eng.kv_usage_fraction(), labels)
     x.metric("vllm:prefix_cache_queries_total", "counter",
@@ -39,7 +46,7 @@ def render_vllm_metrics(inst: SimInstance) -> str:
     x.metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
              eng.generation_tokens_total, labels)
     x.header("vllm:request_success_total", "counter", "Count of successfully processed requests.")
-    for reason in ("stop", "length", "abort"):
+    for reason in ("stop", "length", "abort", "error"):
         count = m.requests_failed if reason == "abort" else m.success_by_reason.get(reason, 0)
         x.sample("vllm:request_success_total", count, {**labels, "finished_reason": reason})
     x.histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", m.prompt_tokens, labels)
@@ -47,16 +54,24 @@ def render_vllm_metrics(inst: SimInstance) -> str:
                 m.generation_tokens, labels)
     x.histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", m.ttft, labels)
     x.histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", m.itl, labels)
+    x.histogram("vllm:request_time_per_output_token_seconds",
+                "Histogram of time_per_output_token_seconds per request.", m.time_per_output_token, labels)
     x.histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", m.e2e, labels)
     x.histogram("vllm:request_queue_time_seconds",
                 "Histogram of time spent in WAITING phase for request.", m.queue_time, labels)
+    x.histogram("vllm:request_inference_time_seconds",
+                "Histogram of time spent in RUNNING phase for request.", m.inference_time, labels)
+    x.histogram("vllm:request_prefill_time_seconds",
+                "Histogram of time spent in PREFILL phase for request.", m.prefill_time, labels)
+    x.histogram("vllm:request_decode_time_seconds",
+                "Histogram of time spent in DECODE phase for request.", m.decode_time, labels)
     cfg = eng.config
     info = {
-        "block_size": str(cfg.block_size), "cache_dtype": "auto", "calculate_kv_scales": "False",
-        "enable_prefix_caching": "False", "engine": "0", "gpu_memory_utilization": str(cfg.gpu_memory_utilization),
-        "kv_cache_size_tokens": str(cfg.kv_capacity_tokens), "num_cpu_blocks": "None",
-        "num_gpu_blocks": str(cfg.num_gpu_blocks), "num_gpu_blocks_override": "None",
-        "prefix_caching_hash_algo": "sha256", "swap_space_bytes": "0",
+        "block_size": str(cfg.block_size), "cache_dtype": "auto", "enable_prefix_caching": "False", "engine": "0",
+        "gpu_memory_utilization": str(cfg.gpu_memory_utilization), "kv_cache_size_tokens": str(cfg.kv_capacity_tokens),
+        "kv_cache_max_concurrency": f"{cfg.kv_capacity_tokens / max(1, eng.max_model_len):.1f}",
+        "num_cpu_blocks": "None", "num_gpu_blocks": str(cfg.num_gpu_blocks), "num_gpu_blocks_override": "None",
+        "prefix_caching_hash_algo": "sha256", "sliding_window": "None",
     }
     x.metric("vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig", 1.0, info)
     return x.render()
