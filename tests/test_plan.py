@@ -92,7 +92,7 @@ def test_naive_strategies_never_beat_the_search() -> None:
         cluster = parse_cluster(yaml.safe_load((REPO / f"deploy/clusters/{name}.yaml").read_text()), specs)
         catalog = ProfileCatalog(specs=specs, model=cluster.model)
         best = plan_cluster(cluster, catalog).value
-        for strategy in ("max-tp", "min-tp"):
+        for strategy in ("max-tp", "tp1", "min-tp"):
             assert plan_cluster(cluster, catalog, strategy=strategy).value <= best + 1e-9, (name, strategy)
 
 
@@ -103,6 +103,17 @@ def test_max_tp_uses_one_big_instance_per_machine() -> None:
     assert [i.tp for i in plan.machines[0].chosen.instances] == [4]
     plan = plan_cluster(cluster, ProfileCatalog(specs=specs, model="llama-3.1-8b"), strategy="min-tp")
     assert [i.tp for i in plan.machines[0].chosen.instances] == [1, 1, 1, 1]
+
+
+def test_tp1_everywhere_leaves_machines_idle_where_one_gpu_cannot_hold_the_model() -> None:
+    specs = load_specs()
+    cluster = Cluster(machines=(Machine("a", "a100-80g", 2, "nvlink3"), Machine("r", "rtx3090", 4, "pcie4")),
+                      workload=Workload())
+    catalog = ProfileCatalog(specs=specs, model="llama-2-13b")
+    tp1 = plan_cluster(cluster, catalog, strategy="tp1")
+    assert [len(m.chosen.instances) for m in tp1.machines] == [2, 0]
+    min_tp = plan_cluster(cluster, catalog, strategy="min-tp")
+    assert [i.tp for i in min_tp.machines[1].chosen.instances] == [2, 2]
 
 
 def test_model_that_fits_nowhere_leaves_the_machine_idle_and_says_why() -> None:

@@ -55,7 +55,7 @@ def _hels_report(cluster: Cluster, model_name: str, requests: list[int], link_na
 @click.option("--objective", type=click.Choice(["throughput", "goodput"]), default="throughput", show_default=True)
 @click.option("--slo", default=None, help="goodput SLO in milliseconds: ttft=MS,tpot=MS")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="best", show_default=True,
-              help="best = exhaustive search; max-tp / min-tp = the naive plans to compare against")
+              help="best = exhaustive search; max-tp, tp1 (TP=1 everywhere), min-tp (smallest TP that fits) = naive plans to compare against")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=None, help="override the cluster's workload")
 @click.option("--output-tokens", type=click.IntRange(min=1), default=None, help="override the cluster's workload")
 @click.option("--gpu-memory-utilization", type=click.FloatRange(0.05, 1.0), default=0.9, show_default=True)

@@ -21,7 +21,7 @@ from capbalancer.planning.cluster import Cluster, Machine, Workload
 from capbalancer.planning.predict import InstancePrediction, Slo, predict_instance
 from capbalancer.profiling.roofline import TP_DEGREES
 
-STRATEGIES = ("best", "max-tp", "min-tp")
+STRATEGIES = ("best", "max-tp", "tp1", "min-tp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +137,10 @@ def machine_options(gpus: int, usable: dict[int, InstanceOption]) -> Iterator[Ma
 
 
 def _strategy_option(gpus: int, usable: dict[int, InstanceOption], strategy: str) -> MachineOption:
+    """The naive plans: max-tp = one TP degree as large as fits the machine, as many instances as fit;
+    tp1 = TP=1 on every GPU (nothing where one GPU cannot hold the model); min-tp = the smallest TP that runs."""
+    if strategy == "tp1":
+        return MachineOption((usable[1],) * gpus) if 1 in usable else MachineOption(())
     if not usable:
         return MachineOption(())
     tp = max(usable) if strategy == "max-tp" else min(usable)
