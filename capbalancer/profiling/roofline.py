@@ -208,34 +208,44 @@ def closed_loop_estimate(profile: Profile, concurrency: int, prompt_tokens: int,
     return ClosedLoopEstimate(tpot_seconds=step, output_tokens_per_second=c * output_tokens / per_request)
 
 
-# (gpu, gpu_memory_utilization, concurrency, prompt, output, measured TPOT p50 ms, measured output tok/s,
-#  measured KV tokens, where)
+# (gpu, model, gpu_memory_utilization, concurrency, prompt, output, measured TPOT p50 ms, measured output
+#  tok/s or None, measured KV tokens or None, where)
+M8B = "llama-3.1-8b-vocab4096"
 MEASUREMENTS = (
-    ("h100-80g", 0.45, 1, 512, 128, 6.28, 158, 175_440, "gpu-vllm/README.md"),
-    ("h100-80g", 0.45, 8, 512, 128, 6.68, 1_098, 175_440, "gpu-vllm/README.md"),
-    ("h100-80g", 0.45, 32, 512, 128, 8.50, 3_025, 175_440, "gpu-vllm/README.md"),
-    ("h100-80g", 0.45, 128, 512, 128, 15.71, 5_521, 175_440, "gpu-vllm/README.md"),
-    ("h200", 0.85, 96, 512, 128, 12.0, 5_924, 856_928, "research/real-gpu-heterogeneity.md (A alone)"),
-    ("h200", 0.85, 96, 1024, 512, 12.6, 6_915, 856_928, "research/real-gpu-heterogeneity.md (A, 1024/512)"),
-    ("h200", 0.13, 30, 1024, 512, 6.8, 3_255, 32_352, "research/real-gpu-heterogeneity.md (B, KV-bound, ~30 running)"),
+    ("h100-80g", M8B, 0.45, 1, 512, 128, 6.28, 158, 175_440, "gpu-vllm/README.md"),
+    ("h100-80g", M8B, 0.45, 8, 512, 128, 6.68, 1_098, 175_440, "gpu-vllm/README.md"),
+    ("h100-80g", M8B, 0.45, 32, 512, 128, 8.50, 3_025, 175_440, "gpu-vllm/README.md"),
+    ("h100-80g", M8B, 0.45, 128, 512, 128, 15.71, 5_521, 175_440, "gpu-vllm/README.md"),
+    ("h200", M8B, 0.85, 96, 512, 128, 12.0, 5_924, 856_928, "research/real-gpu-heterogeneity.md (A alone)"),
+    ("h200", M8B, 0.85, 96, 1024, 512, 12.6, 6_915, 856_928, "research/real-gpu-heterogeneity.md (A, 1024/512)"),
+    ("h200", M8B, 0.13, 30, 1024, 512, 6.8, 3_255, 32_352,
+     "research/real-gpu-heterogeneity.md (B, KV-bound, ~30 running)"),
+    # Published third-party runs of the real Llama-3.1-8B (128k vocabulary), vLLM defaults:
+    ("a100-40g", "llama-3.1-8b", 0.9, 1, 1024, 128, 13.3, None, None,
+     "johnmusgrave.com/p/vllm-throughput-latency-sweep-on (vLLM 0.23, ~75 tok/s decode at C=1)"),
+    ("h100-80g", "llama-3.1-8b", 0.9, 1, 256, 128, 6.48, None, None,
+     "yobitelcomm.github.io/bench/recipes/concurrency-sweep (vLLM 0.21, 'chatbot-short'; lengths not given, 256/128 assumed)"),
+    ("h100-80g", "llama-3.1-8b", 0.9, 4, 256, 128, 6.59, None, None,
+     "yobitelcomm.github.io/bench/recipes/concurrency-sweep (as above, C=4)"),
 )
 
 
 def check_rows(specs: SpecBook | None = None) -> list[str]:
     specs = specs or load_specs()
-    model = specs.model("llama-3.1-8b-vocab4096")
-    rows = ["| GPU | mem util | conc | in/out | TPOT est / meas ms (err) | tok/s est / meas (err) "
-            "| KV tokens est / meas (err) | source |", "|---|---:|---:|---|---|---|---|---|"]
-    for gpu_name, util, conc, p, o, tpot_ms, tps, kv, where in MEASUREMENTS:
+    rows = ["| GPU | model | mem util | conc | in/out | TPOT est / meas ms (err) | tok/s est / meas (err) "
+            "| KV tokens est / meas (err) | source |", "|---|---|---:|---:|---|---|---|---|---|"]
+    for gpu_name, model_name, util, conc, p, o, tpot_ms, tps, kv, where in MEASUREMENTS:
         gpu = specs.gpu(gpu_name)
-        limits = default_limits(gpu, model, util)
-        profile = estimate_profile(gpu, model, 1, None, limits)
+        model = specs.model(model_name)
+        profile = estimate_profile(gpu, model, 1, None, default_limits(gpu, model, util))
         est = closed_loop_estimate(profile, conc, p, o)
         e_tpot = est.tpot_seconds * 1e3
-        rows.append(
-            f"| {gpu_name} | {util} | {conc} | {p}/{o} | {e_tpot:.2f} / {tpot_ms} ({_err(e_tpot, tpot_ms)}) "
-            f"| {est.output_tokens_per_second:,.0f} / {tps:,} ({_err(est.output_tokens_per_second, tps)}) "
-            f"| {profile.kv_capacity_tokens:,} / {kv:,} ({_err(profile.kv_capacity_tokens, kv)}) | {where} |")
+        e_tps = est.output_tokens_per_second
+        tps_cell = f"{e_tps:,.0f} / {tps:,} ({_err(e_tps, tps)})" if tps else f"{e_tps:,.0f} / -"
+        kv_cell = (f"{profile.kv_capacity_tokens:,} / {kv:,} ({_err(profile.kv_capacity_tokens, kv)})" if kv
+                   else f"{profile.kv_capacity_tokens:,} / -")
+        rows.append(f"| {gpu_name} | {model_name} | {util} | {conc} | {p}/{o} | {e_tpot:.2f} / {tpot_ms} "
+                    f"({_err(e_tpot, tpot_ms)}) | {tps_cell} | {kv_cell} | {where} |")
     return rows
 
 
