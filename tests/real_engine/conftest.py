@@ -7,16 +7,18 @@ so `make test-real` never reports success without having talked to a real engine
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
 from tests.real_engine.install import ensure_installed
 from tests.real_engine.make_model import ensure_model
-from tests.real_engine.server import ServerSpec, VllmServer, usable_cpus, vllm_servers
+from tests.real_engine.server import ServerSpec, usable_cpus, vllm_servers
 from tests.support import free_port
 
 # 16 blocks of 128 tokens = 2048 KV tokens: a handful of 500-token requests overflow it, so vLLM
@@ -28,13 +30,33 @@ REAL_TIMEOUT_S = 1500
 TIMINGS: dict[str, float] = {}
 
 
-@dataclass(frozen=True)
-class VllmPair:
-    large: VllmServer   # plenty of KV memory
-    small: VllmServer   # short of KV memory: preempts under load
+class Endpoint(Protocol):
+    name: str
+    url: str  # http://127.0.0.1:PORT (no /v1)
 
     @property
-    def both(self) -> tuple[VllmServer, VllmServer]:
+    def base_url(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ExternalServer:
+    """A real vLLM someone else started (CAPBALANCER_REAL_VLLM_URLS), e.g. to iterate on tests quickly."""
+
+    name: str
+    url: str
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+
+@dataclass(frozen=True)
+class VllmPair:
+    large: Endpoint   # plenty of KV memory
+    small: Endpoint   # short of KV memory (SMALL_KV_BLOCKS): preempts under load
+
+    @property
+    def both(self) -> tuple[Endpoint, Endpoint]:
         return (self.large, self.small)
 
 
@@ -80,7 +102,17 @@ def real_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vllm_pair(vllm_python: Path, tiny_model: Path, real_log_dir: Path) -> Iterator[VllmPair]:
+def vllm_pair(request: pytest.FixtureRequest, real_log_dir: Path) -> Iterator[VllmPair]:
+    # CAPBALANCER_REAL_VLLM_URLS="large=http://127.0.0.1:A,small=http://127.0.0.1:B" reuses running servers
+    # (started the same way, e.g. by `python -m tests.real_engine.serve_pair`).
+    external = os.environ.get("CAPBALANCER_REAL_VLLM_URLS")
+    if external:
+        urls = dict(item.split("=", 1) for item in external.split(","))
+        yield VllmPair(large=ExternalServer("large", urls["large"].rstrip("/")),
+                       small=ExternalServer("small", urls["small"].rstrip("/")))
+        return
+    vllm_python: Path = request.getfixturevalue("vllm_python")
+    tiny_model: Path = request.getfixturevalue("tiny_model")
     cpus = usable_cpus()
     # Each instance's OpenMP threads get their own core when there are two (the default binds both to 0).
     specs = [ServerSpec(name="large", cpu=cpus[0]),
