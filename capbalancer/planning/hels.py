@@ -199,7 +199,8 @@ def render_hels(results: Sequence[HelsResult], group: HelsGroup, link_name: str)
         even = f"{r.even.tpot_s * 1e3:.1f} ms" if r.even.fits else "OOM"
         hels = f"{r.hels.tpot_s * 1e3:.1f} ms" if r.hels.fits else "OOM"
         speed = f"{r.speedup:.2f}x" if r.speedup is not None else "-"
-        split = ", ".join(f"{h}/{p:.0%}" for h, p in zip(r.hels.heads, r.hels.kv_fraction, strict=False))
+        split = (", ".join(f"{h}/{p:.0%}" for h, p in zip(r.hels.heads, r.hels.kv_fraction, strict=False))
+                 if r.hels.fits else "(the group's memory cannot hold this many requests)")
         lines.append(f"{r.requests:>8}  {even:>15}  {hels:>10}  {speed:>7}  {split}")
     lines.append(UNSUPPORTED_NOTE)
     return "\n".join(lines)
