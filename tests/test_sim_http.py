@@ -5,6 +5,7 @@ import asyncio
 import dataclasses
 import re
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -221,14 +222,18 @@ def test_sglang_flavour_metrics_and_load():
 
 
 def test_cluster_file_serves_every_instance_on_its_port(tmp_path):
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(4)]
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text(yaml.safe_dump({"model": "m", "instances": [
         {"name": "fast", "engine": "vllm", "port": ports[0], "profile": FAST},
         {"name": "tgi", "engine": "tgi", "port": ports[1], "profile": FAST},
-        {"name": "sgl", "engine": "sglang", "port": ports[2], "profile": FAST, "time_scale": 2.0}]}))
-    with running(capbalancer("sim", "--cluster", str(fleet)), ready_url=f"http://127.0.0.1:{ports[2]}/health"):
-        for p in ports:
+        {"name": "sgl", "engine": "sglang", "port": ports[2], "profile": FAST, "time_scale": 2.0},
+        {"name": "plain", "engine": "openai", "port": ports[3], "profile": FAST}]}))
+    with running(capbalancer("sim", "--cluster", str(fleet)), ready_url=f"http://127.0.0.1:{ports[3]}/health"):
+        with pytest.raises(urllib.error.HTTPError) as no_metrics:  # a plain OpenAI server has none
+            urllib.request.urlopen(f"http://127.0.0.1:{ports[3]}/metrics")
+        assert no_metrics.value.code == 404
+        for p in ports[:3]:
             with urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics") as resp:
                 text = resp.read().decode()
             assert {ports[0]: "vllm:num_requests_running", ports[1]: "tgi_queue_size",

@@ -30,7 +30,8 @@ def build_app(inst: SimInstance) -> web.Application:
         return build_tgi_app(inst)
     if inst.engine_kind == "sglang":
         return build_sglang_app(inst)
-    return build_vllm_app(inst)  # vllm, and "openai" (a plain OpenAI-compatible server) served alike
+    # "openai": a plain OpenAI-compatible server, which exposes no metrics at all
+    return build_vllm_app(inst, with_metrics=inst.engine_kind != "openai")
 
 
 @dataclass(slots=True)

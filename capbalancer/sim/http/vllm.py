@@ -77,9 +77,10 @@ def render_vllm_metrics(inst: SimInstance) -> str:
     return x.render()
 
 
-def build_vllm_app(inst: SimInstance) -> web.Application:
+def build_vllm_app(inst: SimInstance, with_metrics: bool = True) -> web.Application:
+    """vLLM's routes; without metrics (and /load, /version) it stands for a plain OpenAI-compatible server."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    OpenAIRoutes(inst, owned_by="vllm").add_to(app)
+    OpenAIRoutes(inst, owned_by="vllm" if with_metrics else "openai").add_to(app)
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -95,8 +96,9 @@ def build_vllm_app(inst: SimInstance) -> web.Application:
         return web.Response(text=render_vllm_metrics(inst), content_type="text/plain", charset="utf-8")
 
     app.router.add_get("/health", health)
-    app.router.add_get("/ping", health)
-    app.router.add_get("/version", version)
-    app.router.add_get("/load", load)
-    app.router.add_get("/metrics", metrics)
+    if with_metrics:
+        app.router.add_get("/ping", health)
+        app.router.add_get("/version", version)
+        app.router.add_get("/load", load)
+        app.router.add_get("/metrics", metrics)
     return app
