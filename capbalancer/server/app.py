@@ -1,0 +1,236 @@
+"""The aiohttp application: routes, lifecycle, and applying a (new) config to the running proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from capbalancer.config import BackendConfig, Config, ModelConfig, backend_spec
+from capbalancer.sched.scheduler import Scheduler
+from capbalancer.server import admin, proxy
+from capbalancer.server.driver import SchedulerDriver
+from capbalancer.server.errors import error_response
+from capbalancer.server.health import make_poller, poll_target
+from capbalancer.server.metrics import ProxyMetrics
+from capbalancer.server.parsing import OPENAI_PATHS, TGI_PATHS
+from capbalancer.server.proxy import STATE, ProxyState
+from capbalancer.server.relay import Upstream, response_headers
+
+log = logging.getLogger("capbalancer.server")
+
+
+def build_state(config: Config, config_path: str | None = None,
+                clock: Callable[[], float] = time.monotonic) -> ProxyState:
+    scheduler = Scheduler(pools=[m.pool_settings() for m in config.models.values()],
+                          health=config.health.to_scheduler())
+    metrics = ProxyMetrics()
+    driver = SchedulerDriver(scheduler, metrics, clock)
+    for model, b in config.backends():
+        scheduler.add_backend(backend_spec(b, model.name), clock())
+        metrics.set_health(b.name, True)
+    return ProxyState(config=config, driver=driver, metrics=metrics, config_path=config_path,
+                      admin_token=os.environ.get(config.server.admin_token_env) or None)
+
+
+def build_app(state: ProxyState) -> web.Application:
+    # Body size is enforced by the handler (an OpenAI-shaped 413), not by aiohttp's plain-text one.
+    app = web.Application(client_max_size=1 << 62, middlewares=[_unexpected_errors])
+    app[STATE] = state
+    for path in (*OPENAI_PATHS, *TGI_PATHS):
+        app.router.add_post(path, proxy.handle)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/info", tgi_info)
+    app.router.add_get("/health", liveness)
+    app.router.add_get("/ready", readiness)
+    app.router.add_get("/metrics", own_metrics)
+    admin.add_routes(app)
+    app.on_startup.append(_startup)
+    app.on_cleanup.append(_cleanup)
+    return app
+
+
+@web.middleware
+async def _unexpected_errors(request: web.Request, handler: Callable) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400:  # aiohttp's own 404/405 etc., in the OpenAI shape
+            return error_response(exc.status, f"{exc.reason}: {request.method} {request.path}",
+                                  headers={"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(500, "internal error in the proxy (logged)", code="internal_error")
+
+
+# --- lifecycle ---------------------------------------------------------------------------------------
+
+async def _startup(app: web.Application) -> None:
+    state = app[STATE]
+    for _, b in state.config.backends():
+        state.upstreams[b.name] = Upstream.create(b)
+    state.driver.start()
+    targets = [poll_target(b.name, b.url, b.engine, b.resolved_api_key()) for _, b in state.config.backends()]
+    h = state.config.health
+    state.poller, state.poller_kind, state.make_target = make_poller(targets, state.driver, h.interval_s,
+                                                                     h.timeout_s, state.driver.clock)
+    await state.poller.start()
+
+
+async def _cleanup(app: web.Application) -> None:
+    state = app[STATE]
+    if state.poller is not None:
+        await state.poller.stop()
+    await state.driver.stop()
+    for task in list(state.background):
+        task.cancel()
+    await asyncio.gather(*(u.close() for u in state.upstreams.values()), return_exceptions=True)
+
+
+# --- changing the fleet at run time ---------------------------------------------------------------------
+
+def add_backend(state: ProxyState, model: ModelConfig, b: BackendConfig) -> None:
+    state.upstreams[b.name] = Upstream.create(b)
+    state.driver.add_backend(backend_spec(b, model.name))
+    if state.poller is not None and state.make_target is not None:
+        state.poller.add_target(state.make_target(poll_target(b.name, b.url, b.engine, b.resolved_api_key())))
+
+
+def remove_backend(state: ProxyState, name: str) -> None:
+    if state.poller is not None:
+        state.poller.remove_target(name)
+    if name in state.driver.scheduler.backends:
+        state.driver.remove_backend(name)
+    old = state.upstreams.pop(name, None)
+    if old is not None:
+        _close_later(state, old)
+
+
+def _close_later(state: ProxyState, upstream: Upstream) -> None:
+    """Close a replaced backend's pool once its in-flight requests are done (they hold a reference)."""
+
+    async def close_when_idle() -> None:
+        deadline = time.monotonic() + upstream.timeouts.total_s
+        connector = upstream.session.connector
+        while time.monotonic() < deadline and connector is not None and _busy(connector):
+            await asyncio.sleep(0.5)
+        await upstream.close()
+
+    task = asyncio.get_running_loop().create_task(close_when_idle())
+    state.background.add(task)
+    task.add_done_callback(state.background.discard)
+
+
+def _busy(connector: aiohttp.BaseConnector) -> bool:
+    return bool(getattr(connector, "_acquired", None))
+
+
+def apply_config(state: ProxyState, new: Config) -> list[str]:
+    """Move the running proxy to `new` without dropping in-flight requests. Returns what changed."""
+    old = state.config
+    changes: list[str] = []
+    if (new.server.host, new.server.port) != (old.server.host, old.server.port):
+        changes.append("server.host/port changed: takes effect on restart only")
+    sched = state.driver.scheduler
+    for m in new.models.values():
+        if m.name not in sched.pools:
+            changes.append(f"model {m.name} added")
+        sched.add_pool(m.pool_settings())
+    new_backends = {b.name: (m, b) for m, b in new.backends()}
+    old_backends = {b.name: (m, b) for m, b in old.backends()}
+    for name in old_backends.keys() - new_backends.keys():
+        remove_backend(state, name)
+        changes.append(f"backend {name} removed")
+    for name, (m, b) in new_backends.items():
+        before = old_backends.get(name)
+        if before is None:
+            add_backend(state, m, b)
+            changes.append(f"backend {name} added")
+        elif before[1] != b or before[0].name != m.name:
+            old_up = state.upstreams.pop(name, None)
+            if old_up is not None:
+                _close_later(state, old_up)
+            if state.poller is not None:
+                state.poller.remove_target(name)
+            add_backend(state, m, b)  # same name: the scheduler keeps its live state, takes the new spec
+            changes.append(f"backend {name} updated")
+    for name in old.models.keys() - new.models.keys():
+        state.driver.remove_pool(name)
+        changes.append(f"model {name} removed")
+    state.config = new
+    state.admin_token = os.environ.get(new.server.admin_token_env) or None
+    return changes
+
+
+# --- routes that are not proxied per request --------------------------------------------------------------
+
+async def liveness(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+
+async def readiness(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    routable = [bid for bid, b in state.driver.scheduler.backends.items() if b.routable()]
+    ready = bool(routable) and not state.draining
+    body = orjson.dumps({"status": "ready" if ready else "unavailable", "routable_backends": routable})
+    return web.Response(status=200 if ready else 503, body=body, content_type="application/json",
+                        headers=None if ready else {"Retry-After": "1"})
+
+
+async def own_metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.Response(body=state.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    config = state.config
+    match_any = [m for m in config.models.values() if m.match_any]
+    if match_any:
+        # Pools from `--backend URL` serve whatever their engines serve: ask one of them.
+        passed = await _pass_through_get(state, match_any[0], "/v1/models", request)
+        if passed is not None:
+            return passed
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "capbalancer"}
+            for m in config.models.values() if not m.match_any or len(match_any) == len(config.models)
+            for name in (m.name, *m.aliases)]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+async def tgi_info(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    pool = state.config.models[state.config.default_model]
+    passed = await _pass_through_get(state, pool, "/info", request)
+    if passed is None:
+        return error_response(503, "no healthy backend answered /info", retry_after_s=1.0, code="unavailable")
+    return passed
+
+
+async def _pass_through_get(state: ProxyState, pool: ModelConfig, path: str,
+                            request: web.Request) -> web.Response | None:
+    """GET `path` from the first routable backend of `pool` that answers; its bytes, unchanged."""
+    routable = {b.backend_id for b in state.driver.scheduler.routable_backends(pool.name)}
+    for b in pool.backends:
+        up = state.upstreams.get(b.name)
+        if up is None or b.name not in routable:
+            continue
+        try:
+            async with asyncio.timeout(b.timeouts.first_byte_s):
+                async with up.session.get(up.base_url + path, headers=up.request_headers(
+                        request.headers, proxy.request_id_of(request))) as resp:
+                    body = await resp.read()
+                    headers = response_headers(resp.headers)
+                    headers[proxy.BACKEND_HEADER] = b.name
+                    return web.Response(status=resp.status, body=body, headers=headers)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.info("GET %s from %s failed: %s", path, b.name, type(exc).__name__)
+    return None

@@ -1,0 +1,109 @@
+"""`capbalancer serve` and `capbalancer check-config`."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import sys
+from dataclasses import replace
+
+import click
+
+from capbalancer.config import Config, ConfigError, config_from_backends, config_from_fleet, load_config
+
+log = logging.getLogger("capbalancer.server")
+
+
+def _override(config: Config, host: str | None, port: int | None, policy: str | None) -> Config:
+    server = config.server
+    if host is not None:
+        server = replace(server, host=host)
+    if port is not None:
+        server = replace(server, port=port)
+    models = config.models
+    if policy is not None:
+        models = {k: replace(m, policy=policy) for k, m in models.items()}
+    return replace(config, server=server, models=models)
+
+
+def _check_policy(policy: str | None) -> None:
+    if policy is None:
+        return
+    from capbalancer.sched.policies import policy_names
+
+    if policy not in policy_names():
+        raise click.BadParameter(f"unknown policy {policy!r}; known: {', '.join(policy_names())}",
+                                 param_hint="--policy")
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config file (see docs/config.md).")
+@click.option("--host", default=None, help="Listen address (overrides server.host; default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Listen port (overrides server.port; default 8000).")
+@click.option("--backend", "backends", multiple=True, metavar="URL",
+              help="A backend base URL (repeatable): serve them as one pool without a config file.")
+@click.option("--policy", default=None, help="Routing policy for every pool (round_robin, least_requests, capacity, ...).")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(config_path: str | None, host: str | None, port: int | None, backends: tuple[str, ...],
+          policy: str | None, log_level: str) -> None:
+    """Run the proxy in front of a fleet (or, with no --config/--backend, an embedded simulated one)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _check_policy(policy)
+    if config_path and backends:
+        raise click.UsageError("give either --config or --backend, not both")
+    from capbalancer.server.serve import install_uvloop
+    from capbalancer.server.serve import serve as run_server
+
+    loop_kind = install_uvloop()
+    try:
+        if config_path:
+            config = _override(load_config(config_path), host, port, policy)
+        elif backends:
+            config = _override(config_from_backends(list(backends), policy), host, port, None)
+        else:
+            config = None
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    async def main() -> None:
+        if config is not None:
+            log.info("event loop: %s; %s", loop_kind, config.summary().replace("\n", "\n    "))
+            await run_server(config, config_path=config_path)
+            return
+        try:
+            embedded = importlib.import_module("capbalancer.sim.embedded")
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("capbalancer.sim.embedded", "capbalancer.sim"):
+                raise
+            raise click.ClickException(
+                "no backends: pass --config FILE or --backend URL (the embedded simulated cluster is not "
+                "available in this build)") from None
+        fleet, stop = await embedded.start_embedded_cluster()
+        log.info("no --config or --backend: serving an EMBEDDED SIMULATED cluster of %d instance(s) "
+                 "(not real GPUs): %s", len(fleet.instances),
+                 ", ".join(f"{i.name}={i.url}" for i in fleet.instances))
+        cfg = _override(config_from_fleet(fleet, policy), host, port, None)
+        log.info("event loop: %s; %s", loop_kind, cfg.summary().replace("\n", "\n    "))
+        await run_server(cfg, on_exit=stop)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:  # port in use, address not available
+        raise click.ClickException(f"cannot serve: {exc.strerror or exc}") from None
+    except KeyboardInterrupt:
+        pass
+
+
+@click.command("check-config")
+@click.argument("path", type=click.Path(dir_okay=False))
+def check_config(path: str) -> None:
+    """Validate a config file without starting anything; print a summary or the error (exit 1)."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(config.summary())
+    click.echo("ok")

@@ -1,0 +1,113 @@
+"""Request parsing per API flavour: just enough of the body to pick a pool and estimate the request's cost.
+
+The body is forwarded as received; we read `model`, the prompt's size, the output bound and `stream`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from capbalancer.server.errors import ProxyError
+
+# API flavour of each proxied path.
+OPENAI_PATHS = {"/v1/completions": "openai", "/v1/chat/completions": "openai", "/v1/embeddings": "embeddings"}
+TGI_PATHS = {"/generate": "tgi", "/generate_stream": "tgi"}
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    model: str | None  # None: the default pool
+    prompt_chars: int
+    max_tokens: int | None  # None: the pool's default
+    stream: bool
+    api: str  # openai | tgi | embeddings
+
+
+def parse_body(path: str, raw: bytes) -> ParsedRequest:
+    if not raw:
+        raise ProxyError(400, "request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProxyError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ProxyError(400, "request body must be a JSON object", code="invalid_json")
+    api = OPENAI_PATHS.get(path) or TGI_PATHS[path]
+    if api == "tgi":
+        return _parse_tgi(path, body)
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise ProxyError(400, "'model' must be a non-empty string", param="model", code="invalid_model")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise ProxyError(400, "'stream' must be true or false", param="stream")
+    if path == "/v1/chat/completions":
+        chars = _messages_chars(body.get("messages"))
+    elif path == "/v1/embeddings":
+        chars = _content_chars(body.get("input"))
+    else:
+        chars = _content_chars(body.get("prompt"))
+    max_tokens = body.get("max_completion_tokens")
+    param = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, param = body.get("max_tokens"), "max_tokens"
+    max_tokens = _check_max_tokens(max_tokens, param)
+    return ParsedRequest(model=model, prompt_chars=chars, max_tokens=max_tokens, stream=bool(stream), api=api)
+
+
+def _parse_tgi(path: str, body: dict[str, Any]) -> ParsedRequest:
+    inputs = body.get("inputs")
+    if not isinstance(inputs, str):
+        raise ProxyError(400, "'inputs' must be a string", param="inputs")
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProxyError(400, "'parameters' must be an object", param="parameters")
+    max_tokens = _check_max_tokens(params.get("max_new_tokens"), "parameters.max_new_tokens")
+    stream = path == "/generate_stream" or body.get("stream") is True
+    return ParsedRequest(model=None, prompt_chars=len(inputs), max_tokens=max_tokens, stream=stream, api="tgi")
+
+
+def _check_max_tokens(value: Any, param: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ProxyError(400, f"'{param}' must be a positive integer", param=param)
+    return value
+
+
+def _content_chars(value: Any) -> int:
+    """Characters of a prompt/input that may be a string, a list of strings, or token id lists."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        total = 0
+        for item in value:
+            if isinstance(item, str):
+                total += len(item)
+            elif isinstance(item, int):
+                total += 4  # a token id: one token, ~4 characters at the default ratio
+            elif isinstance(item, list):
+                total += 4 * len(item)
+        return total
+    return 0
+
+
+def _messages_chars(messages: Any) -> int:
+    if not isinstance(messages, list):
+        return 0
+    total = 0
+    for m in messages:
+        if not isinstance(m, dict):
+            continue
+        content = m.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):  # multi-part content: count the text parts
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    total += len(part["text"])
+        total += 4  # role and framing tokens
+    return total

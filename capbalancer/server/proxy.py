@@ -1,0 +1,351 @@
+"""One proxied request, start to end: parse, schedule (route or hold), relay with retries, account.
+
+Accounting invariant: every attempt that the scheduler routed to a backend is `finish`ed exactly once
+(in a `finally`), whatever happens — success, engine error, timeout, client gone — so the scheduler's
+view of each backend's load never leaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from capbalancer.config import Config, ModelConfig
+from capbalancer.sched.estimates import PromptTokenEstimator
+from capbalancer.sched.types import Demand, Dispatch, Expire, Hold, Reject
+from capbalancer.server.driver import SchedulerDriver
+from capbalancer.server.errors import ProxyError, error_response, from_exception, sse_error_event
+from capbalancer.server.metrics import ProxyMetrics
+from capbalancer.server.parsing import ParsedRequest, parse_body
+from capbalancer.server.relay import (
+    StreamCounter,
+    Upstream,
+    UpstreamError,
+    Usage,
+    classify_client_error,
+    response_headers,
+    usage_from_body,
+)
+
+log = logging.getLogger("capbalancer.proxy")
+
+PRIORITY_HEADER = "x-capbalancer-priority"
+DEADLINE_HEADER = "x-capbalancer-deadline-ms"
+BACKEND_HEADER = "x-capbalancer-backend"
+HELD_HEADER = "x-capbalancer-held-ms"
+PROGRESS_EVERY_TOKENS = 16  # scheduler progress updates while streaming: often enough, cheap enough
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass
+class ProxyState:
+    """Everything a request handler needs; one per app, swapped piecewise on reload."""
+
+    config: Config
+    driver: SchedulerDriver
+    metrics: ProxyMetrics
+    upstreams: dict[str, Upstream] = field(default_factory=dict)
+    estimators: dict[str, PromptTokenEstimator] = field(default_factory=dict)
+    ids: itertools.count = field(default_factory=itertools.count)
+    draining: bool = False
+    config_path: str | None = None  # re-read by reload (None: nothing to reload)
+    admin_token: str | None = field(default=None, repr=False)  # None: the admin API is off
+    poller: Any = None  # FleetMonitor or HealthPoller
+    poller_kind: str = ""
+    make_target: Callable[[Any], Any] | None = None
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def estimator(self, pool: str) -> PromptTokenEstimator:
+        est = self.estimators.get(pool)
+        if est is None:
+            est = self.estimators[pool] = PromptTokenEstimator()
+        return est
+
+
+STATE: web.AppKey[ProxyState] = web.AppKey("capbalancer_state", ProxyState)
+
+
+def request_id_of(request: web.Request) -> str:
+    given = request.headers.get("x-request-id")
+    # Propagate a caller's id only if it is a sane token: it goes into logs and upstream headers.
+    if given and len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise ProxyError(413, f"request body is {length} bytes; the limit is {limit}", code="body_too_large")
+        return await request.read()
+    buf = bytearray()
+    async for chunk in request.content.iter_any():
+        buf += chunk
+        if len(buf) > limit:
+            raise ProxyError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+    return bytes(buf)
+
+
+def _header_number(request: web.Request, name: str) -> float | None:
+    raw = request.headers.get(name)
+    if raw is None:
+        return None
+    try:
+        return float(int(raw)) if name == PRIORITY_HEADER else float(raw)
+    except ValueError:
+        raise ProxyError(400, f"header {name} must be a number, got {raw[:40]!r}", param=name) from None
+
+
+def build_demand(state: ProxyState, request: web.Request, pool: ModelConfig, parsed: ParsedRequest) -> Demand:
+    now = state.driver.clock()
+    priority = _header_number(request, PRIORITY_HEADER)
+    deadline_ms = _header_number(request, DEADLINE_HEADER)
+    if deadline_ms is not None and not deadline_ms > 0:
+        raise ProxyError(400, f"header {DEADLINE_HEADER} must be > 0 (milliseconds from now)", param=DEADLINE_HEADER)
+    return Demand(
+        request_id=str(next(state.ids)),
+        pool=pool.name,
+        prompt_tokens=state.estimator(pool.name).estimate(parsed.prompt_chars),
+        max_tokens=parsed.max_tokens or pool.default_max_tokens,
+        arrival_s=now,
+        priority=int(priority) if priority is not None else 0,
+        deadline_s=now + deadline_ms / 1000.0 if deadline_ms is not None else None,
+        stream=parsed.stream,
+        api=parsed.api,
+    )
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    started = time.monotonic()
+    request_id = request_id_of(request)
+    pool_name = "-"
+    try:
+        if state.draining:
+            raise ProxyError(503, "the proxy is shutting down", retry_after_s=1.0, code="shutting_down")
+        raw = await read_body(request, state.config.server.max_body_bytes)
+        parsed = parse_body(request.path, raw)
+        pool = state.config.model_for(parsed.model)
+        if pool is None:
+            served = ", ".join(state.config.served_names())
+            raise ProxyError(404, f"model {parsed.model!r} is not served here; models: {served}",
+                             param="model", code="model_not_found")
+        pool_name = pool.name
+        demand = build_demand(state, request, pool, parsed)
+        return await Forward(state, request, pool, parsed, demand, raw, request_id, started).run()
+    except ProxyError as exc:
+        state.metrics.count(pool_name, "-", exc.status)
+        return from_exception(exc, {"x-request-id": request_id})
+
+
+class Forward:
+    """The attempts of one request (first try, then retries on other backends)."""
+
+    def __init__(self, state: ProxyState, request: web.Request, pool: ModelConfig, parsed: ParsedRequest,
+                 demand: Demand, raw: bytes, request_id: str, started: float) -> None:
+        self.state = state
+        self.request = request
+        self.pool = pool
+        self.parsed = parsed
+        self.demand = demand
+        self.raw = raw
+        self.request_id = request_id
+        self.started = started
+        self.held_s = 0.0
+
+    async def run(self) -> web.StreamResponse:
+        state, demand = self.state, self.demand
+        retries = state.config.retries
+        tried: list[str] = []
+        last: UpstreamError | web.Response | None = None
+        while True:
+            decision = state.driver.submit(demand, tried)
+            if isinstance(decision, Reject):
+                return self._final_error(last, decision.status, decision.reason, decision.retry_after_s)
+            if isinstance(decision, Hold):
+                held_at = time.monotonic()
+                released = await state.driver.wait_released(demand.request_id)
+                self.held_s += time.monotonic() - held_at
+                state.metrics.hold_wait.observe(self.held_s)
+                if isinstance(released, Expire):
+                    return self._final_error(last, released.status, released.reason, released.retry_after_s)
+                assert isinstance(released, Dispatch)
+                backend = released.backend_id
+            else:
+                backend = decision.backend_id
+            tried.append(backend)
+            upstream = state.upstreams.get(backend)
+            if upstream is None:  # removed by a reload between decision and now
+                state.driver.finish(demand.request_id, ok=False)
+                continue
+            outcome = await self.attempt(upstream)
+            if isinstance(outcome, web.StreamResponse) and not isinstance(outcome, web.Response):
+                return outcome  # a stream: already sent
+            retryable = (outcome.retryable if isinstance(outcome, UpstreamError)
+                         else outcome.status in RETRYABLE_STATUSES)
+            out_of_budget = (len(tried) >= retries.max_attempts
+                             or time.monotonic() - self.started >= retries.max_total_s)
+            if not retryable or out_of_budget:
+                return self._deliver(outcome, backend)
+            state.metrics.retries.labels(backend, str(outcome.status)).inc()
+            log.info("request %s: %s answered %s before any byte; retrying elsewhere", self.request_id, backend,
+                     outcome.status)
+            last = outcome
+
+    def _final_error(self, last: UpstreamError | web.Response | None, status: int, reason: str,
+                     retry_after_s: float) -> web.StreamResponse:
+        if last is not None:  # the previous attempt's answer says more than "nothing else can serve"
+            return self._deliver(last, "-")
+        self.state.metrics.count(self.pool.name, "-", status)
+        return error_response(status, reason, retry_after_s=retry_after_s, code="no_capacity" if status == 429
+                              else "unavailable", headers=self._headers(None))
+
+    def _deliver(self, outcome: UpstreamError | web.Response, backend: str) -> web.Response:
+        if isinstance(outcome, UpstreamError):
+            self.state.metrics.count(self.pool.name, backend, outcome.status)
+            return error_response(outcome.status, outcome.message, code=outcome.code, headers=self._headers(
+                backend if backend != "-" else None))
+        return outcome
+
+    def _headers(self, backend: str | None) -> dict[str, str]:
+        headers = {"x-request-id": self.request_id, HELD_HEADER: str(int(self.held_s * 1000))}
+        if backend:
+            headers[BACKEND_HEADER] = backend
+        return headers
+
+    async def attempt(self, up: Upstream) -> web.StreamResponse | UpstreamError:
+        """One try on one backend. Returns the response (sent if streamed), or why it failed before a byte."""
+        state, request, demand = self.state, self.request, self.demand
+        driver, metrics = state.driver, state.metrics
+        loop = asyncio.get_running_loop()
+        timeouts = up.timeouts
+        t_start = loop.time()
+        total_deadline = t_start + timeouts.total_s
+        gauge = metrics.inflight_for(up.name)
+        gauge.inc()
+        ok = False
+        usage: Usage | None = None
+        counter: StreamCounter | None = None
+        upstream_resp: aiohttp.ClientResponse | None = None
+        reuse_connection = False
+        sresp: web.StreamResponse | None = None
+        phase = "first byte"
+        try:
+            try:
+                async with asyncio.timeout_at(min(t_start + timeouts.first_byte_s, total_deadline)) as timer:
+                    try:
+                        upstream_resp = await up.session.request(
+                            request.method, up.base_url + request.path_qs, data=self.raw,
+                            headers=up.request_headers(request.headers, self.request_id), allow_redirects=False)
+                    except aiohttp.ClientError as exc:
+                        err = classify_client_error(exc, timeouts)
+                        if err.backend_down:
+                            driver.report_failure(up.name, err.code)
+                        return err
+                    status = upstream_resp.status
+                    headers = response_headers(upstream_resp.headers)
+                    headers.update(self._headers(up.name))
+                    if status >= 400 or not self.parsed.stream:
+                        body = await upstream_resp.read()
+                        reuse_connection = True
+                        metrics.observe_ttfb(up.name, time.monotonic() - self.started)
+                        usage = Usage()
+                        if status < 400:
+                            usage_from_body(body, usage)
+                        ok = status < 400
+                        metrics.count(self.pool.name, up.name, status)
+                        return web.Response(status=status, body=body, headers=headers)
+                    # A stream: wait for its first bytes before answering, so that a first-byte timeout
+                    # is still a clean 504 rather than a broken stream.
+                    first = await upstream_resp.content.readany()
+                    metrics.observe_ttfb(up.name, time.monotonic() - self.started)
+                    counter = StreamCounter()
+                    if first and counter.feed(first):
+                        driver.on_first_token(demand.request_id)
+                    sresp = web.StreamResponse(status=status, headers=headers)
+                    phase = "stream"
+                    timer.reschedule(min(loop.time() + timeouts.stream_idle_s, total_deadline))
+                    await sresp.prepare(request)
+                    metrics.count(self.pool.name, up.name, status)
+                    if first:
+                        await sresp.write(first)
+                    reported = counter.events
+                    while True:
+                        timer.reschedule(min(loop.time() + timeouts.stream_idle_s, total_deadline))
+                        chunk = await upstream_resp.content.readany()
+                        if not chunk:
+                            break
+                        if counter.feed(chunk):
+                            if reported == 0:
+                                driver.on_first_token(demand.request_id)
+                            if counter.events - reported >= PROGRESS_EVERY_TOKENS or reported == 0:
+                                driver.on_progress(demand.request_id, counter.events)
+                                reported = counter.events
+                        await sresp.write(chunk)
+                    timer.reschedule(None)
+                reuse_connection = True
+                ok = True
+                await sresp.write_eof()
+                return sresp
+            except TimeoutError:
+                if phase == "first byte":
+                    elapsed = loop.time() - t_start
+                    which = "total" if elapsed >= timeouts.total_s - 1e-3 else "first-byte"
+                    limit = timeouts.total_s if which == "total" else timeouts.first_byte_s
+                    metrics.count(self.pool.name, up.name, 504)
+                    return UpstreamError(504, f"backend {up.name} sent no response within the {which} timeout "
+                                         f"({limit:g}s)", retryable=False, backend_down=False,
+                                         code="first_byte_timeout" if which == "first-byte" else "total_timeout")
+                which = "total" if loop.time() >= total_deadline - 1e-3 else "stream idle"
+                limit = timeouts.total_s if which == "total" else timeouts.stream_idle_s
+                return await self._break_stream(sresp, 504, f"backend {up.name} exceeded the {which} timeout "
+                                                f"({limit:g}s)", "stream_timeout")
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                if sresp is None or not sresp.prepared:
+                    metrics.count(self.pool.name, up.name, 502)
+                    return UpstreamError(502, f"backend {up.name} failed mid-response: {type(exc).__name__}",
+                                         retryable=False, backend_down=False, code="backend_error")
+                return await self._break_stream(sresp, 502, f"backend {up.name} connection lost mid-stream",
+                                                "backend_disconnected")
+        finally:
+            gauge.dec()
+            if upstream_resp is not None:
+                if reuse_connection:
+                    upstream_resp.release()
+                else:
+                    upstream_resp.close()  # closes the socket: the engine sees the client leave at once
+            output_tokens = prompt_tokens = None
+            if counter is not None:
+                output_tokens, prompt_tokens = counter.output_tokens, counter.usage.prompt_tokens
+            elif usage is not None:
+                output_tokens, prompt_tokens = usage.completion_tokens, usage.prompt_tokens
+            if demand.api == "embeddings":
+                output_tokens = 0
+            driver.finish(demand.request_id, output_tokens=output_tokens, prompt_tokens=prompt_tokens, ok=ok)
+            if prompt_tokens and ok:
+                state.estimator(self.pool.name).observe(self.parsed.prompt_chars, prompt_tokens)
+            if ok:
+                metrics.observe_latency(self.pool.name, time.monotonic() - self.started)
+
+    async def _break_stream(self, sresp: web.StreamResponse | None, status: int, message: str,
+                            code: str) -> web.StreamResponse | UpstreamError:
+        """End a stream that already began with an SSE error event (and no [DONE]: it did not finish)."""
+        log.warning("request %s: %s", self.request_id, message)
+        if sresp is None or not sresp.prepared:
+            return UpstreamError(status, message, retryable=False, backend_down=False, code=code)
+        try:
+            await sresp.write(sse_error_event(status, message, code))
+            await sresp.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            pass  # the client is gone too
+        return sresp

@@ -1,0 +1,67 @@
+"""Run the proxy: one process, one event loop; SIGTERM drains, SIGHUP reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from capbalancer.config import Config
+from capbalancer.server.admin import reload_config
+from capbalancer.server.app import build_app, build_state
+
+log = logging.getLogger("capbalancer.server")
+
+
+def install_uvloop() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+async def serve(config: Config, *, config_path: str | None = None,
+                ready: Callable[[str], None] | None = None,
+                on_exit: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting and let in-flight requests finish (drain_timeout_s)."""
+    settings = config.server
+    state = build_state(config, config_path)
+    app = build_app(state)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=settings.drain_timeout_s,
+                           # A client that goes away cancels its handler: held requests leave the queue and
+                           # upstream requests are closed at once.
+                           handler_cancellation=True,
+                           max_line_size=settings.max_header_bytes, max_field_size=settings.max_header_bytes)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
+    await site.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload_config(state))
+    n_backends = len(state.config.backends())
+    log.info("capbalancer listening on http://%s:%d (%d model(s), %d backend(s), polling by %s, admin API %s)",
+             settings.host, settings.port, len(state.config.models), n_backends, state.poller_kind,
+             "on" if state.admin_token else "off")
+    if ready is not None:
+        ready(f"http://{settings.host}:{settings.port}")
+    try:
+        await stop.wait()
+        log.info("shutting down: no new connections; draining in-flight requests (up to %gs)",
+                 settings.drain_timeout_s)
+        state.draining = True
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await runner.cleanup()
+        if on_exit is not None:
+            await on_exit()
+        log.info("stopped")
