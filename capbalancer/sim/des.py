@@ -12,7 +12,9 @@ No sockets, no sleeping. The driver does what the live proxy does, with the same
 
 Each engine says when its step (or run of identical decode steps) ends; those times, arrivals, polls and
 ticks are one event heap. Statistics come from `capbalancer.loadtest.stats`, so a DES report reads like a
-load-test report.
+load-test report (no ITL: the runner does not time single tokens; TPOT is the per-token figure). Per
+instance: `share` of the requests, `utilisation` = fraction of the run the engine was executing steps
+(busy, not "full": a busy engine may still have room), `preemptions`, `steps`.
 """
 
 from __future__ import annotations
