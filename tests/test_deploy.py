@@ -126,4 +126,11 @@ def test_common_outputs_name_every_instance_with_a_resolvable_profile(tmp_path: 
     assert len(targets) == len(fleet.instances)
     dashboard = json.loads((out / "grafana-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
-    assert "vllm:kv_cache_usage_perc" in exprs and "capbalancer_" in exprs
+    assert "vllm:kv_cache_usage_perc" in exprs
+    # every proxy series the dashboard reads is one the proxy exports
+    from capbalancer.server.metrics import ProxyMetrics
+    exported = {m.name for m in ProxyMetrics().registry.collect()}
+    import re
+    used = set(re.findall(r"(capbalancer_[a-z_]+?)(?:_bucket|_total)?\b", exprs))
+    assert used and all(any(u == e or u.startswith(e) for e in exported) for u in used), (used, exported)
+    assert config["server"]["port"] == 8080

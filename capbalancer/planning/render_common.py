@@ -7,6 +7,7 @@ Kubernetes, 127.0.0.1 for a local run, so the URL scheme is passed in.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -57,10 +58,29 @@ def fleet_dict(plan: PlanFile, engine: str, url_of: Callable[[PlannedInstance], 
     return {"model": plan.model, "instances": rows}
 
 
-def proxy_config_dict(plan: PlanFile, fleet: dict[str, Any], policy: str = "capacity") -> dict[str, Any]:
+def proxy_config_dict(plan: PlanFile, fleet: dict[str, Any], policy: str = "capacity", host: str = "0.0.0.0",
+                      port: int = 8080, profile_of: dict[str, str] | None = None) -> dict[str, Any]:
+    profile_of = profile_of or {}
     backends = [{"name": r["name"], "url": f"http://{r['host']}:{r['port']}", "engine": r["engine"],
-                 "profile": r["profile"]} for r in fleet["instances"]]
-    return {"models": {plan.model: {"policy": policy, "backends": backends}}}
+                 "profile": profile_of.get(r["name"], r["profile"])} for r in fleet["instances"]]
+    return {"server": {"host": host, "port": port},
+            "models": {plan.model: {"policy": policy, "backends": backends}}}
+
+
+def slowed_profiles(plan: PlanFile, out_dir: Path, time_scale: float) -> dict[str, str]:
+    """Profiles of simulated instances as they actually run: step times x time_scale.
+
+    A `capbalancer sim --time-scale X` instance is X times slower than its profile, and the proxy plans with
+    the profile it is given, so the proxy config points at these (the fleet keeps the originals + time_scale)."""
+    out: dict[str, str] = {}
+    for inst in plan.instances:
+        p = inst.profile
+        slowed = dataclasses.replace(p, name=f"{p.name}@x{time_scale:g}", step=p.step.scaled(time_scale),
+                                     notes=f"{p.notes}; step times x{time_scale:g} (simulated with --time-scale)")
+        path = out_dir / "profiles" / "time-scaled" / f"{inst.profile_ref}@x{time_scale:g}.yaml"
+        save_profile(slowed, path)
+        out[inst.name] = str(path.resolve())
+    return out
 
 
 def prometheus_dict(fleet: dict[str, Any], proxy_target: str) -> dict[str, Any]:
@@ -86,10 +106,12 @@ def write_common(plan: PlanFile, out_dir: Path, engine: str, proxy_port: int,
                  proxy_host: str = "0.0.0.0", absolute_profiles: bool = False, time_scale: float = 1.0) -> list[Path]:
     url_of = url_of or (lambda inst: (inst.address, inst.port))
     fleet = fleet_dict(plan, engine, url_of, out_dir, absolute_profiles, time_scale)
+    profile_of = slowed_profiles(plan, out_dir, time_scale) if engine == "sim" and time_scale != 1.0 else None
     written = [
         write_yaml(out_dir / "fleet.yaml", fleet,
                    f"# Fleet description for plan {plan.source} (capbalancer.fleet.description).\n"),
-        write_yaml(out_dir / "capbalancer.yaml", proxy_config_dict(plan, fleet),
+        write_yaml(out_dir / "capbalancer.yaml",
+                   proxy_config_dict(plan, fleet, host=proxy_host, port=proxy_port, profile_of=profile_of),
                    f"# capbalancer serve --config capbalancer.yaml   (proxy on {proxy_host}:{proxy_port})\n"
                    f"# Every backend of the plan with its profile; predicted total "
                    f"{plan.predicted_output_tokens_per_second:,.0f} output tokens/s.\n"),

@@ -106,7 +106,7 @@ def proxy_manifests(plan: PlanFile, engine: str, proxy_port: int) -> list[dict[s
         {"name": i.name, "engine": engine, "host": dns_name(i.name), "port": CONTAINER_PORT,
          "profile": i.profile_ref if i.profile_shipped else f"/etc/capbalancer/profiles/{i.profile_ref}.yaml"}
         for i in plan.instances]}
-    config = proxy_config_dict(plan, fleet)
+    config = proxy_config_dict(plan, fleet, host="0.0.0.0", port=proxy_port)
     labels = {"app.kubernetes.io/name": "capbalancer", "app.kubernetes.io/part-of": "capbalancer"}
     profile_files = {f"{dns_name(i.profile_ref)}.yaml": yaml.safe_dump(i.profile.to_dict(), sort_keys=False)
                      for i in plan.instances if not i.profile_shipped}
