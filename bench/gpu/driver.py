@@ -671,9 +671,9 @@ def main() -> None:
     ap.add_argument("--loadtest-extra", default="")
     ap.add_argument("--profile-extra", default="")
     # ShareGPT-like spread. Prompts are random three-letter words: about 1.66 tokens each under the m8b
-    # tokenizer, so 400 words ~ 660 tokens (max 1600 words ~ 2650 tokens, + 768 output < 4096 max-model-len).
+    # tokenizer, so 400 words ~ 660 tokens (max 1600 words ~ 2650 tokens, + 512 output < 4096 max-model-len).
     ap.add_argument("--prompt-len", default="lognormal:mean=400:sigma=0.8:max=1600")
-    ap.add_argument("--output-len", default="lognormal:mean=200:sigma=0.8:max=768")
+    ap.add_argument("--output-len", default="lognormal:mean=200:sigma=0.8:max=512")
     ap.add_argument("--request-timeout", type=float, default=90)
     ap.add_argument("--fallback-profile", default="", help="profile for every instance until measured ones exist "
                     "(default: each instance's roofline estimate, bench/gpu/roofline_profiles.py)")

@@ -6,6 +6,9 @@
 #   MODE=sim bash bench/gpu/run.sh                         (anywhere: the same plan against `capbalancer sim` instances)
 # Results: $OUT/res.tar.gz (every JSON, log and measured profile so far, rewritten after each job) and $OUT/summary.md.
 R=$(pwd); OUT=${OUT:-$R/out/gpu}; mkdir -p $OUT
+# A frozen copy of capbalancer (bench/gpu/snapshot.sh, carried as .vwcb) keeps other people's edits in progress out
+# of a run; without one the working tree's capbalancer is used.
+CB=$R; [ -d $R/.vwcb/capbalancer ] && CB=$R/.vwcb && echo "capbalancer from .vwcb: $(cat $R/.vwcb/COMMIT)"
 MODE=${MODE:-vllm}; LAYOUT=${LAYOUT:-x2}; BUDGET=${BUDGET:-560}
 export SITE=${SITE:-/root/site}
 if [ "$MODE" = vllm ]; then
@@ -14,9 +17,9 @@ if [ "$MODE" = vllm ]; then
     xz -dc .vw2/_C_stable_libtorch.abi3.so.xz > $SITE/vllm/_C_stable_libtorch.abi3.so.tmp && \
       mv $SITE/vllm/_C_stable_libtorch.abi3.so.tmp $SITE/vllm/_C_stable_libtorch.abi3.so || { echo "no .vw2 carried?"; exit 4; }
   fi
-  export CB_PYTHONPATH=$R:/root/cbsite WORK=${WORK:-/root/gpubench}
+  export CB_PYTHONPATH=$CB:/root/cbsite WORK=${WORK:-/root/gpubench}
 else
-  export CB_PYTHONPATH=$R WORK=${WORK:-$R/out/gpubench-sim}
+  export CB_PYTHONPATH=$CB WORK=${WORK:-$R/out/gpubench-sim}
 fi
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 PY=${PY:-python3}

@@ -1,0 +1,11 @@
+#!/bin/bash
+# Freeze the committed capbalancer (package + profiles/) into .vwcb/ (ignored by /.vw*/), for carrying to the GPU
+# machine: run.sh then imports capbalancer from there, so edits in progress in the shared checkout cannot break a run.
+#   bench/gpu/snapshot.sh [REV]        (default HEAD)
+set -e
+R=$(cd "$(dirname "$0")/../.." && pwd); cd "$R"
+REV=${1:-HEAD}
+rm -rf .vwcb && mkdir -p .vwcb
+git archive "$REV" capbalancer profiles | tar -x -C .vwcb
+echo "$(git rev-parse --short "$REV") $(git log -1 --format=%cI "$REV") $(git log -1 --format=%s "$REV" | cut -c1-80)" > .vwcb/COMMIT
+cat .vwcb/COMMIT; du -sh .vwcb
