@@ -266,7 +266,7 @@ class Bench:
         inst["cmd"] = cmd
         log(f"start {inst['name']}: {' '.join(cmd)}")
         p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                             start_new_session=True, cwd=str(self.repo))
+                             start_new_session=True, cwd=str(self.work))
         inst["pid"], inst["t0"] = p.pid, time.time()
         (self.logs / f"{inst['name']}.pid").write_text(str(p.pid))
 
@@ -312,7 +312,7 @@ class Bench:
         cmd = self.cb + args
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.cb_env,
-                               cwd=str(self.repo))
+                               cwd=str(self.work))
             rc, text = p.returncode, p.stdout + p.stderr
         except subprocess.TimeoutExpired as exc:
             rc = 124
@@ -333,8 +333,11 @@ class Bench:
     def write_rooflines(self) -> None:
         cmd = [self.a.python, str(self.repo / "bench/gpu/roofline_profiles.py"), "--layout", self.a.layout,
                "--gpu", self.a.gpu_label, "--out", str(self.work / "roofline")]
-        p = subprocess.run(cmd, capture_output=True, text=True, env=self.cb_env, cwd=str(self.repo), timeout=120)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=self.cb_env, cwd=str(self.work), timeout=120)
         log(f"roofline profiles rc={p.returncode} {p.stderr[-500:] if p.returncode else ''}")
+        where = subprocess.run([self.a.python, "-c", "import capbalancer; print(capbalancer.__file__)"],
+                               capture_output=True, text=True, env=self.cb_env, cwd=str(self.work)).stdout.strip()
+        log(f"capbalancer imported from {where}")
 
     def write_config(self, policy: str, names: list[str] | None = None) -> Path:
         rows = []
@@ -355,7 +358,7 @@ class Bench:
             shlex.split(self.a.serve_extra)
         logf = open(self.logs / f"{logname}.proxy.log", "wb")
         p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.cb_env,
-                             cwd=str(self.repo), start_new_session=True)
+                             cwd=str(self.work), start_new_session=True)
         url = f"http://127.0.0.1:{PROXY_PORT}"
         t0 = time.time()
         while time.time() - t0 < 30:
@@ -473,7 +476,7 @@ class Bench:
             logf.write((" ".join(self.cb + args) + "\n\n").encode())
             logf.flush()
             procs.append((inst, subprocess.Popen(self.cb + args, stdout=logf, stderr=subprocess.STDOUT,
-                                                 env=self.cb_env, cwd=str(self.repo))))
+                                                 env=self.cb_env, cwd=str(self.work))))
         res = {}
         for inst, p in procs:
             try:
@@ -564,7 +567,7 @@ class Bench:
         code = "from capbalancer.sched.policies import policy_names; print(','.join(policy_names()))"
         try:
             names = subprocess.run([self.a.python, "-c", code], capture_output=True, text=True, env=self.cb_env,
-                                   timeout=60, cwd=str(self.repo)).stdout.strip().split(",")
+                                   timeout=60, cwd=str(self.work)).stdout.strip().split(",")
         except Exception:
             names = []
         names = [n for n in names if n]
