@@ -74,12 +74,18 @@ class ProxyState:
 STATE: web.AppKey[ProxyState] = web.AppKey("capbalancer_state", ProxyState)
 
 
+# Generated request ids: a random per-process prefix and a counter. Unique across restarts and
+# processes, and ~50x cheaper than uuid4() (which reads os.urandom on every call).
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_id_counter = itertools.count(1)
+
+
 def request_id_of(request: web.Request) -> str:
     given = request.headers.get("x-request-id")
     # Propagate a caller's id only if it is a sane token: it goes into logs and upstream headers.
     if given and len(given) <= 128 and given.isascii() and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}-{next(_id_counter):x}"
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:

@@ -1,0 +1,211 @@
+"""What the proxy costs: the same load direct to a backend and through `capbalancer serve`, side by side.
+
+    .venv/bin/python bench/proxy_overhead.py                 # ~1 minute, loopback only
+    .venv/bin/python bench/proxy_overhead.py --seconds 3 --policy round_robin
+
+A backend that answers at once (aiohttp, one process) stands in for the engine, so every microsecond
+measured is the proxy's. Phases, each run direct and then through the proxy:
+  light      one request at a time (non-streaming): p50/p99 latency, added latency
+  saturated  `--concurrency` requests in flight (non-streaming): requests/s, p50/p99
+  stream     one stream at a time, `--events` SSE events each: p50 time to last event
+  stream-sat `--concurrency` streams in flight: SSE events/s relayed
+Client, proxy and backend share this machine's cores, as in the issue's reference figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BODY = b'{"model":"m","messages":[{"role":"user","content":"Hello there, how are you?"}],"max_tokens":16}'
+STREAM_BODY = b'{"model":"m","messages":[{"role":"user","content":"Hello"}],"max_tokens":16,"stream":true}'
+ANSWER = (b'{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
+          b'"message":{"role":"assistant","content":"Fine, thanks."},"finish_reason":"stop"}],'
+          b'"usage":{"prompt_tokens":9,"completion_tokens":4,"total_tokens":13}}')
+
+
+def serve_backend(port: int, events: int) -> None:
+    from aiohttp import web
+
+    event = (b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":'
+             b'[{"index":0,"delta":{"content":"tok "},"finish_reason":null}]}\n\n')
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if b'"stream":true' not in body:
+            return web.Response(body=ANSWER, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(events):
+            await resp.write(event)  # one write per event, as an engine sends them
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/health", health)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=4096)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited {proc.returncode}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+@dataclass
+class Result:
+    requests: int
+    events: int
+    seconds: float
+    latencies_s: list[float]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def eps(self) -> float:
+        return self.events / self.seconds
+
+    def pct(self, q: float) -> float:
+        xs = sorted(self.latencies_s)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000.0 if xs else float("nan")
+
+
+async def run_load(url: str, body: bytes, concurrency: int, seconds: float, stream: bool) -> Result:
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=60)
+    latencies: list[float] = []
+    counts = {"requests": 0, "events": 0, "errors": 0}
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=connector) as session:
+        # Warm the connection pool (and the proxy's) before timing.
+        for _ in range(min(concurrency, 8) * 5):
+            async with session.post(url, data=body, headers=headers) as r:
+                await r.read()
+        stop_at = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                async with session.post(url, data=body, headers=headers) as r:
+                    if stream:
+                        n = 0
+                        async for chunk in r.content.iter_any():
+                            n += chunk.count(b"data:")
+                        counts["events"] += n
+                    else:
+                        await r.read()
+                    if r.status != 200:
+                        counts["errors"] += 1
+                latencies.append(time.perf_counter() - t0)
+                counts["requests"] += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    if counts["errors"]:
+        raise RuntimeError(f"{url}: {counts['errors']} non-200 answers")
+    return Result(counts["requests"], counts["events"], elapsed, latencies)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=5.0, help="per phase and target")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--events", type=int, default=100, help="SSE events per streamed response")
+    p.add_argument("--policy", default=None, help="proxy routing policy (default: the proxy's default)")
+    p.add_argument("--serve-backend", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.serve_backend is not None:
+        serve_backend(args.serve_backend, args.events)
+        return
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    bport, pport = free_port(), free_port()
+    logdir = tempfile.mkdtemp(prefix="capb-bench-")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with open(os.path.join(logdir, "backend.log"), "wb") as log:
+            procs.append(subprocess.Popen([sys.executable, __file__, "--serve-backend", str(bport), "--events",
+                                           str(args.events)], stdout=log, stderr=subprocess.STDOUT))
+        backend = f"http://127.0.0.1:{bport}"
+        wait_up(backend, procs[0])
+        cmd = [sys.executable, "-m", "capbalancer.cli", "serve", "--backend", backend, "--port", str(pport),
+               "--log-level", "warning"]
+        if args.policy:
+            cmd += ["--policy", args.policy]
+        with open(os.path.join(logdir, "proxy.log"), "wb") as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO)))
+        proxy = f"http://127.0.0.1:{pport}"
+        wait_up(proxy, procs[1])
+
+        phases = [("light (c=1)", BODY, 1, False), (f"saturated (c={args.concurrency})", BODY, args.concurrency, False),
+                  (f"stream x{args.events} (c=1)", STREAM_BODY, 1, True),
+                  (f"stream x{args.events} (c={args.concurrency})", STREAM_BODY, args.concurrency, True)]
+        print(f"proxy overhead: {args.seconds:g}s per phase and target, backend answers at once; "
+              f"policy={args.policy or 'default'}; cpus={os.cpu_count()}")
+        print(f"{'phase':<24} {'metric':<12} {'direct':>10} {'proxy':>10} {'ratio':>7} {'added':>9}")
+        for name, body, conc, stream in phases:
+            d = asyncio.run(run_load(backend + "/v1/chat/completions", body, conc, args.seconds, stream))
+            x = asyncio.run(run_load(proxy + "/v1/chat/completions", body, conc, args.seconds, stream))
+            rows = [("req/s", d.rps, x.rps, ""), ("p50 ms", d.pct(0.5), x.pct(0.5), f"{x.pct(0.5) - d.pct(0.5):+.3f}"),
+                    ("p99 ms", d.pct(0.99), x.pct(0.99), f"{x.pct(0.99) - d.pct(0.99):+.3f}")]
+            if stream:
+                rows.insert(1, ("events/s", d.eps, x.eps, ""))
+            for metric, dv, xv, added in rows:
+                ratio = xv / dv if dv else float("nan")
+                print(f"{name:<24} {metric:<12} {dv:>10.3f} {xv:>10.3f} {ratio:>7.2f} {added:>9}")
+        print(f"(added = proxy - direct; logs in {logdir})")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()
