@@ -416,3 +416,56 @@ def test_admin_drain_add_remove_and_reload():
             assert len(rest) == 11  # the in-flight stream finished on its old backend
             assert backends_used(3) == Counter({"c": 3})
             assert "tok-123" not in p.log()
+
+
+def _one_seat_profile(tmp_path) -> str:
+    """A profile of an engine that runs one sequence at a time: the capacity policy holds the second."""
+    import yaml
+
+    from capbalancer.profiling.library import resolve_profile_path
+
+    data = yaml.safe_load(resolve_profile_path("a100-80g/llama-2-13b-tp1").read_text())
+    data.update(name="test/one-seat", max_num_seqs=1)
+    path = tmp_path / "one-seat.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+async def test_hold_dispatches_on_completion_and_expires_at_deadline(tmp_path):
+    with Backend(name="one", chunks=8, chunk_delay_s=0.1) as be:
+        config = {"models": {"m": {"policy": "capacity", "backends": [
+            {"url": be.url, "name": "one", "profile": _one_seat_profile(tmp_path)}]}}}
+        with ProxyProcess(config) as p:
+            async with aiohttp.ClientSession() as s:
+                body = {"model": "m", "messages": PROMPT, "stream": True, "max_tokens": 8}
+
+                async def stream(headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+                    async with s.post(p.url + "/v1/chat/completions", json=body, headers=headers or {}) as r:
+                        return r.status, dict(r.headers), await r.read()
+
+                first = asyncio.create_task(stream())
+                await asyncio.sleep(0.3)  # first is on the backend now
+                second = asyncio.create_task(stream())
+                await asyncio.sleep(0.1)
+                # A third with a short deadline cannot leave the queue in time: 503 + Retry-After.
+                status, headers, raw = await stream({"x-capbalancer-deadline-ms": "200"})
+                assert status == 503 and int(headers["Retry-After"]) >= 1
+                assert json.loads(raw)["error"]["type"] == "service_unavailable"
+                # A held client that goes away leaves the queue (no dispatch to a dead client later).
+                gone = asyncio.create_task(stream())
+                await asyncio.sleep(0.1)
+                async with s.get(p.url + "/metrics") as r:
+                    assert "capbalancer_held_requests 2.0" in await r.text()
+                gone.cancel()
+                (s1, h1, b1), (s2, h2, b2) = await asyncio.gather(first, second)
+                assert s1 == s2 == 200 and b1.endswith(b"[DONE]\n\n") and b2.endswith(b"[DONE]\n\n")
+                assert h1["x-capbalancer-held-ms"] == "0"
+                assert int(h2["x-capbalancer-held-ms"]) >= 300  # released when the first finished
+                async with s.get(p.url + "/metrics") as r:
+                    text = await r.text()
+                assert "capbalancer_held_requests 0.0" in text
+                assert 'capbalancer_backend_inflight_requests{backend="one"} 0.0' in text
+                # Accounting is clean: the next request is routed at once.
+                status, headers, _ = await stream()
+                assert status == 200 and headers["x-capbalancer-held-ms"] == "0"
+        assert be.stats()["requests"]["/v1/chat/completions"] == 3
