@@ -69,13 +69,17 @@ class ProbePlan:
 
 @dataclass
 class StreamTiming:
+    """When each streamed chunk arrived and how many tokens had arrived by then (an engine that falls
+    behind sends several tokens in one chunk, so chunks are not tokens)."""
+
     sent_s: float
-    token_times_s: list[float]
+    chunk_times_s: list[float]
+    tokens_after_chunk: list[int]
     prompt_tokens: int
 
     @property
     def first_token_s(self) -> float:
-        return self.token_times_s[0]
+        return self.chunk_times_s[0]
 
 
 def make_probe_plan(max_concurrency: int, max_model_len: int, kv_capacity_tokens: int | None,
@@ -229,18 +233,21 @@ def random_prompt(rng: random.Random, tokens: int) -> list[int]:
 async def timed_stream(session: aiohttp.ClientSession, url: str, engine: str, model: str | None,
                        prompt_tokens: int, max_tokens: int, rng: random.Random) -> StreamTiming:
     if engine == "tgi":
-        # TGI takes text; " a" repeated is about one token per word, and the stream's details report the truth.
-        body = {"inputs": " a" * prompt_tokens, "parameters": {"max_new_tokens": max_tokens, "details": True,
-                                                               "do_sample": False}}
+        # TGI takes text: random single letters are about one token each (the stream's details report the
+        # true count), and random ones keep TGI 3's prefix cache from shortening the prefill.
+        text = "".join(f" {rng.choice('abcdefghijklmnopqrstuvwxyz')}" for _ in range(prompt_tokens))
+        body = {"inputs": text, "parameters": {"max_new_tokens": max_tokens, "details": True, "do_sample": False}}
         path = "/generate_stream"
     else:
+        # logprobs 0 makes vLLM/SGLang list each chunk's tokens, so coalesced chunks are counted right.
         body = {"prompt": random_prompt(rng, prompt_tokens), "max_tokens": max_tokens, "stream": True,
-                "ignore_eos": True, "temperature": 0.0}
+                "ignore_eos": True, "temperature": 0.0, "logprobs": 0}
         if model:
             body["model"] = model
         path = "/v1/completions"
     sent = time.perf_counter()
     times: list[float] = []
+    counts: list[int] = []
     reported_prompt = prompt_tokens
     async with session.post(f"{url}{path}", json=body) as resp:
         if resp.status != 200:
@@ -263,15 +270,27 @@ async def timed_stream(session: aiohttp.ClientSession, url: str, engine: str, mo
                     if engine == "tgi":
                         if payload.get("token") is not None and not payload["token"].get("special", False):
                             times.append(now)
+                            counts.append((counts[-1] if counts else 0) + 1)
                         details = payload.get("details") or {}
                         if details.get("input_length"):
                             reported_prompt = int(details["input_length"])
                     elif payload.get("choices"):
-                        if any(c.get("text") for c in payload["choices"]) or not times:
+                        n = _chunk_tokens(payload["choices"][0])
+                        if n > 0:
                             times.append(now)
+                            counts.append((counts[-1] if counts else 0) + n)
     if not times:
         raise ProbeError(f"POST {path} streamed no token")
-    return StreamTiming(sent_s=sent, token_times_s=times, prompt_tokens=reported_prompt)
+    return StreamTiming(sent_s=sent, chunk_times_s=times, tokens_after_chunk=counts, prompt_tokens=reported_prompt)
+
+
+def _chunk_tokens(choice: dict) -> int:
+    """Tokens in one OpenAI completion chunk: its logprobs' token list when the engine sent one; else one
+    for a chunk with text (a server without logprobs), none for a bare finish/usage chunk."""
+    logprobs = choice.get("logprobs")
+    if isinstance(logprobs, dict) and isinstance(logprobs.get("tokens"), list):
+        return len(logprobs["tokens"])
+    return 1 if choice.get("text") else 0
 
 
 async def probe_prefill(session: aiohttp.ClientSession, url: str, engine: str, model: str | None,
@@ -300,16 +319,19 @@ def steady_decode_sample(streams: list[StreamTiming], time_scale: float) -> Step
     which a late delivery of one token does not move (a median of single gaps would be pulled by client-side
     jitter); the median over the streams is the sample."""
     start = max(s.first_token_s for s in streams)
-    end = min(s.token_times_s[-1] for s in streams)
+    end = min(s.chunk_times_s[-1] for s in streams)
     slopes: list[float] = []
     contexts: list[float] = []
     for s in streams:
-        inside = [k for k, t in enumerate(s.token_times_s) if start <= t <= end]
+        inside = [k for k, t in enumerate(s.chunk_times_s) if start <= t <= end]
         if len(inside) < 3:
             continue
         first, last = inside[0], inside[-1]
-        slopes.append((s.token_times_s[last] - s.token_times_s[first]) / (last - first))
-        contexts.append(s.prompt_tokens + (first + last) / 2)
+        tokens = s.tokens_after_chunk[last] - s.tokens_after_chunk[first]
+        if tokens < 2:
+            continue
+        slopes.append((s.chunk_times_s[last] - s.chunk_times_s[first]) / tokens)
+        contexts.append(s.prompt_tokens + (s.tokens_after_chunk[first] + s.tokens_after_chunk[last]) / 2)
     if len(slopes) < max(1, len(streams) // 2):
         return None
     batch = len(streams)
