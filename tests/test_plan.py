@@ -186,3 +186,25 @@ def test_hels_even_split_runs_out_of_memory_like_vllm_in_the_poster() -> None:
     result = solve(group, 128, 576)
     assert not result.even.fits and result.hels.fits
     assert solve(group, 32, 576).even.fits
+
+
+def test_a_measured_profile_takes_precedence_over_the_roofline(tmp_path) -> None:
+    import dataclasses
+
+    from capbalancer.profiling.library import resolve_profile
+    from capbalancer.profiling.schema import save_profile
+
+    specs = load_specs()
+    estimated = resolve_profile("l4/llama-3.1-8b-tp1")
+    measured = dataclasses.replace(estimated, source="measured", kv_capacity_tokens=estimated.kv_capacity_tokens // 2,
+                                   step=estimated.step.scaled(0.5))
+    save_profile(measured, tmp_path / "l4" / "llama-3.1-8b-tp1.yaml")
+    cluster = Cluster(machines=(Machine("l", "l4", 1, "pcie4"),), workload=Workload())
+    plain = plan_cluster(cluster, ProfileCatalog(specs=specs, model="llama-3.1-8b"))
+    with_measured = plan_cluster(cluster, ProfileCatalog(specs=specs, model="llama-3.1-8b",
+                                                         profile_dirs=[tmp_path]))
+    chosen = with_measured.machines[0].chosen.instances[0]
+    assert chosen.choice.profile.source == "measured"
+    assert chosen.prediction.kv_capacity_tokens == measured.kv_capacity_tokens
+    assert not chosen.choice.shipped  # deploy embeds it rather than naming a shipped file
+    assert plain.machines[0].chosen.instances[0].choice.profile.source == "estimated"
