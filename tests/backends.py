@@ -5,7 +5,8 @@
 
 Knobs (flags, and at run time POST /_knobs {...}): `first_byte_delay_s` before any byte, `chunk_delay_s`
 between stream events, `chunks` (tokens per answer), `fail_status` (answer that status with an
-OpenAI-shaped error body), `hang` (accept, never answer), `model`. GET /_stats tells what the backend saw:
+OpenAI-shaped error body), `hang` (accept, never answer), `die_after_chunks` (the process exits mid-stream),
+`model`. GET /_stats tells what the backend saw:
 requests per path, disconnects (a client that left mid-answer), streams completed, the last request's
 headers and body. Outputs are deterministic (`tok0 tok1 ...`), so a test can compare bytes through the proxy
 with bytes direct.
@@ -41,6 +42,7 @@ class Knobs:
     chunk_delay_s: float = 0.0
     fail_status: int = 0  # 0: answer normally
     hang: bool = False
+    die_after_chunks: int = -1  # >= 0: the process exits (sockets reset) after sending this many chunks
 
 
 def stream_event(knobs: Knobs, path: str, i: int, last: bool) -> bytes:
@@ -142,6 +144,8 @@ def make_app(knobs: Knobs):  # noqa: ANN201  # aiohttp imported lazily: the harn
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
         await resp.prepare(request)
         for i in range(knobs.chunks):
+            if i == knobs.die_after_chunks:
+                os._exit(17)  # as when an engine is killed: no flush, no close
             if i and knobs.chunk_delay_s:
                 await asyncio.sleep(knobs.chunk_delay_s)
             await resp.write(stream_event(knobs, path, i, i == knobs.chunks - 1))
@@ -197,9 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk-delay-s", type=float, default=0.0)
     p.add_argument("--fail-status", type=int, default=0)
     p.add_argument("--hang", action="store_true")
+    p.add_argument("--die-after-chunks", type=int, default=-1)
     a = p.parse_args(argv)
     knobs = Knobs(kind=a.kind, name=a.name, model=a.model, chunks=a.chunks, first_byte_delay_s=a.first_byte_delay_s,
-                  chunk_delay_s=a.chunk_delay_s, fail_status=a.fail_status, hang=a.hang)
+                  chunk_delay_s=a.chunk_delay_s, fail_status=a.fail_status, hang=a.hang,
+                  die_after_chunks=a.die_after_chunks)
     from aiohttp import web
 
     try:

@@ -469,3 +469,26 @@ async def test_hold_dispatches_on_completion_and_expires_at_deadline(tmp_path):
                 status, headers, _ = await stream()
                 assert status == 200 and headers["x-capbalancer-held-ms"] == "0"
         assert be.stats()["requests"]["/v1/chat/completions"] == 3
+
+
+async def test_engine_killed_mid_stream_ends_with_sse_error_and_releases():
+    with Backend(name="dies", chunks=10, chunk_delay_s=0.05, die_after_chunks=3) as dies, Backend(name="ok") as ok:
+        config = {"models": {"m": {"policy": "least_requests", "backends": [
+            {"url": dies.url, "name": "dies"}, {"url": ok.url, "name": "ok"}]}}}
+        with ProxyProcess(config) as p:
+            async with aiohttp.ClientSession() as s:
+                body = {"model": "m", "messages": PROMPT, "stream": True}
+                async with s.post(p.url + "/v1/chat/completions", json=body) as r:
+                    assert r.headers["x-capbalancer-backend"] == "dies"  # least_requests: first in turn
+                    raw = await r.read()
+                events = [e for e in raw.split(b"\n\n") if e]
+                assert [b"tok%d" % i in e for i, e in enumerate(events[:3])] == [True] * 3
+                err = json.loads(events[-1][len(b"data: "):])["error"]
+                assert err["code"] == "backend_disconnected" and b"[DONE]" not in raw
+                # The dead backend is taken out of routing; traffic moves to the other.
+                for _ in range(4):
+                    async with s.post(p.url + "/v1/chat/completions", json={"model": "m", "messages": PROMPT}) as r:
+                        assert r.status == 200 and r.headers["x-capbalancer-backend"] == "ok"
+                async with s.get(p.url + "/metrics") as r:
+                    text = await r.text()
+                assert 'capbalancer_backend_inflight_requests{backend="dies"} 0.0' in text
