@@ -157,3 +157,17 @@ def test_trace_replay_keeps_the_recorded_spacing(paced: FaultBackend):
     assert starts[1] - starts[0] == pytest.approx(0.25, abs=0.1)
     assert starts[2] - starts[0] == pytest.approx(0.625, abs=0.1)
     assert not math.isinf(result.duration_s)
+
+
+def test_progress_bar_shows_completed_in_flight_errors_and_rate(paced: FaultBackend):
+    import io
+
+    from capbalancer.loadtest.progress import ProgressBar
+    stream = io.StringIO()
+    bar = ProgressBar(6, None, label="t", stream=stream, enabled=True)
+    asyncio.run(run_loadtest(LoadtestConfig(url=paced.url, model="m", workload=workload(), num_requests=6,
+                                            request_rate_per_s=8.0), progress=bar, progress_interval_s=0.05))
+    bar.close()
+    text = stream.getvalue()
+    assert "6/6" in text and "in_flight=" in text and "errors=0" in text and "req/s=" in text
+    assert ProgressBar(6, None, stream=io.StringIO()).enabled is False  # not a terminal: no bar
