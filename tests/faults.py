@@ -9,8 +9,9 @@ runtime through a control API that keeps answering whatever the serving paths ar
 
 Faults on the API paths (`api` knob):
     ok      answer normally (streams `chunks` chunks, `chunk_delay_s` apart; `first_byte_delay_s` first)
-    die     the process exits (os._exit) after `after_chunks` chunks of a stream, or before answering a
-            non-streaming request: the proxy sees a reset/EOF, exactly as when an engine is killed
+    die     the process exits (os._exit) after `after_chunks` chunks of a stream; for a non-streaming
+            request, before any byte (`after_chunks` 0) or after half the body: the proxy sees a
+            reset/EOF, exactly as when an engine is killed
     hang    accept the request, never send a byte
     stall   send `after_chunks` chunks, then nothing more, with the connection left open
     status  answer `status` (5xx, 429, 503, 400...) with a JSON error body before any byte,
@@ -32,6 +33,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -163,6 +165,15 @@ def _server_main(argv: list[str]) -> None:
             return web.Response(status=knobs.status, body=error_body(knobs.status, f"fault: status {knobs.status}"),
                                 content_type="application/json", headers=headers)
         if fault == "die" and not stream:
+            if knobs.after_chunks <= 0:
+                die()
+            # Headers and half the body, then gone: a response that began and never ended.
+            payload = json.dumps(full_body(request.path)).encode()
+            resp = web.StreamResponse(headers={"Content-Type": "application/json",
+                                               "Content-Length": str(len(payload))})
+            await resp.prepare(request)
+            await resp.write(payload[: len(payload) // 2])
+            await asyncio.sleep(0.05)  # let the half reach the socket before the process vanishes
             die()
         if not stream:
             resp = web.Response(body=json.dumps(full_body(request.path)).encode(),
@@ -299,8 +310,47 @@ def _server_main(argv: list[str]) -> None:
 
         uvloop.install()
     # backlog high enough for the 10,000-stream test; access log off (it would cost more than the handler)
+    # handler_cancellation: a client (the proxy) that goes away cancels the handler, so `disconnects`
+    # counts what an engine would see when the proxy closes its upstream request.
     web.run_app(app, host=args.host, port=args.port, backlog=4096, access_log=None, print=None,
-                handle_signals=True, shutdown_timeout=0.5)
+                handle_signals=True, shutdown_timeout=0.5, handler_cancellation=True)
+
+
+@contextlib.contextmanager
+def blackhole_port():
+    """A port whose kernel completes TCP handshakes (listen backlog) but no one ever reads or writes:
+    the purest 'accepts connections but never answers'. Yields its URL."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Process figures from /proc (no psutil in the venv)
+# ---------------------------------------------------------------------------------------------------
+
+def proc_rss_kb(pid: int) -> int:
+    """Resident set size of a process, in KiB (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def proc_fds(pid: int) -> int:
+    """Open file descriptors of a process (sockets included)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def proc_sample(pid: int) -> dict[str, int]:
+    return {"rss_kb": proc_rss_kb(pid), "fds": proc_fds(pid)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,3 +461,148 @@ def fault_backends(n: int, prefix: str = "b", **knobs: Any):
 
 if __name__ == "__main__":
     _server_main(sys.argv[1:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The proxy under test, as a real process with its log captured to a file
+# ---------------------------------------------------------------------------------------------------
+
+ADMIN_TOKEN_ENV = "CAPBALANCER_TEST_ADMIN_TOKEN"
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def proxy_config(backends: list[Any], *, model: str = "m", policy: str = "round_robin",
+                 admin_token: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A proxy config serving `model` from `backends` (FaultBackend objects or URLs)."""
+    rows = []
+    for i, b in enumerate(backends):
+        url = b if isinstance(b, str) else b.url
+        name = f"b{i}" if isinstance(b, str) else b.name
+        rows.append({"name": name, "url": url, "engine": "vllm"})
+    config: dict[str, Any] = {"models": {model: {"policy": policy, "backends": rows}}}
+    if admin_token:
+        config["admin"] = {"token_env": ADMIN_TOKEN_ENV}
+    return _deep_merge(config, overrides or {})
+
+
+class Proxy:
+    """`capbalancer serve --config FILE` on a free port; stdout+stderr go to a file (never a full pipe)."""
+
+    def __init__(self, backends: list[Any] | None = None, *, config: dict[str, Any] | None = None,
+                 env: dict[str, str] | None = None, admin_token: str | None = None,
+                 policy: str = "round_robin", overrides: dict[str, Any] | None = None,
+                 ready_path: str = "/health") -> None:
+        import tempfile
+
+        from support import free_port
+
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="capb-proxy-")
+        self.config_path = os.path.join(self.dir, "config.yaml")
+        self.log_path = os.path.join(self.dir, "proxy.log")
+        self.admin_token = admin_token
+        self.env = {**(env or {})}
+        if admin_token is not None:
+            self.env[ADMIN_TOKEN_ENV] = admin_token
+        self.config = config if config is not None else proxy_config(
+            backends or [], policy=policy, admin_token=admin_token is not None, overrides=overrides)
+        self.ready_path = ready_path
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def write_config(self, config: dict[str, Any] | str) -> None:
+        import yaml
+
+        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+        tmp = self.config_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, self.config_path)  # atomic: a reload never reads half a file
+
+    def start(self, timeout_s: float = 30.0) -> Proxy:
+        from support import capbalancer, wait_http
+
+        self.write_config(self.config)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            capbalancer("serve", "--config", self.config_path, "--host", "127.0.0.1", "--port", str(self.port)),
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+        try:
+            wait_http(self.url + self.ready_path, timeout_s, self.proc)
+        except Exception as exc:
+            self.stop()
+            raise RuntimeError(f"proxy did not start: {exc}\n--- log ---\n{self.log()[-4000:]}") from exc
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.proc is not None:
+            from support import stop_process
+
+            stop_process(self.proc, timeout_s)
+            self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+                timeout_s: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+        """One raw HTTP request; any status comes back (no exception for 4xx/5xx)."""
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    def admin(self, method: str, path: str, body: Any = None, token: str | None = "default",
+              timeout_s: float = 10.0) -> tuple[int, Any]:
+        headers = {}
+        tok = self.admin_token if token == "default" else token
+        if tok is not None:
+            headers["Authorization"] = f"Bearer {tok}"
+        status, _, raw = self.request(method, "/admin/" + path.lstrip("/"), body, headers, timeout_s)
+        try:
+            return status, json.loads(raw) if raw else None
+        except ValueError:
+            return status, raw.decode(errors="replace")
+
+    def metrics_text(self) -> str:
+        return self.request("GET", "/metrics")[2].decode()
+
+    def __enter__(self) -> Proxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
