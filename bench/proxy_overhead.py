@@ -101,6 +101,10 @@ class Result:
     def eps(self) -> float:
         return self.events / self.seconds
 
+    def merge(self, other: Result) -> Result:
+        return Result(self.requests + other.requests, self.events + other.events, self.seconds + other.seconds,
+                      self.latencies_s + other.latencies_s)
+
     def pct(self, q: float) -> float:
         xs = sorted(self.latencies_s)
         return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000.0 if xs else float("nan")
@@ -144,12 +148,23 @@ async def run_load(url: str, body: bytes, concurrency: int, seconds: float, stre
     return Result(counts["requests"], counts["events"], elapsed, latencies)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc): what one request costs, whatever else runs."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=5.0, help="per phase and target")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--events", type=int, default=100, help="SSE events per streamed response")
     p.add_argument("--policy", default=None, help="proxy routing policy (default: the proxy's default)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="direct and proxy alternate this many times per phase, so background load hits both alike")
     p.add_argument("--serve-backend", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_backend is not None:
@@ -187,12 +202,28 @@ def main() -> None:
               f"policy={args.policy or 'default'}; cpus={os.cpu_count()}")
         print(f"{'phase':<24} {'metric':<12} {'direct':>10} {'proxy':>10} {'ratio':>7} {'added':>9}")
         for name, body, conc, stream in phases:
-            d = asyncio.run(run_load(backend + "/v1/chat/completions", body, conc, args.seconds, stream))
-            x = asyncio.run(run_load(proxy + "/v1/chat/completions", body, conc, args.seconds, stream))
+            d = x = None
+            cpu = {"proxy": 0.0, "backend_direct": 0.0, "backend_proxied": 0.0}
+            slice_s = args.seconds / args.rounds
+            for _ in range(args.rounds):
+                b0 = cpu_seconds(procs[0].pid)
+                dr = asyncio.run(run_load(backend + "/v1/chat/completions", body, conc, slice_s, stream))
+                b1, p1 = cpu_seconds(procs[0].pid), cpu_seconds(procs[1].pid)
+                xr = asyncio.run(run_load(proxy + "/v1/chat/completions", body, conc, slice_s, stream))
+                b2, p2 = cpu_seconds(procs[0].pid), cpu_seconds(procs[1].pid)
+                cpu["backend_direct"] += b1 - b0
+                cpu["backend_proxied"] += b2 - b1
+                cpu["proxy"] += p2 - p1
+                d = dr if d is None else d.merge(dr)
+                x = xr if x is None else x.merge(xr)
+            assert d is not None and x is not None
             rows = [("req/s", d.rps, x.rps, ""), ("p50 ms", d.pct(0.5), x.pct(0.5), f"{x.pct(0.5) - d.pct(0.5):+.3f}"),
                     ("p99 ms", d.pct(0.99), x.pct(0.99), f"{x.pct(0.99) - d.pct(0.99):+.3f}")]
             if stream:
                 rows.insert(1, ("events/s", d.eps, x.eps, ""))
+            # Warm-up requests are not counted in `requests`, so CPU per request is a slight overestimate.
+            rows.append(("cpu us/req", cpu["backend_direct"] / d.requests * 1e6,
+                         cpu["proxy"] / x.requests * 1e6, "(backend vs proxy process)"))
             for metric, dv, xv, added in rows:
                 ratio = xv / dv if dv else float("nan")
                 print(f"{name:<24} {metric:<12} {dv:>10.3f} {xv:>10.3f} {ratio:>7.2f} {added:>9}")

@@ -195,6 +195,8 @@ class Forward:
                 state.driver.finish(demand.request_id, ok=False)
                 continue
             outcome = await self.attempt(upstream)
+            if isinstance(outcome, UpstreamError):  # engine answers are counted where they are relayed
+                state.metrics.count(self.pool.name, backend, outcome.status)
             if isinstance(outcome, web.StreamResponse) and not isinstance(outcome, web.Response):
                 return outcome  # a stream: already sent
             retryable = (outcome.retryable if isinstance(outcome, UpstreamError)
@@ -218,7 +220,6 @@ class Forward:
 
     def _deliver(self, outcome: UpstreamError | web.Response, backend: str) -> web.Response:
         if isinstance(outcome, UpstreamError):
-            self.state.metrics.count(self.pool.name, backend, outcome.status)
             return error_response(outcome.status, outcome.message, code=outcome.code, headers=self._headers(
                 backend if backend != "-" else None))
         return outcome
@@ -308,7 +309,6 @@ class Forward:
                     elapsed = loop.time() - t_start
                     which = "total" if elapsed >= timeouts.total_s - 1e-3 else "first-byte"
                     limit = timeouts.total_s if which == "total" else timeouts.first_byte_s
-                    metrics.count(self.pool.name, up.name, 504)
                     return UpstreamError(504, f"backend {up.name} sent no response within the {which} timeout "
                                          f"({limit:g}s)", retryable=False, backend_down=False,
                                          code="first_byte_timeout" if which == "first-byte" else "total_timeout")
@@ -317,8 +317,10 @@ class Forward:
                 return await self._break_stream(sresp, 504, f"backend {up.name} exceeded the {which} timeout "
                                                 f"({limit:g}s)", "stream_timeout")
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                transport = request.transport
+                if sresp is not None and sresp.prepared and (transport is None or transport.is_closing()):
+                    return sresp  # the client left (a write to it failed): nothing more to tell it
                 if sresp is None or not sresp.prepared:
-                    metrics.count(self.pool.name, up.name, 502)
                     return UpstreamError(502, f"backend {up.name} failed mid-response: {type(exc).__name__}",
                                          retryable=False, backend_down=False, code="backend_error")
                 return await self._break_stream(sresp, 502, f"backend {up.name} connection lost mid-stream",
