@@ -500,7 +500,7 @@ class Proxy:
     def __init__(self, backends: list[Any] | None = None, *, config: dict[str, Any] | None = None,
                  env: dict[str, str] | None = None, admin_token: str | None = None,
                  policy: str = "round_robin", overrides: dict[str, Any] | None = None,
-                 ready_path: str = "/health") -> None:
+                 ready_path: str = "/health", extra_args: tuple[str, ...] = ()) -> None:
         import tempfile
 
         from support import free_port
@@ -516,6 +516,7 @@ class Proxy:
         self.config = config if config is not None else proxy_config(
             backends or [], policy=policy, admin_token=admin_token is not None, overrides=overrides)
         self.ready_path = ready_path
+        self.extra_args = tuple(extra_args)
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -543,7 +544,8 @@ class Proxy:
         self.write_config(self.config)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            capbalancer("serve", "--config", self.config_path, "--host", "127.0.0.1", "--port", str(self.port)),
+            capbalancer("serve", "--config", self.config_path, "--host", "127.0.0.1", "--port", str(self.port),
+                        *self.extra_args),
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         try:
