@@ -220,7 +220,7 @@ def test_secrets_never_appear_in_logs():
             proxy.request("POST", "/v1/chat/completions", {**CHAT, "stream": True}, auth)
             proxy.admin("GET", "backends", token=secrets["admin"][:-1] + "x")
             proxy.admin("POST", "reload")
-            proxy.write_config("models: {m: {backends: [{url: 'nope', api_key: '%s'}]}}" % secrets["backend_inline"])
+            proxy.write_config(f"models: {{m: {{backends: [{{url: 'nope', api_key: '{secrets['backend_inline']}'}}]}}}}")
             proxy.admin("POST", "reload")
             proxy.request("POST", "/v1/chat/completions", b"{not json " + secrets["client"].encode(), auth)
             proxy.request("GET", "/admin/backends", headers={"Authorization": f"Bearer {secrets['admin']}x"})
