@@ -74,14 +74,34 @@ def ensure_model(vllm_python: Path, cache_root: Path | None = None) -> Path:
     return target
 
 
-def _corpus_files() -> list[str]:
-    """Local text to train the tokenizer on: the standard library's source (prose in docstrings and code)."""
+# Common short English words. Real LLM tokenizers encode each as one token with its leading space, and the
+# load tester's synthetic prompts (capbalancer/loadtest/workloads.py) and the simulator count on that (one
+# word = one token = 4 characters). Trained on code alone, the tokenizer split them and a "150-token"
+# prompt was ~250 tokens on the real server: real and simulated runs then did different work.
+ENGLISH_WORDS = (
+    "the and for are but not you all any can had her was one our out day get has him his how man new now "
+    "old see two way who boy did its let put say she too use act add age ago air arm art ask bad bag bed "
+    "big bit box bus buy car cat cup cut dog dry ear eat egg end eye far few fit fly fun gas god gun guy "
+    "hat hit hot ice job key kid lay leg lie lot low map may mix net nor oil own pay per pop red row run "
+    "sea set sit six sky son sun tax tea ten tie top toy try war wet win yes yet "
+    "word over then jumps quick brown fox lazy hello say this that with from have they will what when "
+    "about which their there would other into more some time could these two first"
+).split()
+
+
+def _corpus_files(work: Path) -> list[str]:
+    """Local text to train the tokenizer on: the standard library's source (prose in docstrings and code),
+    plus a seeded stream of common English words."""
+    import random
     import sysconfig
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     names = ["argparse.py", "textwrap.py", "difflib.py", "pydoc.py", "inspect.py", "typing.py",
              "dataclasses.py", "json/__init__.py", "email/message.py", "http/client.py", "random.py"]
-    return [str(stdlib / n) for n in names if (stdlib / n).is_file()]
+    rng = random.Random(0)
+    english = work / "english.txt"
+    english.write_text("\n".join(" ".join(rng.choice(ENGLISH_WORDS) for _ in range(40)) for _ in range(3000)))
+    return [str(stdlib / n) for n in names if (stdlib / n).is_file()] + [str(english)]
 
 
 def build(out: Path) -> None:
@@ -99,7 +119,8 @@ def build(out: Path) -> None:
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=settings["vocab_size"], special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train(_corpus_files(), trainer)
+    with tempfile.TemporaryDirectory() as corpus_dir:
+        tok.train(_corpus_files(Path(corpus_dir)), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
