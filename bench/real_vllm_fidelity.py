@@ -121,14 +121,16 @@ def _gap(sim: float, real: float) -> str:
 
 
 def markdown(results: list[Measured]) -> str:
-    rows = ["| workload | TTFT ms real / sim (gap) | TPOT ms real / sim (gap) | output tok/s real / sim (gap) | "
-            "preemptions real / sim |", "|---|---|---|---|---|"]
+    # Medians: on a shared machine a few starved requests pull the real means far from the typical request.
+    rows = ["| workload | median TTFT ms real / sim (gap) | median TPOT ms real / sim (gap) | "
+            "output tok/s real / sim (gap) | preemptions real / sim |", "|---|---|---|---|---|"]
     by = {(m.workload, m.target): m for m in results}
     for w in WORKLOADS:
         r, s = by[(w.name, "real")], by[(w.name, "sim")]
-        rows.append(f"| {w.name} ({w.concurrency} in flight, {w.instance}) | {r.mean_ttft_ms:.0f} / {s.mean_ttft_ms:.0f} "
-                    f"({_gap(s.mean_ttft_ms, r.mean_ttft_ms)}) | {r.mean_tpot_ms:.1f} / {s.mean_tpot_ms:.1f} "
-                    f"({_gap(s.mean_tpot_ms, r.mean_tpot_ms)}) | {r.output_throughput:.0f} / {s.output_throughput:.0f} "
+        rows.append(f"| {w.name} ({w.concurrency} in flight, {w.instance}) | {r.median_ttft_ms:.0f} / "
+                    f"{s.median_ttft_ms:.0f} ({_gap(s.median_ttft_ms, r.median_ttft_ms)}) | {r.median_tpot_ms:.1f} / "
+                    f"{s.median_tpot_ms:.1f} ({_gap(s.median_tpot_ms, r.median_tpot_ms)}) | "
+                    f"{r.output_throughput:.0f} / {s.output_throughput:.0f} "
                     f"({_gap(s.output_throughput, r.output_throughput)}) | {r.preemptions} / {s.preemptions} |")
     return "\n".join(rows)
 
