@@ -108,6 +108,8 @@ def loadtest(url: str, api: str, model: str | None, endpoint: str | None, api_ke
     from capbalancer.loadtest.runner import LoadtestConfig, run_loadtest
     from capbalancer.loadtest.stats import Slo
 
+    if ignore_eos and api == "tgi":
+        click.echo("note: TGI has no ignore_eos; outputs may end before max_new_tokens", err=True)
     if dataset and trace:
         raise click.UsageError("give --dataset or --trace, not both")
     output_len_given = click.get_current_context().get_parameter_source("output_len") \
