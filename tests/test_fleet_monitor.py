@@ -4,6 +4,7 @@ return garbage, go away and come back. Timings use generous tolerances (two shar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -403,3 +404,49 @@ async def test_shared_session_is_not_closed() -> None:
         await mon.stop()
         assert not session.closed
     await backend.stop()
+
+
+async def test_monitor_reads_simulated_engines_in_subprocesses(tmp_path: Path) -> None:
+    """`capbalancer sim` serves each engine's API and metric names from a real subprocess; the monitor
+    detects every engine and reads the same KV capacity from each engine's own metric names."""
+    import aiohttp
+    import yaml
+    from support import capbalancer, running
+
+    profile = str(DATA / "profiles" / "fast-13b.yaml")
+    ports = [free_port() for _ in range(4)]
+    names = ["v", "t", "s", "o"]
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"model": "m", "instances": [
+        {"name": "v", "engine": "vllm", "port": ports[0], "profile": profile, "time_scale": 20.0},
+        {"name": "t", "engine": "tgi", "port": ports[1], "profile": profile},
+        {"name": "s", "engine": "sglang", "port": ports[2], "profile": profile},
+        {"name": "o", "engine": "openai", "port": ports[3], "profile": profile}]}))
+    sink = RecordingSink()
+    with running(capbalancer("sim", "--cluster", str(fleet)), ready_url=f"http://127.0.0.1:{ports[3]}/health"):
+        mon = monitor_for([PollTarget(n, f"http://127.0.0.1:{p}", "auto") for n, p in zip(names, ports, strict=True)],
+                          sink)
+        try:
+            await mon.start()
+            await wait_until(lambda: all(sink.snaps(n) for n in names), timeout_s=15)
+            assert {n: mon.detected_engine(n) for n in names} == {"v": "vllm", "t": "tgi", "s": "sglang",
+                                                                  "o": "openai"}
+            idle = {n: sink.snaps(n)[-1] for n in names}
+            # a long request on the slowed-down vLLM instance shows up as running in a later snapshot
+            async with aiohttp.ClientSession() as session:
+                req = asyncio.ensure_future(session.post(
+                    f"http://127.0.0.1:{ports[0]}/v1/completions",
+                    json={"model": "m", "prompt": "hello " * 50, "max_tokens": 200, "ignore_eos": True}))
+                t0 = time.monotonic()
+                await wait_until(lambda: any(s.running == 1 for s in sink.snaps("v", since=t0)), timeout_s=10)
+                req.cancel()
+                with contextlib.suppress(BaseException):
+                    await req
+        finally:
+            await mon.stop()
+    capacities = {n: idle[n].kv_capacity_tokens for n in "vts"}
+    assert len(set(capacities.values())) == 1 and capacities["v"] and capacities["v"] > 0, capacities
+    assert (idle["v"].running, idle["v"].waiting, idle["v"].kv_usage_fraction) == (0, 0, 0.0)
+    assert (idle["t"].running in (0, None)) and idle["t"].batch_tokens in (0, None)
+    assert (idle["s"].running, idle["s"].waiting, idle["s"].kv_usage_fraction) == (0, 0, 0.0)
+    assert idle["o"] == EngineSnapshot(taken_at_s=idle["o"].taken_at_s, engine="openai")
