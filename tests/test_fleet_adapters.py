@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from capbalancer.fleet.adapters import MetricsUnavailable, openai_snapshot, snapshot_from_metrics
 from capbalancer.fleet.detect import (
@@ -170,3 +172,26 @@ def test_detect_from_info_and_model_info() -> None:
     assert tgi_info_capacity({"model_id": "m", "max_batch_total_tokens": None}) is None
     assert engine_from_model_info({"model_path": "m", "is_generation": True}) == "sglang"
     assert engine_from_model_info(["model_path"]) is None
+
+
+_PAGES = {"vllm": page(REAL / "vllm-cpu-metrics-loaded.txt"), "tgi": page(METRICS / "tgi-3.txt"),
+          "sglang": page(METRICS / "sglang.txt")}
+# Line starts of the series the adapters read: mutations there are the ones that matter.
+_ANCHORS = {e: [i for i in range(len(t)) if t.startswith(("\nvllm:num", "\nvllm:kv", "\nvllm:cache", "\ntgi_b",
+                                                            "\ntgi_q", "\nsglang:"), i)] for e, t in _PAGES.items()}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(_PAGES)), st.floats(0, 1), st.integers(0, 60), st.text(max_size=12))
+def test_mutated_pages_give_a_snapshot_or_a_clear_error(engine: str, where: float, cut: int, insert: str) -> None:
+    text = _PAGES[engine]
+    anchors = _ANCHORS[engine]
+    at = anchors[int(where * (len(anchors) - 1))] + 1 + cut
+    mutated = text[:at] + insert + text[at + cut:]
+    try:
+        snap = snapshot_from_metrics(engine, mutated, 0.0)
+    except (ParseError, MetricsUnavailable):
+        return
+    assert snap.engine == engine
+    assert snap.kv_usage_fraction is None or 0.0 <= snap.kv_usage_fraction <= 1.0
+    assert all(v is None or v >= 0 for v in (snap.running, snap.waiting, snap.kv_capacity_tokens))

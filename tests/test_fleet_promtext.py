@@ -91,6 +91,7 @@ def test_escapes_special_values_timestamps_crlf_and_comments() -> None:
     "m infinity",
     "m 1 2 3",
     "m 1 1.5",  # timestamps are integers
+    "m 1 " + "9" * 5000,  # past int()'s digit limit
 ])
 def test_malformed_wanted_line_raises_parse_error(line: str) -> None:
     with pytest.raises(ParseError):

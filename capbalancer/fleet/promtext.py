@@ -120,7 +120,8 @@ def _parse_line(line: str, name_len: int) -> Sample:
     if len(rest) == 2:
         ts = rest[1]
         digits = ts[1:] if ts[:1] == "-" else ts
-        if not digits.isdigit() or not digits.isascii():
+        # int() refuses over 4300 digits with a plain ValueError; a millisecond timestamp has at most 19.
+        if not digits.isdigit() or not digits.isascii() or len(digits) > 19:
             raise ParseError(f"bad timestamp {ts[:40]!r} for {name!r}")
         timestamp_ms = int(ts)
     return Sample(name, labels, value, timestamp_ms)
