@@ -413,6 +413,10 @@ def merge_fleet(models: dict[str, ModelConfig], fleet: FleetDescription, timeout
                 profile = resolve_profile(inst.profile, base_dir)
             except ProfileError as exc:
                 raise ConfigError(f"{fleet.source}: instances[{i}].profile: {exc}") from None
+            if inst.time_scale != 1.0:
+                # A simulated instance slowed by time_scale really is that much slower: the scheduler
+                # must predict its real latencies, not the modelled GPU's.
+                profile = replace(profile, step=profile.step.scaled(inst.time_scale))
         pool = out.get(inst.model)
         if pool is None:
             pool = ModelConfig(name=inst.model, policy=default_policy())

@@ -28,9 +28,10 @@ class InflightRequest:
     dispatched_at_s: float
     first_token_at_s: float | None = None
     output_tokens: int = 0
-    # The KV tokens of this request that the backend's last snapshot already counted; None when the
-    # request was dispatched after that snapshot was taken.
-    kv_tokens_at_snapshot: int | None = None
+    # The KV tokens this request had when the backend's last snapshot was taken, frozen lazily on its
+    # first progress after that snapshot (`kv_snapshot_epoch` says which snapshot the value belongs to).
+    kv_snapshot_tokens: int = 0
+    kv_snapshot_epoch: int = -1
     # What the policy predicted at dispatch (for online calibration and /admin/backends).
     predicted_ttft_s: float | None = None
     predicted_tpot_s: float | None = None
@@ -71,7 +72,8 @@ class BackendState:
     consecutive_successes: int = 0
     last_failure_reason: str = ""
     snapshot: EngineSnapshot | None = None
-    inflight: dict[str, InflightRequest] = field(default_factory=dict)
+    snapshot_epoch: int = 0  # counts snapshots taken
+    inflight: dict[str, InflightRequest] = field(default_factory=dict)  # in dispatch order
     # Running sums over `inflight`, kept incrementally so a policy reads a backend's load in O(1)
     # (the discrete-event runner asks about 100 backends per request).
     own_kv_tokens: int = 0  # prompt + generated so far
@@ -130,9 +132,23 @@ class BackendState:
             self.own_pending_prefill_tokens += req.prompt_tokens
         self.own_sent_since_snapshot += 1
 
+    def _sent_after_snapshot(self, req: InflightRequest) -> bool:
+        return self.snapshot is None or req.dispatched_at_s > self.snapshot.taken_at_s
+
+    def kv_at_snapshot(self, req: InflightRequest) -> int | None:
+        """The KV tokens of `req` that the last snapshot counted; None if it was sent after it."""
+        if self._sent_after_snapshot(req):
+            return None
+        return req.kv_snapshot_tokens if req.kv_snapshot_epoch == self.snapshot_epoch else req.kv_tokens
+
     def set_progress(self, req: InflightRequest, output_tokens: int, now: float) -> None:
         """Move a request's generated-token count (never backwards) and mark its first token."""
         self._advance_integrals(now)
+        if (output_tokens > req.output_tokens and req.kv_snapshot_epoch != self.snapshot_epoch
+                and not self._sent_after_snapshot(req)):
+            # First change since the snapshot: remember what the snapshot saw of this request.
+            req.kv_snapshot_tokens = req.kv_tokens
+            req.kv_snapshot_epoch = self.snapshot_epoch
         if req.first_token_at_s is None and output_tokens > 0:
             req.first_token_at_s = now
             req.seq_integral_at_first_token = self.load_integral_seq_s
@@ -157,28 +173,34 @@ class BackendState:
         self.own_expected_output_tokens -= req.expected_output_tokens
         if req.first_token_at_s is None:
             self.own_pending_prefill_tokens -= req.prompt_tokens
-        if req.kv_tokens_at_snapshot is not None:
-            self.own_kv_at_snapshot -= req.kv_tokens_at_snapshot
-            self.kv_released_since_snapshot += req.kv_tokens_at_snapshot
+        at_snapshot = self.kv_at_snapshot(req)
+        if at_snapshot is not None:
+            self.own_kv_at_snapshot -= at_snapshot
+            self.kv_released_since_snapshot += at_snapshot
             self.requests_finished_since_snapshot += 1
         else:
             self.own_sent_since_snapshot -= 1
         return req
 
     def take_snapshot(self, snapshot: EngineSnapshot) -> None:
-        """A new snapshot counts every request dispatched before it was taken, at its size then."""
+        """A new snapshot counts every request dispatched before it was taken, at its size then.
+
+        Only the requests sent after the scrape (the newest few, at the end of the dispatch-ordered
+        dict) are visited: the rest are counted in bulk, so a poll costs O(recent), not O(in flight).
+        """
         self.snapshot = snapshot
+        self.snapshot_epoch += 1
         self.kv_released_since_snapshot = 0
         self.requests_finished_since_snapshot = 0
-        self.own_kv_at_snapshot = 0
-        self.own_sent_since_snapshot = 0
-        for req in self.inflight.values():
+        sent_after = 0
+        kv_after = 0
+        for req in reversed(self.inflight.values()):
             if req.dispatched_at_s <= snapshot.taken_at_s:
-                req.kv_tokens_at_snapshot = req.kv_tokens
-                self.own_kv_at_snapshot += req.kv_tokens
-            else:
-                req.kv_tokens_at_snapshot = None
-                self.own_sent_since_snapshot += 1
+                break
+            sent_after += 1
+            kv_after += req.kv_tokens
+        self.own_sent_since_snapshot = sent_after
+        self.own_kv_at_snapshot = self.own_kv_tokens - kv_after
 
     # --- the view between polls ---------------------------------------------------------------
     def requests_estimate(self, now: float, settings: HealthSettings) -> int:
@@ -199,6 +221,27 @@ class BackendState:
             return own
         growth = own - self.own_kv_at_snapshot
         return max(own, used + growth - self.kv_released_since_snapshot)
+
+    def load_view(self, now: float, settings: HealthSettings) -> tuple[int, int]:
+        """(requests_estimate, kv_used_estimate) with one freshness check: the policies' hot path."""
+        own_n = len(self.inflight)
+        own_kv = self.own_kv_tokens
+        snap = self.snapshot
+        if snap is None or now - snap.taken_at_s > settings.stale_after_s:
+            return own_n, own_kv
+        seqs = own_n
+        if snap.running is not None:
+            at_snapshot = snap.running + (snap.waiting or 0)
+            seqs = at_snapshot + self.own_sent_since_snapshot - self.requests_finished_since_snapshot
+            if seqs < own_n:
+                seqs = own_n
+        kv = own_kv
+        if snap.kv_usage_fraction is not None and snap.kv_capacity_tokens is not None:
+            used = int(round(snap.kv_usage_fraction * snap.kv_capacity_tokens))
+            kv = used + own_kv - self.own_kv_at_snapshot - self.kv_released_since_snapshot
+            if kv < own_kv:
+                kv = own_kv
+        return seqs, kv
 
     def kv_external_tokens(self, now: float, settings: HealthSettings) -> int:
         """KV the engine holds that is not ours (other clients, other proxies): never negative."""

@@ -95,54 +95,82 @@ class CapacityModel:
 
     # --- the estimate -----------------------------------------------------------------------------
     def estimate(self, state: BackendState, demand: Demand, expected_output_tokens: int, now: float) -> Estimate:
+        """Everything a demand would see on `state` now (for predictions, the admin view and tests)."""
+        return self._evaluate(state, demand.prompt_tokens, expected_output_tokens, now, None, full=True)
+
+    def score(self, state: BackendState, prompt_tokens: int, expected_output_tokens: int, now: float,
+              deadline_s: float | None) -> float | None:
+        """The routing score (predicted end-to-end seconds) if `state` can take the demand in time, else
+        None. The policy's hot path: the latency arithmetic runs only for backends with room."""
+        return self._evaluate(state, prompt_tokens, expected_output_tokens, now, deadline_s, full=False)
+
+    def _evaluate(self, state: BackendState, prompt_tokens: int, expected_output_tokens: int, now: float,
+                  deadline_s: float | None, full: bool):  # -> Estimate | float | None
         s = self.settings
         profile = state.spec.profile
-        step = self.base_step(state)
-        tpot_k = self.tpot_factor(state)
-        ttft_k = self.ttft_factor(state)
-        max_num_seqs, max_batched_tokens = self._limits(profile)
+        step = profile.step if profile is not None else GENERIC_STEP
+        if profile is not None:
+            max_num_seqs, max_batched_tokens = profile.max_num_seqs, profile.max_num_batched_tokens
+        else:
+            max_num_seqs, max_batched_tokens = GENERIC_MAX_NUM_SEQS, GENERIC_MAX_BATCHED_TOKENS
 
-        seqs_now = state.requests_estimate(now, self.health)
+        # Memory: what is in use, the growth our requests still have ahead (in part: they finish at
+        # different times), and the newcomer.
+        seqs_now, kv_used = state.load_view(now, self.health)
         seqs_after = seqs_now + 1
-        kv_used = state.kv_used_estimate(now, self.health)
-        own_growth = max(0, state.own_reserved_kv_tokens - state.own_kv_tokens)
-        new_kv = demand.prompt_tokens + s.kv_growth_reserve * expected_output_tokens
-        kv_projected = int(kv_used + s.kv_growth_reserve * own_growth + new_kv)
+        own_growth = state.own_reserved_kv_tokens - state.own_kv_tokens
+        if own_growth < 0:
+            own_growth = 0
+        reserve = s.kv_growth_reserve
+        new_kv = prompt_tokens + reserve * expected_output_tokens
+        kv_projected = int(kv_used + reserve * own_growth + new_kv)
         kv_capacity = state.kv_capacity_tokens()
+        fits_memory = (kv_capacity is None or seqs_now == 0
+                       or kv_projected <= kv_capacity * s.kv_high_watermark)
 
-        # Mean context per sequence decides the per-step KV read and how many sequences KV can hold.
+        # Compute: seats are the engine's, fewer when KV cannot hold that many sequences of this size.
         mean_ctx = (kv_used + new_kv) / seqs_after
-        decode_ctx_tokens = int(mean_ctx * seqs_after)
         seats = max_num_seqs
         if kv_capacity is not None and mean_ctx > 0:
-            seats = min(seats, max(1, int(kv_capacity * s.kv_high_watermark / mean_ctx)))
+            by_kv = int(kv_capacity * s.kv_high_watermark / mean_ctx)
+            seats = min(seats, by_kv if by_kv > 1 else 1)
         # Churn: in steady state every finishing sequence is replaced by a new one whose prefill runs
         # inside the decode steps of all the others, so each decoding sequence also pays, per token,
         # its share of the prefills admitted while it decodes.
-        churn_s_per_seq = self.churn_seconds_per_seq(state, step, demand.prompt_tokens, expected_output_tokens)
-        seats = min(seats, self._knee_seqs(step, mean_ctx, seats, churn_s_per_seq))
+        churn_s_per_seq = self.churn_seconds_per_seq(state, step, prompt_tokens, expected_output_tokens)
+        if s.knee_throughput_fraction < 1.0:
+            seats = min(seats, self._knee_seqs(step, mean_ctx, seats, churn_s_per_seq))
+        fits_compute = seqs_now == 0 or seqs_after <= seats
+        if not full and not (fits_memory and fits_compute):
+            return None
 
-        batch = min(seqs_after, seats)
+        tpot_k = self.tpot_factor(state)
+        ttft_k = self.ttft_factor(state)
+        batch = seqs_after if seqs_after < seats else seats
         tpot_s = (step.decode_step_seconds(batch, int(mean_ctx * batch)) + churn_s_per_seq * batch) * tpot_k
+        if s.tpot_slo_s is not None and seqs_now > 0 and tpot_s > s.tpot_slo_s:
+            fits_compute = False
+            if not full:
+                return None
         # Time to first token: the prefill backlog ahead of it in chunks of the step token budget, each
         # chunk riding on a decode step, plus the wait for a seat if the batch is full.
-        backlog_tokens = state.own_pending_prefill_tokens + demand.prompt_tokens
-        chunk_tokens = max(1, max_batched_tokens - min(seqs_now, seats))
-        chunks = math.ceil(backlog_tokens / chunk_tokens)
+        running = seqs_now if seqs_now < seats else seats
+        backlog_tokens = state.own_pending_prefill_tokens + prompt_tokens
+        chunk_tokens = max_batched_tokens - running
+        chunks = math.ceil(backlog_tokens / (chunk_tokens if chunk_tokens > 1 else 1))
         prefill_s = (backlog_tokens * step.prefill_seconds_per_token
-                     + chunks * step.decode_step_seconds(min(seqs_now, seats), decode_ctx_tokens)) * ttft_k
-        waiting_ahead = max(0, seqs_after - seats)
+                     + chunks * step.decode_step_seconds(running, int(mean_ctx * seqs_after))) * ttft_k
+        waiting_ahead = seqs_after - seats
         seat_wait_s = 0.0
-        if waiting_ahead:
+        if waiting_ahead > 0:
             # Seats free at the rate sequences finish: seats / (expected output × TPOT) per second.
             seat_wait_s = waiting_ahead * max(1, expected_output_tokens) * tpot_s / seats
         ttft_s = prefill_s + seat_wait_s
         e2e_s = s.ttft_weight * ttft_s + max(0, expected_output_tokens - 1) * tpot_s
-
-        fits_memory = kv_capacity is None or kv_projected <= kv_capacity * s.kv_high_watermark or seqs_now == 0
-        fits_compute = seqs_after <= seats or seqs_now == 0
-        if s.tpot_slo_s is not None and seqs_now > 0:
-            fits_compute = fits_compute and tpot_s <= s.tpot_slo_s
+        if not full:
+            if deadline_s is not None and now + ttft_s > deadline_s:
+                return None
+            return e2e_s
         return Estimate(
             backend_id=state.backend_id, seqs_after=seqs_after, seats=seats, kv_projected_tokens=kv_projected,
             kv_capacity_tokens=kv_capacity, ttft_s=ttft_s, tpot_s=tpot_s, e2e_s=e2e_s,

@@ -65,16 +65,19 @@ class CapacityPolicy:
         fallback_score = float("inf")
         # Start the scan at a rotating offset so exact ties (identical idle backends) take turns.
         deadline = demand.deadline_s
+        prompt, expected, now = demand.prompt_tokens, ctx.expected_output_tokens, ctx.now
+        offset = self._turn
         for i in range(n):
-            b = candidates[(self._turn + i) % n]
-            est = model.estimate(b, demand, ctx.expected_output_tokens, ctx.now)
-            # A backend that would produce the first token only after the deadline cannot serve it.
-            in_time = deadline is None or ctx.now + est.ttft_s <= deadline
-            if est.admits and in_time:
-                if est.e2e_s < best_score:
-                    best, best_score = b, est.e2e_s
-            elif not self.hold and est.e2e_s < fallback_score:
-                fallback, fallback_score = b, est.e2e_s
+            b = candidates[(offset + i) % n]
+            # None: no room, or the first token would come only after the deadline.
+            score = model.score(b, prompt, expected, now, deadline)
+            if score is not None and score < best_score:
+                best, best_score = b, score
+        if best is None and not self.hold:
+            for b in candidates:
+                est = model.estimate(b, demand, expected, now)
+                if est.e2e_s < fallback_score:
+                    fallback, fallback_score = b, est.e2e_s
         return best if best is not None else fallback
 
     def unservable(self, demand: Demand, candidates: Sequence[BackendState], ctx: PolicyContext) -> bool:
