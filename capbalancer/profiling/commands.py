@@ -10,14 +10,14 @@ import click
 from capbalancer.profiling.schema import ENGINE_KINDS, Profile, save_profile
 
 
-def _roofline_or_none(gpu: str | None, model: str | None, tp: int):
+def _roofline_or_none(gpu: str | None, model: str | None, tp: int, gpu_memory_utilization: float = 0.9):
     if not gpu or not model:
         return None
     from capbalancer.profiling.roofline import DoesNotFit, estimate_by_name
     from capbalancer.profiling.specs import SpecError
 
     try:
-        return estimate_by_name(gpu, model, tp)
+        return estimate_by_name(gpu, model, tp, gpu_memory_utilization=gpu_memory_utilization)
     except (DoesNotFit, SpecError):
         return None
 
@@ -82,7 +82,7 @@ def profile(url: str | None, engine: str, gpu: str | None, model: str | None, tp
     if not kv:
         raise click.ClickException("the engine exposes no KV capacity; pass --kv-capacity-tokens")
     model_name = model or info.model or "unknown"
-    estimate_profile = _roofline_or_none(gpu, model_name, tp)
+    estimate_profile = _roofline_or_none(gpu, model_name, tp, info.gpu_memory_utilization or 0.9)
     defaults = estimate_profile
     profile_obj = Profile(
         name=name or (f"{gpu}/{model_name}-tp{tp}" if gpu else Path(out_path).stem),
