@@ -130,6 +130,8 @@ def deploy(plan_path: str, target: str, engine: str, out_dir: str, model_path: s
         plan_file = load_plan(plan_path)
     except PlanError as exc:
         raise click.ClickException(str(exc)) from None
+    if engine == "sim" and target != "local":
+        raise click.UsageError("--engine sim runs only with --target local (scripts and manifests are for vllm or tgi)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if target == "local":
