@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/proxy_overhead.py                 # ~1 minute, loopback only
     .venv/bin/python bench/proxy_overhead.py --seconds 3 --policy round_robin
+    .venv/bin/python bench/proxy_overhead.py --seconds 6 --baseline HEAD   # also the committed proxy
 
 A backend that answers at once (aiohttp, one process) stands in for the engine, so every microsecond
 measured is the proxy's. Phases, each run direct and then through the proxy:
@@ -10,6 +11,8 @@ measured is the proxy's. Phases, each run direct and then through the proxy:
   stream     one stream at a time, `--events` SSE events each: p50 time to last event
   stream-sat `--concurrency` streams in flight: SSE events/s relayed
 Client, proxy and backend share this machine's cores, as in the issue's reference figures.
+`--baseline REF` also runs the proxy as of git REF (exported to a temporary folder), interleaved with the
+others in every round, so a change is compared with its predecessor under the same background load.
 """
 
 from __future__ import annotations
@@ -157,6 +160,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def metric_value(r: Result, key: str, cpu_s: float) -> float:
+    if key == "cpu":
+        return cpu_s / r.requests * 1e6
+    if key == "p50":
+        return r.pct(0.5)
+    if key == "p99":
+        return r.pct(0.99)
+    return r.rps if key == "rps" else r.eps
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=5.0, help="per phase and target")
@@ -165,6 +178,8 @@ def main() -> None:
     p.add_argument("--policy", default=None, help="proxy routing policy (default: the proxy's default)")
     p.add_argument("--rounds", type=int, default=4,
                    help="direct and proxy alternate this many times per phase, so background load hits both alike")
+    p.add_argument("--baseline", default=None, metavar="REF",
+                   help="also run the proxy as of this git ref (e.g. HEAD) as a third target")
     p.add_argument("--serve-backend", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_backend is not None:
@@ -194,39 +209,58 @@ def main() -> None:
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO)))
         proxy = f"http://127.0.0.1:{pport}"
         wait_up(proxy, procs[1])
+        targets = [("direct", backend, procs[0].pid), ("proxy", proxy, procs[1].pid)]
+        if args.baseline:
+            basedir = os.path.join(logdir, "baseline")
+            os.makedirs(basedir)
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline, "capbalancer"],
+                                     check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", basedir], input=archive, check=True)
+            qport = free_port()
+            qcmd = [c if c != str(pport) else str(qport) for c in cmd]
+            with open(os.path.join(logdir, "baseline.log"), "wb") as log:
+                procs.append(subprocess.Popen(qcmd, stdout=log, stderr=subprocess.STDOUT, cwd=basedir,
+                                              env={**os.environ, "PYTHONPATH": basedir}))
+            wait_up(f"http://127.0.0.1:{qport}", procs[2])
+            targets.append((f"base:{args.baseline}", f"http://127.0.0.1:{qport}", procs[2].pid))
 
         phases = [("light (c=1)", BODY, 1, False), (f"saturated (c={args.concurrency})", BODY, args.concurrency, False),
                   (f"stream x{args.events} (c=1)", STREAM_BODY, 1, True),
                   (f"stream x{args.events} (c={args.concurrency})", STREAM_BODY, args.concurrency, True)]
         print(f"proxy overhead: {args.seconds:g}s per phase and target, backend answers at once; "
               f"policy={args.policy or 'default'}; cpus={os.cpu_count()}")
-        print(f"{'phase':<24} {'metric':<12} {'direct':>10} {'proxy':>10} {'ratio':>7} {'added':>9}")
+        names = [t[0] for t in targets]
+        head = f"{'phase':<24} {'metric':<12} {'direct':>10}"
+        for n in names[1:]:
+            head += f" {n:>10} {'ratio':>6} {'added':>8}"
+        print(head)
         for name, body, conc, stream in phases:
-            d = x = None
-            cpu = {"proxy": 0.0, "backend_direct": 0.0, "backend_proxied": 0.0}
+            res: dict[str, Result] = {}
+            cpu = dict.fromkeys(names, 0.0)
             slice_s = args.seconds / args.rounds
             for _ in range(args.rounds):
-                b0 = cpu_seconds(procs[0].pid)
-                dr = asyncio.run(run_load(backend + "/v1/chat/completions", body, conc, slice_s, stream))
-                b1, p1 = cpu_seconds(procs[0].pid), cpu_seconds(procs[1].pid)
-                xr = asyncio.run(run_load(proxy + "/v1/chat/completions", body, conc, slice_s, stream))
-                b2, p2 = cpu_seconds(procs[0].pid), cpu_seconds(procs[1].pid)
-                cpu["backend_direct"] += b1 - b0
-                cpu["backend_proxied"] += b2 - b1
-                cpu["proxy"] += p2 - p1
-                d = dr if d is None else d.merge(dr)
-                x = xr if x is None else x.merge(xr)
-            assert d is not None and x is not None
-            rows = [("req/s", d.rps, x.rps, ""), ("p50 ms", d.pct(0.5), x.pct(0.5), f"{x.pct(0.5) - d.pct(0.5):+.3f}"),
-                    ("p99 ms", d.pct(0.99), x.pct(0.99), f"{x.pct(0.99) - d.pct(0.99):+.3f}")]
+                for tname, url, pid in targets:
+                    c0 = cpu_seconds(pid)
+                    r = asyncio.run(run_load(url + "/v1/chat/completions", body, conc, slice_s, stream))
+                    cpu[tname] += cpu_seconds(pid) - c0
+                    res[tname] = r if tname not in res else res[tname].merge(r)
+            metrics: list[tuple[str, str, bool]] = [("req/s", "rps", False), ("p50 ms", "p50", True),
+                                                    ("p99 ms", "p99", True)]
             if stream:
-                rows.insert(1, ("events/s", d.eps, x.eps, ""))
+                metrics.insert(1, ("events/s", "eps", False))
             # Warm-up requests are not counted in `requests`, so CPU per request is a slight overestimate.
-            rows.append(("cpu us/req", cpu["backend_direct"] / d.requests * 1e6,
-                         cpu["proxy"] / x.requests * 1e6, "(backend vs proxy process)"))
-            for metric, dv, xv, added in rows:
-                ratio = xv / dv if dv else float("nan")
-                print(f"{name:<24} {metric:<12} {dv:>10.3f} {xv:>10.3f} {ratio:>7.2f} {added:>9}")
+            # direct: the backend process's CPU; a proxy: the proxy process's own CPU.
+            metrics.append(("cpu us/req", "cpu", False))
+            for metric, key, show_added in metrics:
+                vals = {t: metric_value(res[t], key, cpu[t]) for t in names}
+                dv = vals["direct"]
+                line = f"{name:<24} {metric:<12} {dv:>10.3f}"
+                for tname in names[1:]:
+                    xv = vals[tname]
+                    ratio = xv / dv if dv else float("nan")
+                    added = f"{xv - dv:+.3f}" if show_added else ""
+                    line += f" {xv:>10.3f} {ratio:>6.2f} {added:>8}"
+                print(line)
         print(f"(added = proxy - direct; logs in {logdir})")
     finally:
         for proc in procs:

@@ -31,10 +31,11 @@ from capbalancer.server.relay import (
     Upstream,
     UpstreamError,
     Usage,
-    classify_client_error,
+    classify_upstream_error,
     response_headers,
     usage_from_body,
 )
+from capbalancer.server.upstream_http import UpstreamHTTPError, UpstreamResponse
 
 log = logging.getLogger("capbalancer.proxy")
 
@@ -243,19 +244,20 @@ class Forward:
         ok = False
         usage: Usage | None = None
         counter: StreamCounter | None = None
-        upstream_resp: aiohttp.ClientResponse | None = None
+        upstream_resp: UpstreamResponse | None = None
         reuse_connection = False
         sresp: web.StreamResponse | None = None
         phase = "first byte"
         try:
             try:
                 async with asyncio.timeout_at(min(t_start + timeouts.first_byte_s, total_deadline)) as timer:
+                    raw_path = request.raw_path
                     try:
-                        upstream_resp = await up.session.request(
-                            request.method, up.base_url + request.path_qs, data=self.raw,
-                            headers=up.request_headers(request.headers, self.request_id), allow_redirects=False)
-                    except aiohttp.ClientError as exc:
-                        err = classify_client_error(exc, timeouts)
+                        upstream_resp = await up.pool.request(
+                            request.method, raw_path if raw_path.startswith("/") else request.path_qs,
+                            up.request_header_list(request.headers, self.request_id), self.raw)
+                    except (UpstreamHTTPError, OSError) as exc:
+                        err = classify_upstream_error(exc, timeouts)
                         if err.backend_down:
                             driver.report_failure(up.name, err.code)
                         return err
@@ -274,7 +276,7 @@ class Forward:
                         return web.Response(status=status, body=body, headers=headers)
                     # A stream: wait for its first bytes before answering, so that a first-byte timeout
                     # is still a clean 504 rather than a broken stream.
-                    first = await upstream_resp.content.readany()
+                    first = await upstream_resp.read_chunk()
                     metrics.observe_ttfb(up.name, time.monotonic() - self.started)
                     counter = StreamCounter()
                     if first and counter.feed(first):
@@ -289,7 +291,7 @@ class Forward:
                     reported = counter.events
                     while True:
                         timer.reschedule(min(loop.time() + timeouts.stream_idle_s, total_deadline))
-                        chunk = await upstream_resp.content.readany()
+                        chunk = await upstream_resp.read_chunk()
                         if not chunk:
                             break
                         if counter.feed(chunk):
@@ -316,7 +318,7 @@ class Forward:
                 limit = timeouts.total_s if which == "total" else timeouts.stream_idle_s
                 return await self._break_stream(sresp, 504, f"backend {up.name} exceeded the {which} timeout "
                                                 f"({limit:g}s)", "stream_timeout")
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            except (UpstreamHTTPError, aiohttp.ClientConnectionError) as exc:
                 transport = request.transport
                 if sresp is not None and sresp.prepared and (transport is None or transport.is_closing()):
                     return sresp  # the client left (a write to it failed): nothing more to tell it

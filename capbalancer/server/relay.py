@@ -13,6 +13,14 @@ import orjson
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from capbalancer.config import BackendConfig, Timeouts
+from capbalancer.server.upstream_http import (
+    ConnectError,
+    ConnectTimeout,
+    ProtocolError,
+    ServerDisconnected,
+    UpstreamHTTPError,
+    UpstreamPool,
+)
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus those aiohttp computes itself for the message it sends.
 HOP_BY_HOP = frozenset((
@@ -22,6 +30,8 @@ HOP_BY_HOP = frozenset((
 RESPONSE_DROP = HOP_BY_HOP | frozenset(("date", "server"))
 INTERNAL_PREFIX = "x-capbalancer-"
 AUTHORIZATION = istr("authorization")
+# Request headers the relay never copies from the client: hop-by-hop, and those it writes itself.
+_REQUEST_SKIP = HOP_BY_HOP | frozenset(("x-request-id",))
 
 
 class UpstreamError(Exception):
@@ -38,11 +48,16 @@ class UpstreamError(Exception):
 
 @dataclass(slots=True)
 class Upstream:
-    """One backend's connection pool and settings."""
+    """One backend's connection pools and settings.
+
+    `pool` (upstream_http) carries the relayed requests; `session` (aiohttp) the rare admin pass-through
+    GETs (/v1/models and the like), where convenience matters more than microseconds.
+    """
 
     name: str
     base_url: str
     session: aiohttp.ClientSession
+    pool: UpstreamPool
     timeouts: Timeouts
     api_key: str | None
     api_key_mode: str  # replace | passthrough
@@ -57,7 +72,8 @@ class Upstream:
         session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
                                         cookie_jar=aiohttp.DummyCookieJar(), raise_for_status=False)
-        return cls(name=b.name, base_url=b.url, session=session, timeouts=b.timeouts,
+        pool = UpstreamPool(b.url, connect_timeout_s=b.timeouts.connect_s, max_idle=256)
+        return cls(name=b.name, base_url=b.url, session=session, pool=pool, timeouts=b.timeouts,
                    api_key=b.resolved_api_key(), api_key_mode=b.api_key_mode)
 
     def request_headers(self, client: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
@@ -77,7 +93,31 @@ class Upstream:
         out["X-Request-Id"] = request_id
         return out
 
+    def request_header_list(self, client: CIMultiDictProxy[str], request_id: str) -> list[tuple[str, str]]:
+        """`request_headers` as a list for upstream_http (which writes Host and Content-Length itself)."""
+        out: list[tuple[str, str]] = []
+        listed = client.get("connection")
+        extra = frozenset(h.strip().lower() for h in listed.split(",")) if listed else frozenset()
+        replace_key = self.api_key is not None and self.api_key_mode == "replace"
+        content_type = False
+        for key, value in client.items():
+            low = key.lower()
+            if low in _REQUEST_SKIP or (extra and low in extra) or low.startswith(INTERNAL_PREFIX):
+                continue
+            if low == "authorization" and replace_key:
+                continue
+            if low == "content-type":
+                content_type = True
+            out.append((key, value))
+        if replace_key:
+            out.append(("Authorization", f"Bearer {self.api_key}"))
+        if not content_type:
+            out.append(("Content-Type", "application/json"))
+        out.append(("X-Request-Id", request_id))
+        return out
+
     async def close(self) -> None:
+        await self.pool.close()
         await self.session.close()
 
 
@@ -106,6 +146,23 @@ def classify_client_error(exc: BaseException, timeouts: Timeouts) -> UpstreamErr
         return UpstreamError(502, "backend closed the connection without a response", retryable=True,
                              backend_down=False, code="backend_disconnected")
     if isinstance(exc, (aiohttp.ClientError, OSError)):
+        return UpstreamError(502, f"backend failed before answering: {type(exc).__name__}: {exc}",
+                             retryable=False, backend_down=False, code="backend_error")
+    raise exc
+
+
+def classify_upstream_error(exc: BaseException, timeouts: Timeouts) -> UpstreamError:
+    """The same as classify_client_error, for upstream_http's failures before any response byte."""
+    if isinstance(exc, ConnectError):
+        return UpstreamError(502, f"backend unreachable: {exc.os_error.strerror or exc.os_error}",
+                             retryable=True, backend_down=True, code="backend_unreachable")
+    if isinstance(exc, ConnectTimeout):
+        return UpstreamError(504, f"connecting to the backend took over {timeouts.connect_s:g}s",
+                             retryable=True, backend_down=True, code="connect_timeout")
+    if isinstance(exc, ServerDisconnected):
+        return UpstreamError(502, "backend closed the connection without a response", retryable=True,
+                             backend_down=False, code="backend_disconnected")
+    if isinstance(exc, (ProtocolError, UpstreamHTTPError, OSError)):
         return UpstreamError(502, f"backend failed before answering: {type(exc).__name__}: {exc}",
                              retryable=False, backend_down=False, code="backend_error")
     raise exc
