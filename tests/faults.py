@@ -353,6 +353,33 @@ def proc_sample(pid: int) -> dict[str, int]:
     return {"rss_kb": proc_rss_kb(pid), "fds": proc_fds(pid)}
 
 
+def proc_tcp_sockets(pid: int, own_port: int) -> dict[str, int]:
+    """A process's TCP sockets by kind: `listen`, `client` (accepted on own_port) and `upstream` (connected
+    out). Tells a leaked client connection from an idle keep-alive connection in an upstream pool."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    kinds = {"listen": 0, "client": 0, "upstream": 0}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                if cols[9] not in inodes:
+                    continue
+                local_port = int(cols[1].rsplit(":", 1)[1], 16)
+                if cols[3] == "0A":
+                    kinds["listen"] += 1
+                elif local_port == own_port:
+                    kinds["client"] += 1
+                else:
+                    kinds["upstream"] += 1
+    return kinds
+
+
 # ---------------------------------------------------------------------------------------------------
 # The harness (runs in the test process)
 # ---------------------------------------------------------------------------------------------------
