@@ -12,14 +12,19 @@ python3 -V; nproc; free -g | head -2
 for p in aiohttp uvloop numpy yaml prometheus_client click tqdm orjson; do python3 -c "import $p; print('have $p', getattr($p,'__version__',''))" 2>&1 | tail -1; done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/cbsite .vw1/orjson-*.whl && echo "orjson -> /root/cbsite"
 cd /root/site
-if command -v xz >/dev/null; then (xz -dc $R/.vw1/deps.tar.xz | tar xf -) & (xz -dc $R/.vw1/vllm_py.tar.xz | tar xf -) & wait
+# wait on the jobs' own PIDs: a bare `wait` would also wait for the `tee` of the exec line above, forever
+# (that hang cost a whole 400 s call on 2026-11-21)
+if command -v xz >/dev/null; then (xz -dc $R/.vw1/deps.tar.xz | tar xf -) & P1=$!; (xz -dc $R/.vw1/vllm_py.tar.xz | tar xf -) & P2=$!; wait $P1 $P2
 else python3 -c "import tarfile,sys; [tarfile.open(f).extractall('.') for f in sys.argv[1:]]" $R/.vw1/deps.tar.xz $R/.vw1/vllm_py.tar.xz; fi
 echo "extract t=$(( $(date +%s)-T0 ))s"; du -sh /root/site; cd "$R"
 mkdir -p /root/m8b && cp bench/gpu/recipe/m8b_meta/* /root/m8b/
-( timeout 300 python3 bench/gpu/recipe/gen_weights.py /root/m8b; echo "weights rc=$? t=$(( $(date +%s)-T0 ))s" ) &
+# WEIGHTS=dummy: no weight files; start the servers with --vllm-extra=--load-format=dummy (what the 2026-11-21 run did)
+if [ "${WEIGHTS:-random}" != dummy ]; then
+  ( timeout 300 python3 bench/gpu/recipe/gen_weights.py /root/m8b; echo "weights rc=$? t=$(( $(date +%s)-T0 ))s" ) & P3=$!
+fi
 # .pyc for vLLM's tree and deps: each server start imports it (about 25 s of its start is Python imports)
-( python3 -m compileall -q -j 16 /root/site >/dev/null 2>&1; echo "compileall rc=$? t=$(( $(date +%s)-T0 ))s" ) &
-wait
+( python3 -m compileall -q -j 16 /root/site >/dev/null 2>&1; echo "compileall rc=$? t=$(( $(date +%s)-T0 ))s" ) & P4=$!
+wait $P3 $P4
 PYTHONPATH=$R:/root/cbsite python3 -c "import capbalancer, orjson; print('capbalancer', capbalancer.__version__, 'orjson', orjson.__version__)"
 PYTHONPATH=/root/site timeout 120 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, 'gpus', torch.cuda.device_count())"
 ls -la /root/m8b | head -20; df -h /root | tail -1
