@@ -347,7 +347,7 @@ async def test_idle_connections_expire():
 
 async def test_flow_control_pauses_reading_when_consumer_lags(monkeypatch):
     monkeypatch.setattr(upstream_http, "HIGH_WATER", 64 * 1024)
-    total = 4 * 1024 * 1024
+    total = 16 * 1024 * 1024  # far more than loopback socket buffers hold
     sent = 0
 
     async def handler(srv, reader, writer):
