@@ -667,7 +667,10 @@ def main() -> None:
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--model-dir", default="/root/m8b")
     ap.add_argument("--gpu-label", default="", help="GPU name (profiles/gpus.yaml) for profiles; default by layout")
-    ap.add_argument("--vllm-extra", default="")
+    # Every run replays the same seeded prompts (identical workloads per policy), so with vLLM's prefix cache on,
+    # later runs hit prompts cached by earlier ones (40-55% of prompt tokens in some runs of 2026-11-21, depending
+    # on run order and routing): off by default. --vllm-extra="" restores vLLM's default.
+    ap.add_argument("--vllm-extra", default="--no-enable-prefix-caching")
     ap.add_argument("--sim-extra", default="")
     ap.add_argument("--sim-time-scale", type=float, default=1.0, help="sim mode: real seconds per modelled second")
     ap.add_argument("--serve-extra", default="")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -67,14 +68,23 @@ def run_row(name: str, doc: dict, label: str, run: dict) -> str:
         instance_cols(doc, "num_preemptions_total"),
         gauge_cols(doc, "num_requests_running_max"), gauge_cols(doc, "num_requests_waiting_max"),
         gauge_cols(doc, "kv_cache_usage_perc_max", lambda v: f"{100 * v:.0f}%"),
+        prefix_hits(doc),
         str(run.get("rc")),
     ]) + " |")
 
 
 HEADER = ("| job | policy | target | done | req/s | out tok/s | goodput req/s | SLO met | TTFT p50 ms | TTFT p99 ms "
           "| TPOT p50 ms | TPOT p99 ms | share A/B/C | preempt A/B/C | running max A/B/C | waiting max A/B/C "
-          "| KV max A/B/C | rc |")
-SEP = "|" + "---|" * 3 + "---:|" * 10 + "---|" * 5 + "---|"
+          "| KV max A/B/C | prefix-cache hits | rc |")
+SEP = "|" + "---|" * 3 + "---:|" * 10 + "---|" * 5 + "---:|---|"
+
+
+def prefix_hits(doc: dict) -> str:
+    """Share of prompt tokens vLLM found in its prefix cache during the run, all instances together."""
+    pi = doc.get("per_instance") or {}
+    q = sum(v.get("prefix_cache_queries_total", 0) for v in pi.values())
+    h = sum(v.get("prefix_cache_hits_total", 0) for v in pi.values())
+    return f"{100 * h / q:.0f}%" if q else "–"
 
 
 def tables(results: dict[str, dict]) -> str:
@@ -82,10 +92,15 @@ def tables(results: dict[str, dict]) -> str:
     st = results.get("start")
     if st:
         lines.append(f"## Instances (mode {st.get('mode')}, layout {st.get('layout')}, started in {st.get('wall_s')} s)\n")
-        lines.append("| instance | GPU | mem util | startup s | KV info |")
-        lines.append("|---|---:|---:|---:|---|")
+        lines.append("| instance | GPU | mem util | startup s | KV tokens | prefix caching |")
+        lines.append("|---|---:|---:|---:|---:|---|")
         for n, i in st.get("instances", {}).items():
-            lines.append(f"| {n} | {i.get('gpu')} | {i.get('util')} | {i.get('startup_s')} | {i.get('cache_config_info')} |")
+            info = i.get("cache_config_info") or ""
+            kv = re.search(r'kv_cache_size_tokens="(\d+)"', info)
+            pc = re.search(r'enable_prefix_caching="(\w+)"', info)
+            lines.append(f"| {n} | {i.get('gpu')} | {i.get('util')} | {i.get('startup_s')} | "
+                         f"{int(kv.group(1)):,} | {pc.group(1) if pc else '?'} |" if kv else
+                         f"| {n} | {i.get('gpu')} | {i.get('util')} | {i.get('startup_s')} | ? | ? |")
         lines.append("")
     groups = [("Overhead at concurrency 1 (direct vs through capbalancer)", lambda n: n.startswith("overhead")),
               ("Direct single-instance runs", lambda n: n.startswith("direct")),
