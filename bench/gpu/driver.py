@@ -256,7 +256,8 @@ class Bench:
             cmd = [self.a.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.a.model_dir,
                    "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(inst["port"]),
                    "--dtype", "bfloat16", "--max-model-len", "4096",
-                   "--gpu-memory-utilization", str(inst["util"])] + shlex.split(self.a.vllm_extra)
+                   "--gpu-memory-utilization", str(inst["util"])] + shlex.split(self.a.vllm_extra) + \
+                (["--load-format", "dummy"] if self.a.dummy_weights else [])
         else:
             # the instance's roofline profile: its own KV share, step times x2 when it shares a GPU
             env["PYTHONPATH"] = self.cb_env["PYTHONPATH"]
@@ -671,6 +672,7 @@ def main() -> None:
     # later runs hit prompts cached by earlier ones (40-55% of prompt tokens in some runs of 2026-11-21, depending
     # on run order and routing): off by default. --vllm-extra="" restores vLLM's default.
     ap.add_argument("--vllm-extra", default="--no-enable-prefix-caching")
+    ap.add_argument("--dummy-weights", action="store_true", help="vLLM --load-format dummy (install.sh WEIGHTS=dummy)")
     ap.add_argument("--sim-extra", default="")
     ap.add_argument("--sim-time-scale", type=float, default=1.0, help="sim mode: real seconds per modelled second")
     ap.add_argument("--serve-extra", default="")
