@@ -8,10 +8,14 @@ processes (aiohttp, so 10,000 sockets stay cheap) open their share, report when 
 every stream to its end once the backends are released. The proxy's RSS and fd count come from /proc.
 
 fd budget: a stream in flight costs the proxy two sockets (client side and upstream). The hard
-RLIMIT_NOFILE here is 20,000, which a plain user cannot raise, so 10,000 in flight would need ~20,050
-fds: `--held` makes that many of the streams wait in the proxy's hold queue (one socket each) by capping
-what each backend takes (`max_inflight_per_backend`). The script raises the soft limit to the hard
-one; the proxy and the workers inherit it.
+RLIMIT_NOFILE here is 20,000, which a plain process cannot raise, so 10,000 in flight would need ~20,050
+fds: `--held` makes that many of the streams wait in the proxy's hold queue (one socket each), using the
+capacity policy with a profile whose `max_num_seqs` caps what each backend takes. The script raises the
+soft limit to the hard one; the proxy and the workers inherit it.
+
+After the run it samples again at +3 s (client sockets must all be gone; idle upstream keep-alive
+connections may remain) and at +`--wait-pool` s (aiohttp has closed idle pooled connections by ~2x its
+60 s keep-alive timeout: fds should be back to the idle figure).
 """
 
 from __future__ import annotations
@@ -236,7 +240,7 @@ def main() -> None:
     parser.add_argument("--held", type=int, default=None,
                         help="streams left in the proxy's hold queue (default: whatever the fd limit needs)")
     parser.add_argument("--open-timeout", type=float, default=180.0)
-    parser.add_argument("--wait-pool", type=float, default=65.0,
+    parser.add_argument("--wait-pool", type=float, default=140.0,
                         help="seconds to wait after the run for idle upstream connections to expire, then sample")
     args = parser.parse_args()
     limit = raise_fd_limit()
