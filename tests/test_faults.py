@@ -307,3 +307,16 @@ async def test_reload_keeps_in_flight_and_refuses_invalid_config():
             again = await asyncio.gather(*(stream_chat(c) for _ in range(4)))
             assert [r[0] for r in again] == ["complete"] * 4 and {r[1] for r in again} == {"b0", "b2"}
             await c.close()
+
+
+def test_tgi_stream_killed_mid_way_ends_with_error_event():
+    with FaultBackend("t0", api="die", after_chunks=2, chunks=6, chunk_delay_s=0.05) as b:
+        with Proxy([b], overrides=FAST_HEALTH) as proxy:
+            status, headers, body = proxy.request("POST", "/generate_stream",
+                                                  {"inputs": "hi", "parameters": {"max_new_tokens": 6}})
+            assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+            events = [e for e in body.split(b"\n\n") if e.strip()]
+            assert len(events) == 3, events  # two tokens, then the error: nothing after, nothing lost
+            assert all(b'"token"' in e for e in events[:2])
+            err = json.loads(events[2].split(b":", 1)[1])["error"]
+            assert "connection lost mid-stream" in err["message"] and err["code"] == "backend_disconnected"
