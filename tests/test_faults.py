@@ -76,14 +76,16 @@ async def test_engine_killed_mid_stream_under_load():
             results = await asyncio.gather(*(stream_chat(c, errors_at) for _ in range(12)))
             on_b0 = [r for r in results if r[1] == "b0"]
             others = [r for r in results if r[1] != "b0"]
-            assert len(on_b0) == 4 and len(others) == 8, results  # round robin put load on the victim
+            # Round robin put a third of the load on the victim (a request that reached it only after its
+            # death was refused, retried elsewhere before any byte, and counts with the others).
+            assert 1 <= len(on_b0) <= 4 and len(on_b0) + len(others) == 12, results
             # Every stream on the killed engine ended with an SSE error event naming the reason...
             assert all(r[0] == "error" and "connection lost mid-stream" in r[2] for r in on_b0), on_b0
             # ...and the others were not disturbed.
             assert all(r[0] == "complete" and r[2] == "t0 t1 t2 t3 t4 t5 " for r in others), others
             assert b0.wait_exit() == 17
             # Never retried after the first byte: the survivors saw only their own share.
-            assert b1.api_requests() + b2.api_requests() == 8
+            assert b1.api_requests() + b2.api_requests() == len(others)
             # Accounting released: nothing in flight is left on the dead backend.
             assert backend_state(proxy, "b0")["inflight"] == 0
             assert inflight_gauge(proxy, "b0") == 0
