@@ -633,5 +633,9 @@ class Proxy:
     def __enter__(self) -> Proxy:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.stop()
+        if exc_type is None:  # keep the config and log of a failed test for a look afterwards
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)
