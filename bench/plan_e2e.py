@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,6 +124,7 @@ def run_strategy(args: argparse.Namespace, strategy: str, work: Path) -> dict:
     total_batch = sum(i["predicted"]["batch"] for i in instances)
     shapes = ", ".join(f"{m['name']}: {m['shape']}" for m in plan["machines"])
     deploy_dir = work / "deploy"
+    shutil.rmtree(deploy_dir, ignore_errors=True)  # a previous run's local-instances.yaml would look ready
     deploy = popen(cb("deploy", "--plan", str(plan_path), "--target", "local", "--engine", "sim", "--out",
                       str(deploy_dir), "--time-scale", f"{args.time_scale:g}", "--ready-timeout", "120"),
                    work / "deploy.log")

@@ -103,6 +103,8 @@ def run_local(plan: PlanFile, out_dir: Path, engine: str, time_scale: float = 1.
               proxy_port: int = 8080, ready_timeout_s: float = 120.0, exit_when_ready: bool = False,
               echo: Callable[[str], None] = print) -> int:
     """Returns the exit status: 0 after a clean stop, 1 when an instance failed."""
+    # Written once everything is healthy: a stale one from an earlier run must not look like readiness.
+    (out_dir / "local-instances.yaml").unlink(missing_ok=True)
     ports = ([base_port + i for i in range(len(plan.instances))] if base_port is not None
              else free_ports(len(plan.instances)))
     port_of = {inst.name: port for inst, port in zip(plan.instances, ports, strict=True)}
