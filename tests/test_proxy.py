@@ -432,7 +432,8 @@ def _one_seat_profile(tmp_path) -> str:
 
 
 async def test_hold_dispatches_on_completion_and_expires_at_deadline(tmp_path):
-    with Backend(name="one", chunks=8, chunk_delay_s=0.1) as be:
+    # The first request holds the only seat for ~2 s: margin for the steps below on a loaded machine.
+    with Backend(name="one", chunks=8, chunk_delay_s=0.25) as be:
         config = {"models": {"m": {"policy": "capacity", "backends": [
             {"url": be.url, "name": "one", "profile": _one_seat_profile(tmp_path)}]}}}
         with ProxyProcess(config) as p:
