@@ -44,6 +44,7 @@ class ServerSettings:
     max_body_bytes: int = 10 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+    body_read_timeout_s: float = 30.0  # a client sending its body slower than this gets 408
     admin_token_env: str = "CAPBALANCER_ADMIN_TOKEN"  # the admin API is off unless this variable is set
 
 
@@ -351,7 +352,8 @@ def _model(name: str, r: _Reader, base_timeouts: Timeouts, base_dir: Path | None
 
 
 _TOP_KEYS = ("server", "timeouts", "health", "retries", "fleet", "models", "admin")
-_SERVER_KEYS = ("host", "port", "max_body_bytes", "max_header_bytes", "drain_timeout_s", "admin_token_env")
+_SERVER_KEYS = ("host", "port", "max_body_bytes", "max_header_bytes", "drain_timeout_s", "body_read_timeout_s",
+                "admin_token_env")
 
 
 def parse_config(data: Any, where: str = "<config>", base_dir: Path | None = None) -> Config:
@@ -363,6 +365,7 @@ def parse_config(data: Any, where: str = "<config>", base_dir: Path | None = Non
                             max_body_bytes=s.integer("max_body_bytes", 10 * 1024 * 1024),
                             max_header_bytes=s.integer("max_header_bytes", 16 * 1024, minimum=256),
                             drain_timeout_s=s.number("drain_timeout_s", 30.0, positive=False),
+                            body_read_timeout_s=s.number("body_read_timeout_s", 30.0),
                             admin_token_env=token_env)
     timeouts = _timeouts(top, "timeouts", Timeouts())
     h = top.child("health", ("interval_s", "timeout_s", "failure_threshold", "success_threshold", "stale_after_s"))
@@ -457,8 +460,17 @@ def load_config(path: str | Path) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error_summary(exc)}") from None
     return parse_config(data, where=str(path), base_dir=path.resolve().parent)
+
+
+def yaml_error_summary(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, without quoting the file: PyYAML's own message prints the offending line,
+    which in a config file may hold an API key, and this text goes to logs and to /admin/reload."""
+    problem = getattr(exc, "problem", None) or "syntax error"
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def config_from_backends(urls: Sequence[str], policy: str | None = None, model: str = "default",

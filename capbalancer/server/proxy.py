@@ -89,17 +89,25 @@ def request_id_of(request: web.Request) -> str:
     return f"{_ID_PREFIX}-{next(_id_counter):x}"
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    # Compressed bodies are refused before a byte is read: aiohttp would inflate them past the size limit
+    # (a small gzip bomb grows without bound), and engines do not accept them anyway.
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ProxyError(415, f"request bodies must not be compressed (Content-Encoding: {encoding[:40]})",
+                         param="Content-Encoding", code="unsupported_content_encoding")
     length = request.content_length
-    if length is not None:
-        if length > limit:
-            raise ProxyError(413, f"request body is {length} bytes; the limit is {limit}", code="body_too_large")
-        return await request.read()
+    if length is not None and length > limit:
+        raise ProxyError(413, f"request body is {length} bytes; the limit is {limit}", code="body_too_large")
     buf = bytearray()
-    async for chunk in request.content.iter_any():
-        buf += chunk
-        if len(buf) > limit:
-            raise ProxyError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_any():
+                buf += chunk
+                if len(buf) > limit:
+                    raise ProxyError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+    except TimeoutError:
+        raise ProxyError(408, f"the request body took over {timeout_s:g}s to arrive", code="body_timeout") from None
     return bytes(buf)
 
 
@@ -140,7 +148,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     try:
         if state.draining:
             raise ProxyError(503, "the proxy is shutting down", retry_after_s=1.0, code="shutting_down")
-        raw = await read_body(request, state.config.server.max_body_bytes)
+        raw = await read_body(request, state.config.server.max_body_bytes,
+                                  state.config.server.body_read_timeout_s)
         parsed = parse_body(request.path, raw)
         pool = state.config.model_for(parsed.model)
         if pool is None:
@@ -325,6 +334,9 @@ class Forward:
                 if sresp is None or not sresp.prepared:
                     return UpstreamError(502, f"backend {up.name} failed mid-response: {type(exc).__name__}",
                                          retryable=False, backend_down=False, code="backend_error")
+                # A response cut off mid-way is an engine that died: mark it down now, not after N polls
+                # (a live one comes back at its next good health poll).
+                driver.report_failure(up.name, "connection lost mid-stream")
                 return await self._break_stream(sresp, 502, f"backend {up.name} connection lost mid-stream",
                                                 "backend_disconnected")
         finally:

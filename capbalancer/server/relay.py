@@ -133,26 +133,8 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
-def classify_client_error(exc: BaseException, timeouts: Timeouts) -> UpstreamError:
-    """Turn an aiohttp failure before any response byte into what we answer and whether to retry."""
-    if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(exc, aiohttp.ClientSSLError):
-        return UpstreamError(502, f"backend unreachable: {exc.os_error.strerror or exc.os_error}",
-                             retryable=True, backend_down=True, code="backend_unreachable")
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamError(504, f"connecting to the backend took over {timeouts.connect_s:g}s",
-                             retryable=True, backend_down=True, code="connect_timeout")
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        # Closed without a response: possibly a stale keep-alive connection, possibly a dying engine.
-        return UpstreamError(502, "backend closed the connection without a response", retryable=True,
-                             backend_down=False, code="backend_disconnected")
-    if isinstance(exc, (aiohttp.ClientError, OSError)):
-        return UpstreamError(502, f"backend failed before answering: {type(exc).__name__}: {exc}",
-                             retryable=False, backend_down=False, code="backend_error")
-    raise exc
-
-
 def classify_upstream_error(exc: BaseException, timeouts: Timeouts) -> UpstreamError:
-    """The same as classify_client_error, for upstream_http's failures before any response byte."""
+    """Turn a failure before any response byte into what we answer and whether to retry elsewhere."""
     if isinstance(exc, ConnectError):
         return UpstreamError(502, f"backend unreachable: {exc.os_error.strerror or exc.os_error}",
                              retryable=True, backend_down=True, code="backend_unreachable")
@@ -160,8 +142,13 @@ def classify_upstream_error(exc: BaseException, timeouts: Timeouts) -> UpstreamE
         return UpstreamError(504, f"connecting to the backend took over {timeouts.connect_s:g}s",
                              retryable=True, backend_down=True, code="connect_timeout")
     if isinstance(exc, ServerDisconnected):
+        # Closed without a response: possibly a stale keep-alive connection, possibly a dying engine.
         return UpstreamError(502, "backend closed the connection without a response", retryable=True,
                              backend_down=False, code="backend_disconnected")
+    if isinstance(exc, ConnectionResetError):
+        # Reset before any response byte: nothing reached the client, so another backend may serve it.
+        return UpstreamError(502, "backend reset the connection before answering", retryable=True,
+                             backend_down=False, code="backend_reset")
     if isinstance(exc, (ProtocolError, UpstreamHTTPError, OSError)):
         return UpstreamError(502, f"backend failed before answering: {type(exc).__name__}: {exc}",
                              retryable=False, backend_down=False, code="backend_error")
