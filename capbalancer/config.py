@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from capbalancer.fleet.description import FleetDescription, FleetError, load_fleet
 from capbalancer.profiling.schema import ENGINE_KINDS, Profile, ProfileError
 from capbalancer.sched.types import BackendSpec, HealthSettings, PoolSettings
+from capbalancer.yamlfile import read_yaml
 
 BACKEND_ENGINES = (*ENGINE_KINDS, "auto")  # auto: let the fleet monitor detect the engine
 API_KEY_MODES = ("replace", "passthrough")
@@ -453,24 +452,8 @@ def _check_models(top: _Reader, models: dict[str, ModelConfig]) -> None:
 
 def load_config(path: str | Path) -> Config:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {yaml_error_summary(exc)}") from None
+    data = read_yaml(path, ConfigError)
     return parse_config(data, where=str(path), base_dir=path.resolve().parent)
-
-
-def yaml_error_summary(exc: yaml.YAMLError) -> str:
-    """What is wrong and where, without quoting the file: PyYAML's own message prints the offending line,
-    which in a config file may hold an API key, and this text goes to logs and to /admin/reload."""
-    problem = getattr(exc, "problem", None) or "syntax error"
-    mark = getattr(exc, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{problem}{where}"
 
 
 def config_from_backends(urls: Sequence[str], policy: str | None = None, model: str = "default",

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from capbalancer.profiling.schema import ENGINE_KINDS
+from capbalancer.yamlfile import read_yaml
 
 
 class FleetError(ValueError):
@@ -120,14 +121,7 @@ def parse_fleet(data: Any, where: str = "<fleet>") -> FleetDescription:
 
 
 def load_fleet(path: str | Path) -> FleetDescription:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise FleetError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise FleetError(f"{path}: not valid YAML: {exc}") from None
-    return parse_fleet(data, where=str(path))
+    return parse_fleet(read_yaml(path, FleetError), where=str(path))
 
 
 def save_fleet(fleet: FleetDescription, path: str | Path) -> None:

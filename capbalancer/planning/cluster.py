@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from capbalancer.profiling.specs import SpecBook, SpecError
+from capbalancer.yamlfile import read_yaml
 
 
 class ClusterError(ValueError):
@@ -109,11 +108,4 @@ def parse_cluster(data: Any, specs: SpecBook, where: str = "<cluster>") -> Clust
 
 
 def load_cluster(path: str | Path, specs: SpecBook) -> Cluster:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ClusterError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ClusterError(f"{path}: not valid YAML: {exc}") from None
-    return parse_cluster(data, specs, where=str(path))
+    return parse_cluster(read_yaml(path, ClusterError), specs, where=str(path))

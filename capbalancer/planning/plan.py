@@ -14,6 +14,7 @@ import yaml
 
 from capbalancer.planning.search import ClusterPlan, explain_loss
 from capbalancer.profiling.schema import Profile, ProfileError
+from capbalancer.yamlfile import read_yaml
 
 BASE_PORT = 8000
 
@@ -145,11 +146,4 @@ def parse_plan(data: Any, where: str = "<plan>") -> PlanFile:
 
 
 def load_plan(path: str | Path) -> PlanFile:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise PlanError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise PlanError(f"{path}: not valid YAML: {exc}") from None
-    return parse_plan(data, where=str(path))
+    return parse_plan(read_yaml(path, PlanError), where=str(path))

@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from capbalancer.yamlfile import read_yaml
+
 PROFILE_SOURCES = ("measured", "estimated", "hand")
 ENGINE_KINDS = ("vllm", "tgi", "sglang", "openai")
 
@@ -178,14 +180,7 @@ def _dataclass_from(cls: type, data: Any, where: str) -> Any:
 
 
 def load_profile(path: str | Path) -> Profile:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"{path}: not valid YAML: {exc}") from None
-    return Profile.from_dict(data, where=str(path))
+    return Profile.from_dict(read_yaml(path, ProfileError), where=str(path))
 
 
 def save_profile(profile: Profile, path: str | Path) -> None:

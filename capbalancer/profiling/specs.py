@@ -11,9 +11,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from capbalancer.profiling.library import SHIPPED_PROFILES_DIR
+from capbalancer.yamlfile import read_yaml
 
 GIB = 1024**3
 
@@ -153,12 +152,7 @@ class SpecBook:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, SpecError)
     if not isinstance(data, dict):
         raise SpecError(f"{path}: must be a mapping")
     return data

@@ -158,7 +158,7 @@ class LlmD:
         lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
         best_score = -1.0
         best: list[BackendState] = []
-        for b, w, u in zip(candidates, waiting, kv):
+        for b, w, u in zip(candidates, waiting, kv, strict=True):
             if w == float("inf"):
                 queue_score = 0.0
             elif hi > lo:
