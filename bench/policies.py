@@ -135,7 +135,7 @@ def evaluate(cluster: Cluster, policies: list[str], n_sat: int, seconds_per_rate
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         rows = list(pool.map(_run, tasks))
     by_policy: dict[str, dict[str, Any]] = {p: {"rates": {}} for p in policies}
-    for task, row in zip(tasks, rows):
+    for task, row in zip(tasks, rows, strict=True):
         policy = task[1]
         if "concurrency" in task[2]:
             by_policy[policy]["saturation"] = row
