@@ -111,6 +111,18 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientKey:
+    """An API key clients must present (`Authorization: Bearer KEY`) once any is configured."""
+
+    name: str
+    key: str = field(repr=False)
+    priority: int = 0  # the highest priority its requests get (the header may only lower it)
+    rate_limit_rps: float | None = None  # None: no limit
+    rate_limit_burst: float = 0.0  # bucket size; 0 means 2 seconds' worth of the rate
+    models: tuple[str, ...] = ()  # empty: every model
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerSettings = ServerSettings()
     timeouts: Timeouts = Timeouts()
@@ -119,6 +131,7 @@ class Config:
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     source: str = "<config>"  # the file it came from ("" when built from --backend)
     fleet: str | None = None
+    clients: tuple[ClientKey, ...] = ()  # empty: no client authentication
 
     @property
     def default_model(self) -> str:
@@ -350,7 +363,8 @@ def _model(name: str, r: _Reader, base_timeouts: Timeouts, base_dir: Path | None
                        hold_timeout_s=hold.number("timeout_s", 30.0), backends=backends)
 
 
-_TOP_KEYS = ("server", "timeouts", "health", "retries", "fleet", "models", "admin")
+_TOP_KEYS = ("server", "timeouts", "health", "retries", "fleet", "models", "admin", "clients")
+_CLIENT_KEYS = ("name", "key", "key_env", "priority", "rate_limit_rps", "rate_limit_burst", "models")
 _SERVER_KEYS = ("host", "port", "max_body_bytes", "max_header_bytes", "drain_timeout_s", "body_read_timeout_s",
                 "admin_token_env")
 
@@ -399,7 +413,40 @@ def parse_config(data: Any, where: str = "<config>", base_dir: Path | None = Non
 
     _check_models(top, models)
     return Config(server=server, timeouts=timeouts, health=health, retries=retries, models=models,
-                  source=where, fleet=fleet_ref)
+                  source=where, fleet=fleet_ref, clients=_clients(top, models))
+
+
+def _clients(top: _Reader, models: Mapping[str, ModelConfig]) -> tuple[ClientKey, ...]:
+    rows = top.data.get("clients") or []
+    if not isinstance(rows, list):
+        top.fail("clients", f"must be a list, got {_kind(rows)}")
+    out: list[ClientKey] = []
+    names: set[str] = set()
+    for i, row in enumerate(rows):
+        r = _Reader(row, f"clients[{i}]", top.where, _CLIENT_KEYS)
+        name = r.string("name", f"client-{i}") or f"client-{i}"
+        if name in names:
+            r.fail("name", f"{name!r} is used twice")
+        names.add(name)
+        literal, env = r.string("key", None), r.string("key_env", None)
+        if (literal is None) == (env is None):
+            r.fail("key", "set exactly one of key or key_env")
+        key = literal if literal is not None else os.environ.get(env or "")
+        if not key:
+            r.fail("key_env", f"environment variable {env} is not set or empty")
+        allowed = r.data.get("models") or []
+        if not isinstance(allowed, list) or not all(isinstance(m, str) for m in allowed):
+            r.fail("models", "must be a list of model names")
+        unknown = [m for m in allowed if m not in models]
+        if unknown:
+            r.fail("models", f"unknown model(s) {', '.join(unknown)}")
+        rps = r.data.get("rate_limit_rps")
+        out.append(ClientKey(
+            name=name, key=key or "", priority=r.integer("priority", 0, minimum=-1000, maximum=1000),
+            rate_limit_rps=None if rps is None else r.number("rate_limit_rps", 0.0),
+            rate_limit_burst=r.number("rate_limit_burst", 0.0, positive=False),
+            models=tuple(allowed)))
+    return tuple(out)
 
 
 def merge_fleet(models: dict[str, ModelConfig], fleet: FleetDescription, timeouts: Timeouts,

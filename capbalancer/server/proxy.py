@@ -19,9 +19,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from capbalancer.config import Config, ModelConfig
+from capbalancer.config import ClientKey, Config, ModelConfig
 from capbalancer.sched.estimates import PromptTokenEstimator
 from capbalancer.sched.types import Demand, Dispatch, Expire, Hold, Reject
+from capbalancer.server.clients import ClientAuth
 from capbalancer.server.driver import SchedulerDriver
 from capbalancer.server.errors import ProxyError, error_response, from_exception, sse_error_event
 from capbalancer.server.metrics import ProxyMetrics
@@ -64,6 +65,13 @@ class ProxyState:
     poller_kind: str = ""
     make_target: Callable[[Any], Any] | None = None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    _client_auth: ClientAuth | None = None
+
+    def client_auth(self) -> ClientAuth:
+        """The client keys of the current config (rebuilt, buckets and all, when a reload changes them)."""
+        if self._client_auth is None or self._client_auth.keys is not self.config.clients:
+            self._client_auth = ClientAuth(self.config.clients)
+        return self._client_auth
 
     def estimator(self, pool: str) -> PromptTokenEstimator:
         est = self.estimators.get(pool)
@@ -121,9 +129,13 @@ def _header_number(request: web.Request, name: str) -> float | None:
         raise ProxyError(400, f"header {name} must be a number, got {raw[:40]!r}", param=name) from None
 
 
-def build_demand(state: ProxyState, request: web.Request, pool: ModelConfig, parsed: ParsedRequest) -> Demand:
+def build_demand(state: ProxyState, request: web.Request, pool: ModelConfig, parsed: ParsedRequest,
+                 client: ClientKey | None = None) -> Demand:
     now = state.driver.clock()
     priority = _header_number(request, PRIORITY_HEADER)
+    if client is not None:
+        # A key's priority is its ceiling: the header may lower it, never raise it.
+        priority = client.priority if priority is None else min(priority, client.priority)
     deadline_ms = _header_number(request, DEADLINE_HEADER)
     if deadline_ms is not None and not deadline_ms > 0:
         raise ProxyError(400, f"header {DEADLINE_HEADER} must be > 0 (milliseconds from now)", param=DEADLINE_HEADER)
@@ -148,6 +160,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     try:
         if state.draining:
             raise ProxyError(503, "the proxy is shutting down", retry_after_s=1.0, code="shutting_down")
+        auth = state.client_auth()
+        client = None
+        if auth.enabled:  # checked before the body is read: an unknown caller costs nothing more
+            client = auth.authenticate(request.headers.get("Authorization"))
+            auth.admit(client, time.monotonic())
         raw = await read_body(request, state.config.server.max_body_bytes,
                                   state.config.server.body_read_timeout_s)
         parsed = parse_body(request.path, raw)
@@ -157,7 +174,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
             raise ProxyError(404, f"model {parsed.model!r} is not served here; models: {served}",
                              param="model", code="model_not_found")
         pool_name = pool.name
-        demand = build_demand(state, request, pool, parsed)
+        if client is not None:
+            auth.check_model(client, pool.name)
+        demand = build_demand(state, request, pool, parsed, client)
         return await Forward(state, request, pool, parsed, demand, raw, request_id, started).run()
     except ProxyError as exc:
         state.metrics.count(pool_name, "-", exc.status)
