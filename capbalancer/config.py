@@ -100,6 +100,7 @@ class ModelConfig:
     backends: tuple[BackendConfig, ...] = ()
     # Serve any model name (pools built from `serve --backend URL`, where we do not know the names).
     match_any: bool = False
+    tokenizer: str | None = None  # a tokenizer.json counting prompt tokens exactly (else estimated)
 
     def pool_settings(self) -> PoolSettings:
         return PoolSettings(name=self.name, policy=self.policy, policy_options=dict(self.policy_options),
@@ -328,7 +329,8 @@ def _backend(r: _Reader, base_timeouts: Timeouts, base_dir: Path | None) -> Back
                          weight=r.number("weight", 1.0), timeouts=_timeouts(r, "timeouts", base_timeouts))
 
 
-_MODEL_KEYS = ("policy", "policy_options", "default", "aliases", "default_max_tokens", "hold", "backends", "timeouts")
+_MODEL_KEYS = ("policy", "policy_options", "default", "aliases", "default_max_tokens", "hold", "backends", "timeouts",
+               "tokenizer")
 
 
 def _model(name: str, r: _Reader, base_timeouts: Timeouts, base_dir: Path | None) -> ModelConfig:
@@ -357,10 +359,20 @@ def _model(name: str, r: _Reader, base_timeouts: Timeouts, base_dir: Path | None
         r.fail("backends", f"must be a list, got {_kind(rows)}")
     backends = tuple(_backend(_Reader(row, f"{r.path}.backends[{i}]", r.where, _BACKEND_KEYS), timeouts, base_dir)
                      for i, row in enumerate(rows))
+    tokenizer = r.string("tokenizer", None)
+    if tokenizer is not None:
+        tok_path = Path(tokenizer) if base_dir is None or Path(tokenizer).is_absolute() else base_dir / tokenizer
+        if not tok_path.is_file():
+            r.fail("tokenizer", f"no tokenizer file at {tok_path}")
+        try:
+            import tokenizers  # noqa: F401  (optional extra)
+        except ImportError:
+            r.fail("tokenizer", "needs the tokenizers package: pip install 'capbalancer[tokenizer]'")
+        tokenizer = str(tok_path)
     return ModelConfig(name=name, policy=policy, policy_options=dict(options), default=r.boolean("default", False),
                        aliases=tuple(aliases), default_max_tokens=r.integer("default_max_tokens", 256),
                        hold_max_requests=hold.integer("max_requests", 1024, minimum=0),
-                       hold_timeout_s=hold.number("timeout_s", 30.0), backends=backends)
+                       hold_timeout_s=hold.number("timeout_s", 30.0), backends=backends, tokenizer=tokenizer)
 
 
 _TOP_KEYS = ("server", "timeouts", "health", "retries", "fleet", "models", "admin", "clients")

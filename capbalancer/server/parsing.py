@@ -24,9 +24,10 @@ class ParsedRequest:
     max_tokens: int | None  # None: the pool's default
     stream: bool
     api: str  # openai | tgi | embeddings
+    prompt_text: str | None = None  # only when asked for (a pool counts tokens with a local tokenizer)
 
 
-def parse_body(path: str, raw: bytes) -> ParsedRequest:
+def parse_body(path: str, raw: bytes, keep_text: bool = False) -> ParsedRequest:
     if not raw:
         raise ProxyError(400, "request body is empty; expected a JSON object", code="invalid_json")
     try:
@@ -37,7 +38,10 @@ def parse_body(path: str, raw: bytes) -> ParsedRequest:
         raise ProxyError(400, "request body must be a JSON object", code="invalid_json")
     api = OPENAI_PATHS.get(path) or TGI_PATHS[path]
     if api == "tgi":
-        return _parse_tgi(path, body)
+        parsed = _parse_tgi(path, body)
+        if keep_text:
+            parsed.prompt_text = body["inputs"]
+        return parsed
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or not model):
         raise ProxyError(400, "'model' must be a non-empty string", param="model", code="invalid_model")
@@ -55,7 +59,31 @@ def parse_body(path: str, raw: bytes) -> ParsedRequest:
     if max_tokens is None:
         max_tokens, param = body.get("max_tokens"), "max_tokens"
     max_tokens = _check_max_tokens(max_tokens, param)
-    return ParsedRequest(model=model, prompt_chars=chars, max_tokens=max_tokens, stream=bool(stream), api=api)
+    text = None
+    if keep_text:
+        text = _messages_text(body.get("messages")) if path == "/v1/chat/completions" else _content_text(
+            body.get("input") if path == "/v1/embeddings" else body.get("prompt"))
+    return ParsedRequest(model=model, prompt_chars=chars, max_tokens=max_tokens, stream=bool(stream), api=api,
+                         prompt_text=text)
+
+
+def _content_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n".join(item for item in value if isinstance(item, str))
+    return ""
+
+
+def _messages_text(messages: Any) -> str:
+    parts: list[str] = []
+    for m in messages if isinstance(messages, list) else ():
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return "\n".join(parts)
 
 
 def _parse_tgi(path: str, body: dict[str, Any]) -> ParsedRequest:

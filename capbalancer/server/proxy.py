@@ -66,6 +66,18 @@ class ProxyState:
     make_target: Callable[[Any], Any] | None = None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     _client_auth: ClientAuth | None = None
+    tokenizers: dict[str, Any] = field(default_factory=dict)  # tokenizer file -> loaded tokenizer
+
+    def count_prompt_tokens(self, pool: ModelConfig, parsed: ParsedRequest) -> int:
+        """Exact with the pool's tokenizer when it has one, else estimated from characters."""
+        if pool.tokenizer is not None and parsed.prompt_text is not None:
+            tok = self.tokenizers.get(pool.tokenizer)
+            if tok is None:
+                from tokenizers import Tokenizer
+
+                tok = self.tokenizers[pool.tokenizer] = Tokenizer.from_file(pool.tokenizer)
+            return max(1, len(tok.encode(parsed.prompt_text).ids))
+        return self.estimator(pool.name).estimate(parsed.prompt_chars)
 
     def client_auth(self) -> ClientAuth:
         """The client keys of the current config (rebuilt, buckets and all, when a reload changes them)."""
@@ -142,7 +154,7 @@ def build_demand(state: ProxyState, request: web.Request, pool: ModelConfig, par
     return Demand(
         request_id=str(next(state.ids)),
         pool=pool.name,
-        prompt_tokens=state.estimator(pool.name).estimate(parsed.prompt_chars),
+        prompt_tokens=state.count_prompt_tokens(pool, parsed),
         max_tokens=parsed.max_tokens or pool.default_max_tokens,
         arrival_s=now,
         priority=int(priority) if priority is not None else 0,
@@ -167,7 +179,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             auth.admit(client, time.monotonic())
         raw = await read_body(request, state.config.server.max_body_bytes,
                                   state.config.server.body_read_timeout_s)
-        parsed = parse_body(request.path, raw)
+        parsed = parse_body(request.path, raw,
+                            keep_text=any(m.tokenizer for m in state.config.models.values()))
         pool = state.config.model_for(parsed.model)
         if pool is None:
             served = ", ".join(state.config.served_names())
