@@ -39,6 +39,9 @@ def test_client_keys_gate_the_api_with_limits_and_allow_lists():
             assert status == 403 and json.loads(raw)["error"]["code"] == "model_not_allowed"
             assert proxy.request("POST", "/v1/chat/completions", {**CHAT, "model": "other"}, bkey)[0] == 200
             assert "sk-team-a" not in proxy.log() and "sk-team-b" not in proxy.log()
+            # The client's key is a credential for the proxy: no engine ever receives it.
+            seen = {r["headers"].get("Authorization") for r in b.stats()["recent"]}
+            assert not any(h and ("sk-team-a" in h or "sk-team-b" in h) for h in seen), seen
         # Refused requests never reached the engine: 3 from team-a's burst (+1 maybe after refill) and 1 from b.
         assert b.stats()["counts"].get("api", 0) <= 5
 

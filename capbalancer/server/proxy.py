@@ -296,7 +296,8 @@ class Forward:
                     try:
                         upstream_resp = await up.pool.request(
                             request.method, raw_path if raw_path.startswith("/") else request.path_qs,
-                            up.request_header_list(request.headers, self.request_id), self.raw)
+                            up.request_header_list(request.headers, self.request_id,
+                                                  drop_client_auth=bool(self.state.config.clients)), self.raw)
                     except (UpstreamHTTPError, OSError) as exc:
                         err = classify_upstream_error(exc, timeouts)
                         if err.backend_down:

@@ -93,8 +93,12 @@ class Upstream:
         out["X-Request-Id"] = request_id
         return out
 
-    def request_header_list(self, client: CIMultiDictProxy[str], request_id: str) -> list[tuple[str, str]]:
-        """`request_headers` as a list for upstream_http (which writes Host and Content-Length itself)."""
+    def request_header_list(self, client: CIMultiDictProxy[str], request_id: str,
+                            drop_client_auth: bool = False) -> list[tuple[str, str]]:
+        """`request_headers` as a list for upstream_http (which writes Host and Content-Length itself).
+
+        `drop_client_auth`: the client's Authorization is a credential for the proxy (client keys are on),
+        never to be forwarded to an engine, whatever the backend's api_key_mode."""
         out: list[tuple[str, str]] = []
         listed = client.get("connection")
         extra = frozenset(h.strip().lower() for h in listed.split(",")) if listed else frozenset()
@@ -104,7 +108,7 @@ class Upstream:
             low = key.lower()
             if low in _REQUEST_SKIP or (extra and low in extra) or low.startswith(INTERNAL_PREFIX):
                 continue
-            if low == "authorization" and replace_key:
+            if low == "authorization" and (replace_key or drop_client_auth):
                 continue
             if low == "content-type":
                 content_type = True
