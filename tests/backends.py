@@ -98,7 +98,7 @@ def make_app(knobs: Knobs):  # noqa: ANN201  # aiohttp imported lazily: the harn
 
     def prompt_tokens_of(body: dict[str, Any]) -> int:
         text = body.get("prompt") or body.get("inputs") or body.get("input") or ""
-        if "messages" in body:
+        if isinstance(body.get("messages"), list):  # a fuzzed `messages: null` is not a list
             text = " ".join(str(m.get("content", "")) for m in body["messages"] if isinstance(m, dict))
         return max(1, len(str(text)) // 4)
 

@@ -77,21 +77,8 @@ class Upstream:
                    api_key=b.resolved_api_key(), api_key_mode=b.api_key_mode)
 
     def request_headers(self, client: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
-        out: CIMultiDict[str] = CIMultiDict()
-        # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-        listed = client.get("connection")
-        extra = frozenset(h.strip().lower() for h in listed.split(",")) if listed else frozenset()
-        for key, value in client.items():
-            low = key.lower()
-            if low in HOP_BY_HOP or low in extra or low.startswith(INTERNAL_PREFIX):
-                continue
-            out.add(key, value)
-        if self.api_key is not None and self.api_key_mode == "replace":
-            out[AUTHORIZATION] = f"Bearer {self.api_key}"
-        if "content-type" not in out:
-            out["Content-Type"] = "application/json"
-        out["X-Request-Id"] = request_id
-        return out
+        """The same headers as `request_header_list`, for the aiohttp session (admin pass-through GETs)."""
+        return CIMultiDict(self.request_header_list(client, request_id))
 
     def request_header_list(self, client: CIMultiDictProxy[str], request_id: str,
                             drop_client_auth: bool = False) -> list[tuple[str, str]]:
