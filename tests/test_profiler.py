@@ -113,3 +113,15 @@ def test_prometheus_parser_reads_info_labels() -> None:
     rows = parse_prometheus(text)
     assert rows[0] == ("vllm:cache_config_info", {"block_size": "16", "num_gpu_blocks": "10965", "engine": "0"}, 1.0)
     assert rows[1][2] == 3.0
+
+
+def test_fit_leaves_out_steps_timed_at_zero_instead_of_refusing() -> None:
+    # On a busy host a stream's tokens can arrive in one burst: those steps time at 0 s. They carry no
+    # information; the fit must use the others and still recover the model.
+    truth = StepTimeModel(0.010, 0.0001, 0.0002, 1e-7)
+    samples = _synthetic(truth, 0.0) + [StepSample(0, 8, 4000, 0.0), StepSample(0, 16, 8000, 0.0)]
+    fit = fit_step_model(samples)
+    assert fit.step.fixed_seconds == pytest.approx(truth.fixed_seconds, rel=1e-3)
+    assert fit.quality.samples == len(samples) - 2
+    with pytest.raises(ValueError, match="measurable duration"):
+        fit_step_model([StepSample(0, 8, 4000, 0.0)] * 6)

@@ -65,12 +65,14 @@ def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, list[in
 
 
 def fit_step_model(samples: Sequence[StepSample]) -> FitResult:
+    # A step timed at zero or less was not measured (its tokens arrived in one burst): it says nothing
+    # about the cost, so it is left out rather than allowed to pull the fit to zero.
+    samples = [s for s in samples if s.seconds > 0]
     if len(samples) < 4:
-        raise ValueError(f"need at least 4 timed steps to fit 4 coefficients, got {len(samples)}")
+        raise ValueError(f"need at least 4 timed steps with a measurable duration to fit 4 coefficients, "
+                         f"got {len(samples)}")
     a = design_matrix(samples)
     y = np.array([s.seconds for s in samples], dtype=float)
-    if (y <= 0).any():
-        raise ValueError("every timed step must have a positive duration")
     weights = 1.0 / y
     coef, pinned = nonnegative_lstsq(a * weights[:, None], y * weights)
     predicted = a @ coef

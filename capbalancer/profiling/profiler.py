@@ -343,7 +343,9 @@ def steady_decode_sample(streams: list[StreamTiming], time_scale: float) -> Step
         if s.tokens_after_chunk[last] - s.tokens_after_chunk[first] < 2:
             continue
         slope = robust_slope([s.chunk_times_s[k] for k in inside], [s.tokens_after_chunk[k] for k in inside])
-        if slope is None:
+        if slope is None or slope <= 0:
+            # Tokens that arrived in one burst (a starved API server or client on a busy host) carry no
+            # timing: a zero slope is not a zero-cost step.
             continue
         slopes.append(slope)
         contexts.append(s.prompt_tokens + (s.tokens_after_chunk[first] + s.tokens_after_chunk[last]) / 2)
