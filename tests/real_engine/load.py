@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import openai
 
+from capbalancer.fleet import promtext
 from tests.real_engine.server import SERVED_MODEL
 
 # A prompt of about 150 tokens for the tiny model's tokenizer (trained on Python's own source).
@@ -35,27 +36,10 @@ def cache_config(url: str) -> dict[str, str]:
     """Labels of vllm:cache_config_info (num_gpu_blocks, block_size, kv_cache_size_tokens, ...)."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    for line in text.splitlines():
-        if line.startswith("vllm:cache_config_info{"):
-            body = line[line.index("{") + 1:line.rindex("}")]
-            pairs = [p.split("=", 1) for p in _split_labels(body)]
-            return {k: v.strip('"') for k, v in pairs}
-    raise AssertionError("no vllm:cache_config_info on " + url)
-
-
-def _split_labels(body: str) -> list[str]:
-    out, cur, quoted = [], "", False
-    for ch in body:
-        if ch == '"':
-            quoted = not quoted
-        if ch == "," and not quoted:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    if cur:
-        out.append(cur)
-    return out
+    samples = promtext.parse(text, ["vllm:cache_config_info"]).get("vllm:cache_config_info")
+    if not samples:
+        raise AssertionError("no vllm:cache_config_info on " + url)
+    return dict(samples[0].labels)
 
 
 @dataclass

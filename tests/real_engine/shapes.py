@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from capbalancer.fleet import promtext
+
 # Routes the proxy, the fleet monitor and the load tester rely on: both must serve them.
 CORE_ROUTES = frozenset({
     "GET /health", "GET /version", "GET /load", "GET /metrics", "GET /v1/models",
@@ -42,14 +44,11 @@ def parse_families(text: str) -> dict[str, Family]:
             _, _, name, kind = line.split(" ", 3)
             types[name] = kind.strip()
             samples.setdefault(name, {})
-        elif line and not line.startswith("#"):
-            name_labels = line.rpartition(" ")[0]
-            name, _, labels = name_labels.partition("{")
-            if name.endswith("_created"):
-                continue
-            family = _family_of(name, types)
-            keys = frozenset(p.split("=", 1)[0] for p in _split_labels(labels.rstrip("}")) if p)
-            samples.setdefault(family, {}).setdefault(name, set()).add(keys)
+    for name, found in promtext.parse_all(text).items():
+        if name.endswith("_created"):
+            continue
+        per = samples.setdefault(_family_of(name, types), {}).setdefault(name, set())
+        per.update(frozenset(sample.labels) for sample in found)
     return {f: Family(types.get(f, "untyped"), {s: frozenset(k) for s, k in per.items()})
             for f, per in samples.items()}
 
@@ -61,27 +60,6 @@ def _family_of(sample: str, types: dict[str, str]) -> str:
         if sample.endswith(suffix) and sample[: -len(suffix)] in types:
             return sample[: -len(suffix)]
     return sample
-
-
-def _split_labels(body: str) -> list[str]:
-    out, cur, quoted, escaped = [], "", False, False
-    for ch in body:
-        if escaped:
-            cur += ch
-            escaped = False
-            continue
-        if ch == "\\":
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-        if ch == "," and not quoted:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    if cur:
-        out.append(cur)
-    return out
 
 
 def diff_metrics(real_text: str, sim_text: str) -> list[str]:
