@@ -32,6 +32,18 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> bool:
+    """Poll url/health until it answers; False if the process exits first or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1.0):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
 @dataclass
 class Knobs:
     kind: str = "openai"  # openai | tgi (both serve every path; kind only picks /info and naming)
@@ -258,17 +270,11 @@ class Backend:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                          cwd=str(REPO))
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"backend exited: {Path(self.log_path).read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1.0):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(f"backend {self.name} did not start")
+        if not _wait_healthy(self.proc, self.url, timeout_s):
+            log = Path(self.log_path).read_text()[-2000:]
+            self.stop()
+            raise RuntimeError(f"backend {self.name} did not start (exit {self.proc.returncode}):\n{log}")
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -329,17 +335,11 @@ class ProxyProcess:
             self.proc = subprocess.Popen([sys.executable, "-m", "capbalancer.cli", "serve", "--config", self.config_path],
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO),
                                          env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"proxy exited {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1.0):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(f"proxy did not start:\n{self.log()[-3000:]}")
+        if not _wait_healthy(self.proc, self.url, timeout_s):
+            log = self.log()[-3000:]
+            self.stop()
+            raise RuntimeError(f"proxy did not start (exit {self.proc.returncode}):\n{log}")
+        return self
 
     def log(self) -> str:
         return Path(self.log_path).read_text(errors="replace")

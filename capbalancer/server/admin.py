@@ -69,22 +69,22 @@ def _known(state: ProxyState, name: str) -> None:
         raise ProxyError(404, f"no backend named {name!r}", code="backend_not_found")
 
 
-@_admin
-async def drain(state: ProxyState, request: web.Request) -> web.Response:
+def _set_draining(state: ProxyState, request: web.Request, draining: bool) -> web.Response:
     name = request.match_info["name"]
     _known(state, name)
-    state.driver.set_draining(name, True)
-    log.info("admin: backend %s draining", name)
-    return _json({"backend": name, "draining": True})
+    state.driver.set_draining(name, draining)
+    log.info("admin: backend %s %s", name, "draining" if draining else "undrained")
+    return _json({"backend": name, "draining": draining})
+
+
+@_admin
+async def drain(state: ProxyState, request: web.Request) -> web.Response:
+    return _set_draining(state, request, True)
 
 
 @_admin
 async def undrain(state: ProxyState, request: web.Request) -> web.Response:
-    name = request.match_info["name"]
-    _known(state, name)
-    state.driver.set_draining(name, False)
-    log.info("admin: backend %s undrained", name)
-    return _json({"backend": name, "draining": False})
+    return _set_draining(state, request, False)
 
 
 @_admin
