@@ -78,6 +78,7 @@ class BackendConfig:
     api_key_mode: str = "replace"
     weight: float = 1.0
     timeouts: Timeouts = Timeouts()
+    gpu_group: str | None = None  # backends naming the same group share one GPU (see BackendSpec.gpu_group)
 
     def resolved_api_key(self) -> str | None:
         if self.api_key:
@@ -175,14 +176,16 @@ class Config:
             for b in m.backends:
                 prof = f" profile={b.profile.name}" if b.profile is not None else ""
                 key = " api_key=(set)" if (b.api_key or b.api_key_env) else ""
-                lines.append(f"    {b.name}: {b.url} engine={b.engine} weight={b.weight:g}{prof}{key}")
+                gpu = f" gpu_group={b.gpu_group}" if b.gpu_group is not None else ""
+                lines.append(f"    {b.name}: {b.url} engine={b.engine} weight={b.weight:g}{prof}{gpu}{key}")
         return "\n".join(lines)
 
 
 def backend_spec(b: BackendConfig, pool: str) -> BackendSpec:
     # "auto" is resolved by the fleet monitor; until then the scheduler treats it as a plain OpenAI server.
     engine = "openai" if b.engine == "auto" else b.engine
-    return BackendSpec(backend_id=b.name, pool=pool, url=b.url, engine=engine, profile=b.profile, weight=b.weight)
+    return BackendSpec(backend_id=b.name, pool=pool, url=b.url, engine=engine, profile=b.profile, weight=b.weight,
+                       gpu_group=b.gpu_group)
 
 
 def default_policy() -> str:
@@ -299,7 +302,8 @@ def _default_name(url: str) -> str:
     return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
-_BACKEND_KEYS = ("url", "name", "engine", "profile", "api_key_env", "api_key", "api_key_mode", "weight", "timeouts")
+_BACKEND_KEYS = ("url", "name", "engine", "profile", "api_key_env", "api_key", "api_key_mode", "weight", "timeouts",
+                 "gpu_group")
 
 
 def _backend(r: _Reader, base_timeouts: Timeouts, base_dir: Path | None) -> BackendConfig:
@@ -326,7 +330,16 @@ def _backend(r: _Reader, base_timeouts: Timeouts, base_dir: Path | None) -> Back
     return BackendConfig(url=url, name=name, engine=engine, profile_ref=profile_ref, profile=profile,
                          api_key_env=api_key_env, api_key=api_key,
                          api_key_mode=r.choice("api_key_mode", "replace", API_KEY_MODES),
-                         weight=r.number("weight", 1.0), timeouts=_timeouts(r, "timeouts", base_timeouts))
+                         weight=r.number("weight", 1.0), timeouts=_timeouts(r, "timeouts", base_timeouts),
+                         gpu_group=_gpu_group(r))
+
+
+def _gpu_group(r: _Reader) -> str | None:
+    # A card is often named by its index (`gpu_group: 1`); any scalar names the group.
+    value = r.data.get("gpu_group")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return r.string("gpu_group", None)
 
 
 _MODEL_KEYS = ("policy", "policy_options", "default", "aliases", "default_max_tokens", "hold", "backends", "timeouts",

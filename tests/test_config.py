@@ -30,7 +30,7 @@ def test_full_config_maps_to_scheduler_objects(tmp_path):
             "llama": {"policy": "least_requests", "default": True, "aliases": ["l"], "default_max_tokens": 64,
                       "hold": {"max_requests": 10, "timeout_s": 5},
                       "backends": [{"url": "http://127.0.0.1:8001", "name": "a100-0",
-                                    "profile": "a100-80g/llama-2-13b-tp1", "weight": 2,
+                                    "profile": "a100-80g/llama-2-13b-tp1", "weight": 2, "gpu_group": 0,
                                     "timeouts": {"stream_idle_s": 3}},
                                    {"url": "http://127.0.0.1:8002/"}]},
             "opt": {"policy": "round_robin", "backends": [{"url": "http://127.0.0.1:8003", "engine": "tgi"}]},
@@ -46,6 +46,7 @@ def test_full_config_maps_to_scheduler_objects(tmp_path):
     specs = llama.backend_specs()
     assert [s.backend_id for s in specs] == ["a100-0", "127.0.0.1:8002"]
     assert specs[0].profile is not None and specs[0].weight == 2.0 and specs[0].pool == "llama"
+    assert (specs[0].gpu_group, specs[1].gpu_group) == ("0", None)  # a card index names a group as well as a string
     b0, b1 = llama.backends
     assert b0.timeouts.first_byte_s == 7 and b0.timeouts.stream_idle_s == 3  # inherited, then overridden
     assert b1.url == "http://127.0.0.1:8002" and b1.timeouts.stream_idle_s == 60
@@ -65,6 +66,8 @@ def test_full_config_maps_to_scheduler_objects(tmp_path):
      "models.llama.backends[0].profile: profile 'no/such-profile' not found"),
     ({"models": {"llama": {"backends": [{"url": "http://a:1", "weight": "heavy"}]}}},
      "models.llama.backends[0].weight: must be a number"),
+    ({"models": {"llama": {"backends": [{"url": "http://a:1", "gpu_group": ["gpu0"]}]}}},
+     "models.llama.backends[0].gpu_group: must be a non-empty string, got list"),
     ({"models": {"llama": {"backends": [{"url": "http://a:1", "timeouts": {"connect_s": 0}}]}}},
      "models.llama.backends[0].timeouts.connect_s: must be > 0"),
     ({"models": {"llama": {"hold": {"max_requests": -1}, "backends": [{"url": "http://a:1"}]}}},

@@ -124,3 +124,83 @@ def test_llm_d_prefers_lower_queue_and_kv():
     sched.observe("b", EngineSnapshot(taken_at_s=0.0, engine="vllm", running=10, waiting=0,
                                       kv_usage_fraction=0.2, kv_capacity_tokens=1000), 0.0)
     assert sched.submit(demand(0), 0.1) == Route("b")
+
+
+def make_grouped(backends, groups):
+    sched = Scheduler([PoolSettings(name="m", policy="capacity", hold_timeout_s=60.0)])
+    for name, prof in backends:
+        sched.add_backend(BackendSpec(backend_id=name, pool="m", engine="vllm", profile=prof,
+                                      gpu_group=groups.get(name)), 0.0)
+    return sched
+
+
+def busy(sched, name, running, now=0.0):
+    sched.observe(name, EngineSnapshot(taken_at_s=now, engine="vllm", running=running, waiting=0,
+                                       kv_usage_fraction=0.05, kv_capacity_tokens=100_000), now)
+
+
+def test_a_busy_neighbour_on_the_same_gpu_makes_a_backend_slower():
+    # b is a little faster than a on paper, but shares its GPU with c, which is busy.
+    backends = [("a", profile("a", 1.0)), ("b", profile("b", 0.9)), ("c", profile("c", 1.0))]
+    apart = make_grouped(backends, {})
+    shared = make_grouped(backends, {"b": "gpu1", "c": "gpu1"})
+    for sched in (apart, shared):
+        busy(sched, "c", 40)
+    # The prediction on b carries c's whole step: 10 ms + 40 x 0.2 ms + 5,000 context tokens x 1e-7 s.
+    est = shared.capacity.estimate(shared.backends["b"], demand(1), 100, 0.1)
+    est_apart = apart.capacity.estimate(apart.backends["b"], demand(1), 100, 0.1)
+    assert est.tpot_s - est_apart.tpot_s == pytest.approx(0.010 + 40 * 0.0002 + 5_000 * 1e-7, rel=0.01)
+    assert apart.submit(demand(0), 0.1) == Route("b")
+    assert shared.submit(demand(0), 0.1) == Route("a")
+
+
+def test_an_idle_neighbour_costs_nothing():
+    backends = [("b", profile("b", 1.0)), ("c", profile("c", 1.0))]
+    apart = make_grouped(backends, {})
+    shared = make_grouped(backends, {"b": "gpu1", "c": "gpu1"})
+    a = apart.capacity.estimate(apart.backends["b"], demand(0), 100, 0.0)
+    s = shared.capacity.estimate(shared.backends["b"], demand(0), 100, 0.0)
+    assert s.tpot_s == a.tpot_s and s.ttft_s == a.ttft_s
+
+
+def test_a_whole_gpu_takes_more_than_each_of_two_engines_sharing_one():
+    # Three equal engines, two of them on one GPU: the lone one is worth about as much as the pair together.
+    backends = [("a", profile("a", 1.0)), ("b", profile("b", 1.0)), ("c", profile("c", 1.0))]
+    apart = make_grouped(backends, {})
+    shared = make_grouped(backends, {"b": "gpu1", "c": "gpu1"})
+    share_a = {}
+    for label, sched in (("apart", apart), ("shared", shared)):
+        picks = [sched.submit(demand(i), 0.0) for i in range(150)]
+        share_a[label] = sum(p == Route("a") for p in picks) / len(picks)
+    assert share_a["apart"] == pytest.approx(1 / 3, abs=0.02)
+    assert 0.42 < share_a["shared"] < 0.6
+
+
+def test_gpu_siblings_follow_backends_added_and_removed():
+    sched = make_grouped([("b", profile("b")), ("c", profile("c")), ("d", profile("d"))], {"b": "g", "c": "g", "d": "g"})
+    assert {s.backend_id for s in sched.backends["b"].gpu_siblings} == {"c", "d"}
+    sched.remove_backend("c", 1.0)
+    assert [s.backend_id for s in sched.backends["b"].gpu_siblings] == ["d"]
+    sched.add_backend(BackendSpec(backend_id="d", pool="m", engine="vllm", profile=profile("d")), 2.0)  # moved off
+    assert sched.backends["b"].gpu_siblings == [] and sched.backends["d"].gpu_siblings == []
+    assert sched.describe(2.0)["backends"]["b"]["gpu_group"] == "g"
+
+
+def test_calibration_does_not_learn_the_neighbours_contention_twice():
+    # The profile is right and c's steps are modelled: b's correction must stay near 1 while c is busy.
+    backends = [("b", profile("b", 1.0, kv_tokens=10_000_000)), ("c", profile("c", 1.0, kv_tokens=10_000_000))]
+    sched = make_grouped(backends, {"b": "g", "c": "g"})
+    state = sched.backends["b"]
+    now = 0.0
+    for i in range(20):
+        busy(sched, "c", 30, now)
+        d = Demand(request_id=f"x{i}", pool="m", prompt_tokens=500, max_tokens=101, arrival_s=now)
+        # only b may take it: c is drained
+        sched.set_draining("c", True, now)
+        assert sched.submit(d, now) == Route("b")
+        own_step = profile("b").step.decode_step_seconds(1, 600)
+        c_step = profile("c").step.decode_step_seconds(30, 5_000)
+        sched.on_first_token(d.request_id, now + 0.05)
+        sched.finish(d.request_id, now + 0.05 + 100 * (own_step + c_step), output_tokens=101)
+        now += 60.0
+    assert state.tpot_correction.value == pytest.approx(1.0, abs=0.1)

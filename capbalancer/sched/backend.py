@@ -99,6 +99,8 @@ class BackendState:
     tpot_correction: Ewma = field(default_factory=lambda: Ewma(alpha=0.1))
     completed: int = 0
     failed: int = 0
+    # The other backends of this one's gpu_group (kept by the Scheduler): their steps share its GPU.
+    gpu_siblings: list[BackendState] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def backend_id(self) -> str:

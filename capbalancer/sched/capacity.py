@@ -147,7 +147,10 @@ class CapacityModel:
         tpot_k = self.tpot_factor(state)
         ttft_k = self.ttft_factor(state)
         batch = seqs_after if seqs_after < seats else seats
-        tpot_s = (step.decode_step_seconds(batch, int(mean_ctx * batch)) + churn_s_per_seq * batch) * tpot_k
+        # Engines sharing this one's GPU run their steps in between its own: each of its steps waits for theirs.
+        shared_s = self.shared_gpu_step_seconds(state, now) if state.gpu_siblings else 0.0
+        tpot_s = (step.decode_step_seconds(batch, int(mean_ctx * batch)) + churn_s_per_seq * batch
+                  + shared_s) * tpot_k
         if s.tpot_slo_s is not None and seqs_now > 0 and tpot_s > s.tpot_slo_s:
             fits_compute = False
             if not full:
@@ -159,7 +162,7 @@ class CapacityModel:
         chunk_tokens = max_batched_tokens - running
         chunks = math.ceil(backlog_tokens / (chunk_tokens if chunk_tokens > 1 else 1))
         prefill_s = (backlog_tokens * step.prefill_seconds_per_token
-                     + chunks * step.decode_step_seconds(running, int(mean_ctx * seqs_after))) * ttft_k
+                     + chunks * (step.decode_step_seconds(running, int(mean_ctx * seqs_after)) + shared_s)) * ttft_k
         waiting_ahead = seqs_after - seats
         seat_wait_s = 0.0
         if waiting_ahead > 0:
@@ -176,6 +179,36 @@ class CapacityModel:
             kv_capacity_tokens=kv_capacity, ttft_s=ttft_s, tpot_s=tpot_s, e2e_s=e2e_s,
             fits_memory=fits_memory, fits_compute=fits_compute,
         )
+
+    def shared_gpu_step_seconds(self, state: BackendState, now: float) -> float:
+        """GPU time the busy engines sharing `state`'s GPU take per step of theirs (uncalibrated).
+
+        A GPU time-slices between processes, so with two busy engines on one card each step of one waits
+        for about one step of the other: its TPOT is its own step plus theirs. Each sibling's step comes
+        from its own profile (measured alone, on the whole GPU) at its current batch, prefill churn
+        included. Idle siblings cost nothing: one alone on the card runs at its profiled speed.
+        """
+        total_s = 0.0
+        for sib in state.gpu_siblings:
+            seqs, kv_used = sib.load_view(now, self.health)
+            if seqs <= 0:
+                continue
+            profile = sib.spec.profile
+            step = profile.step if profile is not None else GENERIC_STEP
+            max_num_seqs = profile.max_num_seqs if profile is not None else GENERIC_MAX_NUM_SEQS
+            batch = seqs if seqs < max_num_seqs else max_num_seqs
+            churn_s = self.population_churn_seconds_per_seq(sib, step)
+            total_s += step.decode_step_seconds(batch, kv_used) + churn_s * batch
+        return total_s
+
+    @staticmethod
+    def population_churn_seconds_per_seq(state: BackendState, step: StepTimeModel) -> float:
+        """`churn_seconds_per_seq` of the requests already on `state`, with no newcomer."""
+        n = len(state.inflight)
+        if n == 0:
+            return 0.0
+        mean_output = state.own_expected_output_tokens / n
+        return step.prefill_seconds_per_token * (state.own_prompt_tokens / n) / max(MIN_CHURN_OUTPUT_TOKENS, mean_output)
 
     @staticmethod
     def churn_seconds_per_seq(state: BackendState, step: StepTimeModel, prompt_tokens: int,
@@ -238,7 +271,11 @@ class CapacityModel:
         step = self.base_step(state)
         seqs = int(round(mean_seqs))
         churn = self.churn_seconds_per_seq(state, step, req.prompt_tokens, req.expected_output_tokens)
-        base_tpot = step.decode_step_seconds(seqs, int(mean_kv)) + churn * seqs
+        # Siblings on the same GPU: their load now stands in for their mean over this request's decode (a
+        # point sample; the correction's moving average smooths it), so the correction does not learn the
+        # contention that the model already adds.
+        shared_s = self.shared_gpu_step_seconds(state, now) if state.gpu_siblings else 0.0
+        base_tpot = step.decode_step_seconds(seqs, int(mean_kv)) + churn * seqs + shared_s
         if base_tpot > 0:
             state.tpot_correction.add(_clip(observed_tpot / base_tpot))
 

@@ -122,6 +122,7 @@ class Scheduler:
             state.spec = spec
             self.backends[spec.backend_id] = state
             self.pools[spec.pool].backend_ids.append(spec.backend_id)
+        self._link_gpu_groups()
         return self._release(spec.pool, now)
 
     def remove_backend(self, backend_id: str, now: float) -> list[Event]:
@@ -334,6 +335,8 @@ class Scheduler:
                 "url": b.spec.url,
                 "engine": b.spec.engine,
                 "profile": b.spec.profile.name if b.spec.profile else None,
+                "gpu_group": b.spec.gpu_group,
+                "shares_gpu_with": [s.backend_id for s in b.gpu_siblings],
                 "health": b.health.value,
                 "draining": b.draining,
                 "last_failure": b.last_failure_reason or None,
@@ -470,6 +473,18 @@ class Scheduler:
             pool.backend_ids.remove(backend_id)
         if state.inflight:
             self._retired[backend_id] = state
+        self._link_gpu_groups()
+
+    def _link_gpu_groups(self) -> None:
+        """Give every backend the list of the others on its GPU (any pool: two models may share a card)."""
+        groups: dict[str, list[BackendState]] = {}
+        for state in self.backends.values():
+            state.gpu_siblings = []
+            if state.spec.gpu_group is not None:
+                groups.setdefault(state.spec.gpu_group, []).append(state)
+        for members in groups.values():
+            for state in members:
+                state.gpu_siblings = [m for m in members if m is not state]
 
     def _record_costs(self, state: BackendState, req: InflightRequest, now: float) -> None:
         self.capacity.record_completion(state, req, now)
