@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -234,6 +235,15 @@ def main(argv: list[str] | None = None) -> None:
 # Harness: a backend as a subprocess
 # ---------------------------------------------------------------------------------------------------
 
+def _remove_dir(path: str, keep: bool, what: str) -> None:
+    """Remove a harness's temp folder once its process is stopped. A failed test keeps it (as
+    faults.Proxy does) and says where, in the test's captured output, so the log can still be read."""
+    if keep:
+        print(f"{what}: kept {path} for a look at its log")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _free_port() -> int:
     import socket
 
@@ -251,7 +261,13 @@ class Backend:
         self.port = port or _free_port()
         self.knobs = knobs
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = os.path.join(tempfile.mkdtemp(prefix="capb-backend-"), "backend.log")
+        # Made by start(), removed by stop(): `Backend().port` (a port nothing listens on) leaves nothing.
+        self.dir: str | None = None
+
+    @property
+    def log_path(self) -> str:
+        assert self.dir is not None, "not started"
+        return os.path.join(self.dir, "backend.log")
 
     @property
     def url(self) -> str:
@@ -267,16 +283,20 @@ class Backend:
                     args.append(flag)
             else:
                 args += [flag, str(value)]
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="capb-backend-")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                          cwd=str(REPO))
         if not _wait_healthy(self.proc, self.url, timeout_s):
             log = Path(self.log_path).read_text()[-2000:]
-            self.stop()
-            raise RuntimeError(f"backend {self.name} did not start (exit {self.proc.returncode}):\n{log}")
+            proc = self.proc
+            self.stop()  # the log tail is in the message, so the folder can go
+            raise RuntimeError(f"backend {self.name} did not start (exit {proc.returncode}):\n{log}")
         return self
 
-    def stop(self) -> None:
+    def stop(self, keep_files: bool = False) -> None:
+        """Stop the process, then remove the temp folder (its log) unless keep_files."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -285,6 +305,9 @@ class Backend:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
         self.proc = None
+        if self.dir is not None:
+            _remove_dir(self.dir, keep_files, f"backend {self.name}")
+            self.dir = None
 
     def _call(self, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
         data = None if payload is None else json.dumps(payload).encode()
@@ -302,8 +325,8 @@ class Backend:
     def __enter__(self) -> Backend:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.stop(keep_files=exc_type is not None)
 
 
 class ProxyProcess:
@@ -337,32 +360,34 @@ class ProxyProcess:
                                          env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         if not _wait_healthy(self.proc, self.url, timeout_s):
             log = self.log()[-3000:]
-            self.stop()
-            raise RuntimeError(f"proxy did not start (exit {self.proc.returncode}):\n{log}")
+            code = self.stop()  # the log tail is in the message, so the folder can go
+            raise RuntimeError(f"proxy did not start (exit {code}):\n{log}")
         return self
 
     def log(self) -> str:
         return Path(self.log_path).read_text(errors="replace")
 
-    def stop(self, timeout_s: float = 15.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        code = self.proc.returncode
-        self.proc = None
+    def stop(self, timeout_s: float = 15.0, keep_files: bool = False) -> int | None:
+        """Stop the process (its exit code), then remove the temp folder (config, log) unless keep_files."""
+        code = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=5)
+            code = self.proc.returncode
+            self.proc = None
+        _remove_dir(self.dir, keep_files, "proxy")
         return code
 
     def __enter__(self) -> ProxyProcess:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.stop(keep_files=exc_type is not None)
 
 
 if __name__ == "__main__":
