@@ -47,6 +47,8 @@ LAYOUTS = {
 POLICY_ORDER = ["capacity", "round_robin", "least_requests", "least_kv", "llm_d", "power_of_two", "weighted",
                 "cache_aware"]
 POLICY_SKIP = {"random"}
+# capacity without gpu_group: the instances sharing a card are modelled as independent GPUs (see write_config)
+ABLATION_POLICY = "capacity-indep"
 
 # ShareGPT-like length spread (prompt and output lengths drawn per request); see loadtest_args().
 WL_SHAREGPT = {"prompt": "sharegpt", "output": "sharegpt"}
@@ -341,13 +343,25 @@ class Bench:
         log(f"capbalancer imported from {where}")
 
     def write_config(self, policy: str, names: list[str] | None = None) -> Path:
+        """The proxy's config: every backend with its profile; `gpu_group: <card>` for instances sharing a card
+        (what a user who knows the layout writes; only `capacity` reads it), except for the ablation
+        `capacity-indep` (capacity without gpu_group: the model of 2026-11-21, which took each instance as a GPU of
+        its own); `weighted` gets the static split's weights (a whole GPU 2, each of a sharing pair 1)."""
         rows = []
-        for inst in self.instances:
+        per_gpu = [i["gpu"] for i in self.instances]
+        weights = self.split_weights()
+        for inst, w in zip(self.instances, weights, strict=True):
             if names and inst["name"] not in names:
                 continue
+            extra = ""
+            if per_gpu.count(inst["gpu"]) > 1 and policy != ABLATION_POLICY:
+                extra += f", gpu_group: {inst['gpu']}"
+            if policy == "weighted":
+                extra += f", weight: {round(w / min(weights), 3)}"
             rows.append(f"      - {{url: \"{inst['url']}\", name: {inst['name']}, engine: vllm, "
-                        f"profile: \"{self.profile_ref(inst)}\"}}")
-        text = f"models:\n  {MODEL}:\n    policy: {policy}\n    backends:\n" + "\n".join(rows) + "\n"
+                        f"profile: \"{self.profile_ref(inst)}\"{extra}}}")
+        engine_policy = "capacity" if policy == ABLATION_POLICY else policy
+        text = f"models:\n  {MODEL}:\n    policy: {engine_policy}\n    backends:\n" + "\n".join(rows) + "\n"
         tag = "-".join(names) if names else "all"
         path = self.work / f"config-{policy}-{tag}.yaml"
         path.write_text(text)
@@ -462,10 +476,15 @@ class Bench:
 
     # -- jobs
     def job_profile(self) -> None:
-        """All three at once: B and C share GPU 1, so each is profiled under the other's load (their share)."""
-        procs = []
+        """Each instance alone on its GPU: instances on different GPUs at once, those sharing a GPU one after
+        another (the other idle), so every profile is the engine's speed on the whole card. The capacity model
+        adds the neighbours' steps itself (`gpu_group`); profiling them under each other's load, as on 2026-11-21,
+        mixed the two and fitted poorly."""
         t0 = time.time()
-        for inst in self.instances:
+        res: dict[str, dict] = {}
+        commands: dict[str, str] = {}
+
+        def profile_one(inst: dict) -> None:
             out = self.profdir / f"{inst['name']}.yaml"
             args = ["profile", "--url", inst["url"], "--engine", "vllm", "--out", str(out),
                     "--model", "llama-3.1-8b-vocab4096", "--gpu", self.a.gpu_label,
@@ -473,23 +492,32 @@ class Bench:
                     "--max-concurrency", str(self.a.profile_concurrency), "--max-model-len", "4096"] + \
                 (["--time-scale", str(self.a.sim_time_scale)] if self.a.mode == "sim" else []) + \
                 shlex.split(self.a.profile_extra)
-            logf = open(self.logs / f"profile.{inst['name']}.log", "wb")
-            logf.write((" ".join(self.cb + args) + "\n\n").encode())
-            logf.flush()
-            procs.append((inst, subprocess.Popen(self.cb + args, stdout=logf, stderr=subprocess.STDOUT,
-                                                 env=self.cb_env, cwd=str(self.work))))
-        res = {}
-        for inst, p in procs:
-            try:
-                rc = p.wait(timeout=max(10, self.a.profile_timeout - (time.time() - t0)))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                rc = 124
-            out = self.profdir / f"{inst['name']}.yaml"
-            res[inst["name"]] = {"rc": rc, "profile": out.read_text() if out.exists() else None,
+            commands[inst["name"]] = "capbalancer " + " ".join(args)
+            t1 = time.time()
+            with open(self.logs / f"profile.{inst['name']}.log", "wb") as logf:
+                logf.write((" ".join(self.cb + args) + "\n\n").encode())
+                logf.flush()
+                p = subprocess.Popen(self.cb + args, stdout=logf, stderr=subprocess.STDOUT, env=self.cb_env,
+                                     cwd=str(self.work))
+                try:
+                    rc = p.wait(timeout=max(10, self.a.profile_timeout - (time.time() - t0)))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    rc = 124
+            res[inst["name"]] = {"rc": rc, "wall_s": round(time.time() - t1, 1),
+                                 "profile": out.read_text() if out.exists() else None,
                                  "log_tail": (self.logs / f"profile.{inst['name']}.log").read_text(errors="replace")[-2000:]}
-        self.save("profile", {"wall_s": round(time.time() - t0, 1), "instances": res,
-                              "command": "capbalancer " + " ".join(args)})
+
+        by_gpu: dict[int, list[dict]] = {}
+        for inst in self.instances:
+            by_gpu.setdefault(inst["gpu"], []).append(inst)
+        threads = [threading.Thread(target=lambda grp=grp: [profile_one(i) for i in grp]) for grp in by_gpu.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.save("profile", {"wall_s": round(time.time() - t0, 1), "instances": res, "commands": commands,
+                              "how": "one at a time per GPU (instances sharing a GPU: the others idle)"})
         log(f"profile: {time.time() - t0:.0f}s, rc " + str({k: v['rc'] for k, v in res.items()}))
 
     def wl(self, **kw) -> dict:
@@ -519,22 +547,16 @@ class Bench:
         main, extra = policies[:self.a.main_policies], policies[self.a.main_policies:]
         jobs: list[tuple[str, float, callable]] = []
         jobs.append(("profile", self.a.profile_timeout, self.job_profile))
-        ov = self.wl(prompt_len=256, output_len=64, concurrency=1, duration=self.a.overhead_duration)
-        jobs.append(("overhead_direct", ov["duration"] + 10,
-                     lambda: self.measured_run("overhead_direct", [("A", ov)])))
-        jobs.append(("overhead_proxy", ov["duration"] + 15,
-                     lambda: self.measured_run("overhead_proxy", [("proxy", ov)], policy="round_robin",
-                                               proxy_names=["A"])))
         # the best static split of the same users: A (a whole GPU) half of them, the GPU-sharing pair a quarter each
         split = {i["name"]: max(8, int(sat_c * w)) for i, w in zip(self.instances, self.split_weights(), strict=True)}
         jobs.append(("direct_all", dur * self.scale + 30,
                      lambda: self.measured_run("direct_all", [(n, self.wl(lengths="sharegpt", concurrency=c,
                                                                               duration=dur)) for n, c in split.items()])))
-        sat = self.wl(lengths="sharegpt", concurrency=sat_c, duration=dur)
 
-        def sat_job(pol):
-            return (f"sat_{pol}", sat["duration"] + 35,
-                    lambda: self.measured_run(f"sat_{pol}", [("proxy", sat)], policy=pol))
+        def sat_job(pol, seed=1):
+            name = f"sat_{pol}" + (f"_seed{seed}" if seed != 1 else "")
+            sat = self.wl(lengths="sharegpt", concurrency=sat_c, duration=dur, seed=seed)
+            return (name, sat["duration"] + 35, lambda: self.measured_run(name, [("proxy", sat)], policy=pol))
 
         def poisson_job(pol, frac):
             name = f"poisson{int(round(frac * 100))}_{pol}"
@@ -542,16 +564,30 @@ class Bench:
                     lambda: self.measured_run(name, [("proxy", self.wl(lengths="sharegpt", rate=frac * self.base_rate(),
                                                                        concurrency=4096, duration=dur))], policy=pol))
 
-        for group in (main, extra):
-            jobs += [sat_job(p) for p in group]
-            for frac in self.a.rate_fracs:
-                jobs += [poisson_job(p, frac) for p in group]
+        # In order of importance, so that a budget cut leaves the most telling figures: the main policies on the
+        # saturating run and the first Poisson rate, the proxy's overhead, the other rates, then the extra policies
+        # (the ablation first), each of the GPU-sharing pair alone, and repeats of the saturating run (seed 2).
+        fracs = self.a.rate_fracs
+        jobs += [sat_job(p) for p in main]
+        jobs += [poisson_job(p, fracs[0]) for p in main]
+        ov = self.wl(prompt_len=256, output_len=64, concurrency=1, duration=self.a.overhead_duration)
+        jobs.append(("overhead_direct", ov["duration"] + 10,
+                     lambda: self.measured_run("overhead_direct", [("A", ov)])))
+        jobs.append(("overhead_proxy", ov["duration"] + 15,
+                     lambda: self.measured_run("overhead_proxy", [("proxy", ov)], policy="round_robin",
+                                               proxy_names=["A"])))
+        for frac in fracs[1:]:
+            jobs += [poisson_job(p, frac) for p in main]
+        jobs += [sat_job(p) for p in extra]
+        for frac in fracs:
+            jobs += [poisson_job(p, frac) for p in extra]
         for n in ("B", "C"):  # each of the GPU-sharing pair alone (the other idle)
             if any(i["name"] == n for i in self.instances):
                 c = split.get(n, 64)
                 jobs.append((f"direct_{n}_alone", dur * self.scale + 30,
                              lambda n=n, c=c: self.measured_run(f"direct_{n}_alone", [(n, self.wl(
                                  lengths="sharegpt", concurrency=c, duration=dur))])))
+        jobs += [sat_job(p, seed=2) for p in main]
         return jobs
 
     def split_weights(self) -> list[float]:
@@ -574,6 +610,8 @@ class Bench:
         names = [n for n in names if n]
         ordered = [p for p in POLICY_ORDER if p in names] + sorted(n for n in names if n not in POLICY_ORDER
                                                                     and n not in POLICY_SKIP)
+        if "capacity" in ordered and len({i["gpu"] for i in self.instances}) < len(self.instances):
+            ordered.insert(min(self.a.main_policies, len(ordered)), ABLATION_POLICY)  # first of the extras
         return ordered or ["round_robin", "least_requests"]
 
     def run(self) -> None:
@@ -688,10 +726,10 @@ def main() -> None:
     ap.add_argument("--roofline-only", action="store_true", help="ignore measured profiles in proxy configs")
     ap.add_argument("--policies", default="", help="comma list; default: POLICY_ORDER then the other registered ones")
     ap.add_argument("--sat-concurrency", type=int, default=256)
-    ap.add_argument("--duration", type=float, default=30)
+    ap.add_argument("--duration", type=float, default=25)
     ap.add_argument("--overhead-duration", type=float, default=15)
-    ap.add_argument("--rate-fracs", type=lambda s: [float(x) for x in s.split(",")], default=[0.7, 0.9],
-                    help="Poisson rates as fractions of direct_all's request rate")
+    ap.add_argument("--rate-fracs", type=lambda s: [float(x) for x in s.split(",")], default=[0.95, 1.1, 0.75],
+                    help="Poisson rates as fractions of direct_all's request rate, most important first")
     ap.add_argument("--main-policies", type=int, default=5, help="how many policies (in order) run every workload "
                     "before the others run any")
     ap.add_argument("--default-rate", type=float, default=20.0)
