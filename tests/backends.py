@@ -6,7 +6,8 @@
 Knobs (flags, and at run time POST /_knobs {...}): `first_byte_delay_s` before any byte, `chunk_delay_s`
 between stream events, `chunks` (tokens per answer), `fail_status` (answer that status with an
 OpenAI-shaped error body), `hang` (accept, never answer), `die_after_chunks` (the process exits mid-stream),
-`model`. GET /_stats tells what the backend saw:
+`model`, `metrics_file` (a Prometheus page served verbatim at GET /metrics, re-read on each scrape so a test
+can change it; empty: /metrics answers 404, a plain OpenAI server). GET /_stats tells what the backend saw:
 requests per path, disconnects (a client that left mid-answer), streams completed, the last request's
 headers and body. Outputs are deterministic (`tok0 tok1 ...`), so a test can compare bytes through the proxy
 with bytes direct.
@@ -56,6 +57,7 @@ class Knobs:
     fail_status: int = 0  # 0: answer normally
     hang: bool = False
     die_after_chunks: int = -1  # >= 0: the process exits (sockets reset) after sending this many chunks
+    metrics_file: str = ""  # a page to serve at GET /metrics; "": no metrics (404)
 
 
 def stream_event(knobs: Knobs, path: str, i: int, last: bool) -> bytes:
@@ -181,6 +183,11 @@ def make_app(knobs: Knobs):  # noqa: ANN201  # aiohttp imported lazily: the harn
     async def health(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    async def metrics(request: web.Request) -> web.Response:
+        if not knobs.metrics_file:
+            raise web.HTTPNotFound()
+        return web.Response(text=Path(knobs.metrics_file).read_text(), content_type="text/plain")
+
     async def get_stats(request: web.Request) -> web.Response:
         return web.json_response(stats)
 
@@ -197,6 +204,7 @@ def make_app(knobs: Knobs):  # noqa: ANN201  # aiohttp imported lazily: the harn
     app.router.add_get("/v1/models", models)
     app.router.add_get("/info", info)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/_stats", get_stats)
     app.router.add_post("/_knobs", set_knobs)
     return app
@@ -215,10 +223,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fail-status", type=int, default=0)
     p.add_argument("--hang", action="store_true")
     p.add_argument("--die-after-chunks", type=int, default=-1)
+    p.add_argument("--metrics-file", default="")
     a = p.parse_args(argv)
     knobs = Knobs(kind=a.kind, name=a.name, model=a.model, chunks=a.chunks, first_byte_delay_s=a.first_byte_delay_s,
                   chunk_delay_s=a.chunk_delay_s, fail_status=a.fail_status, hang=a.hang,
-                  die_after_chunks=a.die_after_chunks)
+                  die_after_chunks=a.die_after_chunks, metrics_file=a.metrics_file)
     from aiohttp import web
 
     try:

@@ -94,13 +94,19 @@ def test_tgi_v3() -> None:
                                   kv_capacity_tokens=48000, batch_tokens=12000)
 
 
-def test_old_tgi_capacity_from_config_or_info() -> None:
+def test_old_tgi_capacity_from_info_else_config() -> None:
     text = page(METRICS / "tgi-1-no-capacity.txt")
     bare = snapshot_from_metrics("tgi", text, 0.0)
     assert bare.kv_capacity_tokens is None and bare.kv_usage_fraction is None and bare.batch_tokens == 12000
     assert snapshot_from_metrics("tgi", text, 0.0, info_capacity_tokens=24000).kv_usage_fraction == 0.5
-    configured = snapshot_from_metrics("tgi", text, 0.0, configured_capacity_tokens=48000, info_capacity_tokens=24000)
+    configured = snapshot_from_metrics("tgi", text, 0.0, configured_capacity_tokens=48000)
     assert configured.kv_capacity_tokens == 48000 and configured.kv_usage_fraction == 0.25
+    # The engine's own /info figure beats the configured (profile) one, as vLLM's and SGLang's pages do.
+    both = snapshot_from_metrics("tgi", text, 0.0, configured_capacity_tokens=48000, info_capacity_tokens=24000)
+    assert both.kv_capacity_tokens == 24000 and both.kv_usage_fraction == 0.5
+    v3 = page(METRICS / "tgi-3.txt")
+    assert snapshot_from_metrics("tgi", v3, 0.0, configured_capacity_tokens=1000,
+                                 info_capacity_tokens=2000).kv_capacity_tokens == 48000
 
 
 def test_sglang() -> None:

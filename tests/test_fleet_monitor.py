@@ -273,22 +273,28 @@ async def test_old_tgi_capacity_from_info_and_configured_capacity() -> None:
     old = FakeBackend(TGI_OLD_PAGE)
     old.json_routes["/info"] = {"model_id": "m", "max_batch_total_tokens": 24000}
     configured = FakeBackend(TGI_OLD_PAGE)
+    both = FakeBackend(TGI_OLD_PAGE)
+    both.json_routes["/info"] = {"model_id": "m", "max_batch_total_tokens": 24000}
     sink = RecordingSink()
-    await old.start()
-    await configured.start()
+    for b in (old, configured, both):
+        await b.start()
     mon = monitor_for([PollTarget("old", old.url, "tgi"),
-                       PollTarget("cfg", configured.url, "tgi", kv_capacity_tokens=48000)], sink)
+                       PollTarget("cfg", configured.url, "tgi", kv_capacity_tokens=48000),
+                       PollTarget("both", both.url, "tgi", kv_capacity_tokens=48000)], sink)
     try:
         await mon.start()
-        await wait_until(lambda: len(sink.snaps("old")) >= 3 and len(sink.snaps("cfg")) >= 1)
+        await wait_until(lambda: len(sink.snaps("old")) >= 3 and len(sink.snaps("cfg")) >= 1
+                         and len(sink.snaps("both")) >= 1)
     finally:
         await mon.stop()
-        await old.stop()
-        await configured.stop()
+        for b in (old, configured, both):
+            await b.stop()
     snap = sink.snaps("old")[0]
     assert (snap.kv_capacity_tokens, snap.kv_usage_fraction, snap.batch_tokens) == (24000, 0.5, 12000)
     assert len(old.hits["/info"]) == 1  # asked once, remembered
     assert sink.snaps("cfg")[0].kv_capacity_tokens == 48000 and sink.snaps("cfg")[0].kv_usage_fraction == 0.25
+    # A configured (profile) capacity does not stop the monitor asking the engine, whose figure wins.
+    assert sink.snaps("both")[0].kv_capacity_tokens == 24000 and len(both.hits["/info"]) == 1
 
 
 async def test_headers_are_sent() -> None:

@@ -35,7 +35,10 @@ class MetricsUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class CapacityHints:
-    configured_tokens: int | None = None  # PollTarget.kv_capacity_tokens (config)
+    """KV capacity from outside the metrics page. The engine's own figures come first (its page, then TGI's
+    /info); the configured one (the backend's profile) only when the engine says nothing."""
+
+    configured_tokens: int | None = None  # PollTarget.kv_capacity_tokens (the backend's profile)
     info_tokens: int | None = None  # TGI /info max_batch_total_tokens (old TGI)
 
 
@@ -165,7 +168,7 @@ def _tgi(samples: Samples, taken_at_s: float, hints: CapacityHints) -> EngineSna
     # TGI's Rust exporter registers a gauge on its first `set`: a fresh server may lack the queue and
     # batch gauges until its first request. Absent stays None (unknown), not 0.
     batch_tokens = _count(_sum_values(samples.get(TGI_BATCH_MAX_TOKENS)))
-    capacity = _count(_sum_values(samples.get(TGI_MAX_TOTAL_TOKENS))) or hints.configured_tokens or hints.info_tokens
+    capacity = _count(_sum_values(samples.get(TGI_MAX_TOTAL_TOKENS))) or hints.info_tokens or hints.configured_tokens
     kv_usage: float | None = None
     if batch_tokens is not None and capacity:
         # TGI v3 reserves a request's blocks for input + max_new_tokens when it joins the batch

@@ -239,12 +239,15 @@ class FleetMonitor:
         text = metrics.body.decode("utf-8", errors="replace")
         configured = state.target.kv_capacity_tokens
         try:
+            if engine == "tgi" and not state.info_checked:
+                # An old TGI says its capacity only in /info, which beats a configured (profile) figure:
+                # ask once, whether or not one is configured. A TGI with the capacity gauge is never asked.
+                if snapshot_from_metrics(engine, text, taken_at_s).kv_capacity_tokens is None:
+                    await self._fetch_tgi_info(state)
+                else:
+                    state.info_checked = True
             snap = snapshot_from_metrics(engine, text, taken_at_s, configured_capacity_tokens=configured,
                                          info_capacity_tokens=state.info_capacity_tokens)
-            if engine == "tgi" and snap.kv_capacity_tokens is None and not state.info_checked:
-                await self._fetch_tgi_info(state)
-                snap = snapshot_from_metrics(engine, text, taken_at_s, configured_capacity_tokens=configured,
-                                             info_capacity_tokens=state.info_capacity_tokens)
         except (ParseError, MetricsUnavailable) as exc:
             return self._metrics_problem(state, f"/metrics unusable: {exc}")
         if state.last_metrics_problem is not None:

@@ -79,7 +79,7 @@ async def _startup(app: web.Application) -> None:
     for _, b in state.config.backends():
         state.upstreams[b.name] = Upstream.create(b)
     state.driver.start()
-    targets = [poll_target(b.name, b.url, b.engine, b.resolved_api_key()) for _, b in state.config.backends()]
+    targets = [poll_target(b) for _, b in state.config.backends()]
     h = state.config.health
     state.poller, state.poller_kind, state.make_target = make_poller(targets, state.driver, h.interval_s,
                                                                      h.timeout_s, state.driver.clock)
@@ -102,7 +102,7 @@ def add_backend(state: ProxyState, model: ModelConfig, b: BackendConfig) -> None
     state.upstreams[b.name] = Upstream.create(b)
     state.driver.add_backend(backend_spec(b, model.name))
     if state.poller is not None and state.make_target is not None:
-        state.poller.add_target(state.make_target(poll_target(b.name, b.url, b.engine, b.resolved_api_key())))
+        state.poller.add_target(state.make_target(poll_target(b)))
 
 
 def remove_backend(state: ProxyState, name: str) -> None:

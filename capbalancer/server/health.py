@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from capbalancer.config import BackendConfig
+
 log = logging.getLogger("capbalancer.health")
 
 
@@ -33,6 +35,7 @@ class PollTarget:
     base_url: str
     engine: str
     headers: dict[str, str] = field(default_factory=dict)
+    kv_capacity_tokens: int | None = None  # from the profile: for engines that report KV use only as a fraction
 
 
 class HealthPoller:
@@ -106,13 +109,19 @@ def make_poller(targets: Sequence[PollTarget], sink: Any, interval_s: float, tim
 
     def convert(t: PollTarget) -> Any:
         return monitor.PollTarget(backend_id=t.backend_id, base_url=t.base_url, engine=t.engine,
-                                  headers=dict(t.headers))
+                                  headers=dict(t.headers), kv_capacity_tokens=t.kv_capacity_tokens)
 
     poller = monitor.FleetMonitor([convert(t) for t in targets], sink, interval_s=interval_s, timeout_s=timeout_s,
                                   clock=clock)
     return poller, "fleet monitor", convert
 
 
-def poll_target(backend_id: str, base_url: str, engine: str, api_key: str | None) -> PollTarget:
+def poll_target(b: BackendConfig) -> PollTarget:
+    api_key = b.resolved_api_key()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return PollTarget(backend_id=backend_id, base_url=base_url, engine=engine, headers=headers)
+    # The profile's KV capacity lets the monitor turn a usage fraction into tokens when the engine does not
+    # say its capacity (vLLM without cache_config_info, TGI before the capacity gauge); the engine's own
+    # figure wins when it has one.
+    capacity = b.profile.kv_capacity_tokens if b.profile is not None else None
+    return PollTarget(backend_id=b.name, base_url=b.url, engine=b.engine, headers=headers,
+                      kv_capacity_tokens=capacity)

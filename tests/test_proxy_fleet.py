@@ -1,0 +1,62 @@
+"""The proxy's fleet wiring end to end: what a backend's /metrics says, and what the monitor makes of it,
+reaches the scheduler. Real `capbalancer serve` processes in front of real backend processes on 127.0.0.1,
+read through /admin/backends."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from backends import Backend
+from faults import ADMIN_TOKEN_ENV, Proxy
+
+from capbalancer.profiling.schema import load_profile
+
+FAST = str(Path(__file__).parent / "data" / "profiles" / "fast-13b.yaml")
+TOKEN = "admin-tok"
+
+# A vLLM page without `vllm:cache_config_info` (a server that hides it, or a scrape filter that drops it):
+# the KV usage arrives as a fraction with no capacity to turn it into tokens.
+USAGE_ONLY_PAGE = (
+    "# TYPE vllm:num_requests_running gauge\n"
+    'vllm:num_requests_running{model_name="m"} 0\n'
+    "# TYPE vllm:num_requests_waiting gauge\n"
+    'vllm:num_requests_waiting{model_name="m"} 0\n'
+    "# TYPE vllm:kv_cache_usage_perc gauge\n"
+    'vllm:kv_cache_usage_perc{model_name="m"} 0.25\n'
+)
+
+
+def fleet_config(backends: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"models": {"m": {"policy": "round_robin", "backends": backends}},
+            "health": {"interval_s": 0.2, "timeout_s": 1.0},
+            "admin": {"token_env": ADMIN_TOKEN_ENV}}
+
+
+def wait_backend(proxy: Proxy, name: str, ready: Any, timeout_s: float = 15.0) -> dict[str, Any]:
+    """Poll /admin/backends until `ready(row)` holds for backend `name`; that row."""
+    deadline = time.monotonic() + timeout_s
+    row: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status, body = proxy.admin("GET", "backends")
+        assert status == 200, body
+        row = body["backends"].get(name, {})
+        if row and ready(row):
+            return row
+        time.sleep(0.1)
+    raise AssertionError(f"backend {name} never got there; last /admin/backends row: {row}\n{proxy.log()[-3000:]}")
+
+
+def test_profile_capacity_turns_a_reported_usage_fraction_into_tokens(tmp_path: Path) -> None:
+    page = tmp_path / "metrics.txt"
+    page.write_text(USAGE_ONLY_PAGE)
+    capacity = load_profile(FAST).kv_capacity_tokens
+    with Backend(name="v", metrics_file=str(page)) as be:
+        config = fleet_config([{"url": be.url, "name": "v", "engine": "vllm", "profile": FAST}])
+        with Proxy(config=config, admin_token=TOKEN) as proxy:
+            row = wait_backend(proxy, "v", lambda r: r["snapshot"] is not None)
+    assert row["snapshot"]["kv_usage_fraction"] == 0.25
+    # Without the profile's capacity the snapshot has none, and the scheduler ignores the observed usage.
+    assert row["snapshot"]["kv_capacity_tokens"] == capacity
+    assert row["kv_used_estimate_tokens"] == round(0.25 * capacity)
