@@ -76,7 +76,7 @@ class BackendConfig:
     api_key_env: str | None = None
     api_key: str | None = field(default=None, repr=False)  # never printed
     api_key_mode: str = "replace"
-    weight: float = 1.0
+    weight: float | None = None  # None: `weighted` uses the profile's throughput (1 without a profile)
     timeouts: Timeouts = Timeouts()
     gpu_group: str | None = None  # backends naming the same group share one GPU (see BackendSpec.gpu_group)
 
@@ -177,7 +177,8 @@ class Config:
                 prof = f" profile={b.profile.name}" if b.profile is not None else ""
                 key = " api_key=(set)" if (b.api_key or b.api_key_env) else ""
                 gpu = f" gpu_group={b.gpu_group}" if b.gpu_group is not None else ""
-                lines.append(f"    {b.name}: {b.url} engine={b.engine} weight={b.weight:g}{prof}{gpu}{key}")
+                weight = f" weight={b.weight:g}" if b.weight is not None else ""
+                lines.append(f"    {b.name}: {b.url} engine={b.engine}{weight}{prof}{gpu}{key}")
         return "\n".join(lines)
 
 
@@ -330,7 +331,7 @@ def _backend(r: _Reader, base_timeouts: Timeouts, base_dir: Path | None) -> Back
     return BackendConfig(url=url, name=name, engine=engine, profile_ref=profile_ref, profile=profile,
                          api_key_env=api_key_env, api_key=api_key,
                          api_key_mode=r.choice("api_key_mode", "replace", API_KEY_MODES),
-                         weight=r.number("weight", 1.0), timeouts=_timeouts(r, "timeouts", base_timeouts),
+                         weight=r.number("weight", 1.0) if "weight" in r.data else None, timeouts=_timeouts(r, "timeouts", base_timeouts),
                          gpu_group=_gpu_group(r))
 
 

@@ -108,6 +108,15 @@ def test_weighted_follows_profile_throughput():
     assert 70 <= picks.count("fast") <= 90
 
 
+def test_weighted_obeys_configured_weights_over_profiles_even_a_weight_of_one():
+    # A weight of exactly 1 once meant "unset" when a profile was present, so 2/1/1 sent nothing to the 2.
+    sched = Scheduler([PoolSettings(name="m", policy="weighted")])
+    for name, w in (("a", 2.0), ("b", 1.0), ("c", 1.0)):
+        sched.add_backend(BackendSpec(backend_id=name, pool="m", profile=profile(name), weight=w), 0.0)
+    picks = [sched.submit(demand(i), 0.0).backend_id for i in range(100)]
+    assert (picks.count("a"), picks.count("b"), picks.count("c")) == (50, 25, 25)
+
+
 def test_cache_aware_switches_to_least_loaded_past_both_thresholds():
     sched = make([("a", None), ("b", None)], policy="cache_aware")
     # Fill 'a' by hand well past the absolute threshold of 64 and 1.5x ratio.

@@ -64,7 +64,7 @@ class PowerOfTwo:
 
 class Weighted:
     """Smooth weighted round-robin (nginx's algorithm) with static weights: the backend's configured
-    weight, or its profile's best decode throughput when the weight is 0 (LiteLLM `weight`, and the
+    weight, or its profile's best decode throughput when it sets none (LiteLLM `weight`, and the
     weighted round-robin asked for in vLLM production-stack PR #213)."""
 
     name = "weighted"
@@ -74,7 +74,7 @@ class Weighted:
 
     @staticmethod
     def weight(b: BackendState) -> float:
-        if b.spec.weight > 0 and (b.spec.weight != 1.0 or b.spec.profile is None):
+        if b.spec.weight is not None:
             return b.spec.weight
         if b.spec.profile is not None:
             return max(1e-9, b.spec.profile.max_decode_tokens_per_second(WEIGHT_REFERENCE_CONTEXT_TOKENS))

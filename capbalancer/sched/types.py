@@ -72,7 +72,7 @@ class BackendSpec:
     url: str = ""
     engine: str = "openai"  # vllm | tgi | sglang | openai
     profile: Profile | None = None  # None: no profile; capacity policies fall back to observed figures
-    weight: float = 1.0  # static weight for `weighted` (defaults to profile throughput when 0)
+    weight: float | None = None  # static weight for `weighted`; None: the profile's throughput, else 1
     # Backends with the same gpu_group share one GPU's compute (several engines on one card, time-sliced):
     # a step of one waits for the steps of the others, so load on one slows them all. None: a GPU of its own.
     gpu_group: str | None = None
