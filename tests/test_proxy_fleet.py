@@ -10,6 +10,7 @@ from typing import Any
 
 from backends import Backend
 from faults import ADMIN_TOKEN_ENV, Proxy
+from support import capbalancer, free_port, running
 
 from capbalancer.profiling.schema import load_profile
 
@@ -60,3 +61,25 @@ def test_profile_capacity_turns_a_reported_usage_fraction_into_tokens(tmp_path: 
     # Without the profile's capacity the snapshot has none, and the scheduler ignores the observed usage.
     assert row["snapshot"]["kv_capacity_tokens"] == capacity
     assert row["kv_used_estimate_tokens"] == round(0.25 * capacity)
+
+
+def test_detected_engine_reaches_the_scheduler_and_the_admin_api() -> None:
+    """`engine: auto` in front of a simulated vLLM process: the monitor's detection replaces the "openai"
+    stand-in in the scheduler's backend spec, for a backend from the config file and one added by the
+    admin API, and /admin/backends shows both the engine in use and the configured "auto"."""
+    port = free_port()
+    sim = f"http://127.0.0.1:{port}"
+    with running(capbalancer("sim", "--engine", "vllm", "--profile", FAST, "--port", str(port), "--model", "m"),
+                 ready_url=f"{sim}/health"):
+        with Proxy(config=fleet_config([{"url": sim, "name": "v", "engine": "auto"}]), admin_token=TOKEN) as proxy:
+            row = wait_backend(proxy, "v", lambda r: r["engine"] != "openai")
+            assert (row["engine"], row["engine_configured"]) == ("vllm", "auto")
+            # The snapshot came through the vLLM adapter: the engine's own capacity and load.
+            assert row["snapshot"]["kv_capacity_tokens"] == load_profile(FAST).kv_capacity_tokens
+
+            status, body = proxy.admin("POST", "backends", {"url": sim, "name": "w", "engine": "auto"})
+            assert status == 201, body
+            row = wait_backend(proxy, "w", lambda r: r["engine"] != "openai")
+            assert (row["engine"], row["engine_configured"]) == ("vllm", "auto")
+            status, _, raw = proxy.request("POST", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 3})
+            assert status == 200, raw

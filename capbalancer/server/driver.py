@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -92,6 +93,13 @@ class SchedulerDriver:
 
     # --- fleet monitor sink ----------------------------------------------------------------------
     def on_snapshot(self, backend_id: str, snapshot: EngineSnapshot) -> None:
+        state = self.scheduler.backends.get(backend_id)
+        if state is not None and state.spec.engine != snapshot.engine:
+            # `engine: auto` reaches the scheduler as "openai" (config.backend_spec) until the monitor has
+            # detected the engine; a snapshot is read by that engine's adapter and names it. Same name:
+            # the scheduler keeps the backend's live state and takes the new spec.
+            log.info("backend %s: engine %s (was %s)", backend_id, snapshot.engine, state.spec.engine)
+            self.add_backend(dataclasses.replace(state.spec, engine=snapshot.engine))
         self._handle(self.scheduler.observe(backend_id, snapshot, self.clock()))
 
     def on_health(self, backend_id: str, ok: bool, reason: str = "") -> None:
