@@ -565,8 +565,9 @@ class Bench:
                                                                        concurrency=4096, duration=dur))], policy=pol))
 
         # In order of importance, so that a budget cut leaves the most telling figures: the main policies on the
-        # saturating run and the first Poisson rate, the proxy's overhead, the other rates, then the extra policies
-        # (the ablation first), each of the GPU-sharing pair alone, and repeats of the saturating run (seed 2).
+        # saturating run and the first Poisson rate, the proxy's overhead, the extra policies (the ablation first)
+        # on both, every policy at the other rates, each of the GPU-sharing pair alone, and repeats of the
+        # saturating run (seed 2).
         fracs = self.a.rate_fracs
         jobs += [sat_job(p) for p in main]
         jobs += [poisson_job(p, fracs[0]) for p in main]
@@ -576,11 +577,10 @@ class Bench:
         jobs.append(("overhead_proxy", ov["duration"] + 15,
                      lambda: self.measured_run("overhead_proxy", [("proxy", ov)], policy="round_robin",
                                                proxy_names=["A"])))
-        for frac in fracs[1:]:
-            jobs += [poisson_job(p, frac) for p in main]
         jobs += [sat_job(p) for p in extra]
-        for frac in fracs:
-            jobs += [poisson_job(p, frac) for p in extra]
+        jobs += [poisson_job(p, fracs[0]) for p in extra]
+        for frac in fracs[1:]:
+            jobs += [poisson_job(p, frac) for p in main + extra]
         for n in ("B", "C"):  # each of the GPU-sharing pair alone (the other idle)
             if any(i["name"] == n for i in self.instances):
                 c = split.get(n, 64)
