@@ -456,3 +456,33 @@ async def test_monitor_reads_simulated_engines_in_subprocesses(tmp_path: Path) -
     assert (idle["t"].running in (0, None)) and idle["t"].batch_tokens in (0, None)
     assert (idle["s"].running, idle["s"].waiting, idle["s"].kv_usage_fraction) == (0, 0, 0.0)
     assert idle["o"] == EngineSnapshot(taken_at_s=idle["o"].taken_at_s, engine="openai")
+
+
+async def test_tgi_kv_usage_is_the_batch_budget_over_capacity_on_a_simulated_tgi() -> None:
+    """TGI has no KV gauge: the adapter reads KV use as the running batch's token budget (inputs +
+    max_new_tokens, what TGI reserves) over `tgi_batch_max_total_tokens`, from a real TGI-shaped process."""
+    import aiohttp
+    from support import capbalancer, running
+
+    profile = DATA / "profiles" / "fast-13b.yaml"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    sink = RecordingSink()
+    with running(capbalancer("sim", "--engine", "tgi", "--profile", str(profile), "--port", str(port), "--model", "m",
+                             "--time-scale", "20"), ready_url=f"{base}/health"):
+        mon = monitor_for([PollTarget("t", base, "tgi")], sink)
+        try:
+            await mon.start()
+            async with aiohttp.ClientSession() as session:
+                req = asyncio.ensure_future(session.post(f"{base}/generate_stream", json={
+                    "inputs": "hello " * 50, "parameters": {"max_new_tokens": 500}}))
+                t0 = time.monotonic()
+                await wait_until(lambda: any(s.running == 1 for s in sink.snaps("t", since=t0)), timeout_s=10)
+                req.cancel()
+                with contextlib.suppress(BaseException):
+                    await req
+        finally:
+            await mon.stop()
+    busy = next(s for s in sink.snaps("t") if s.running == 1)
+    assert busy.kv_capacity_tokens == 56000 and busy.batch_tokens is not None and busy.batch_tokens > 500
+    assert busy.kv_usage_fraction == busy.batch_tokens / busy.kv_capacity_tokens

@@ -165,14 +165,24 @@ TGI_MAX_TOTAL_TOKENS = "tgi_batch_max_total_tokens"
 
 
 def _tgi(samples: Samples, taken_at_s: float, hints: CapacityHints) -> EngineSnapshot:
+    """TGI has no KV-cache gauge. Its KV use is derived from the batch's token budget, the way TGI's own
+    router admits work:
+
+    - `tgi_batch_current_max_tokens` is the running batch's `max_tokens`, the sum of input + max_new_tokens
+      of its requests (backends/v3/src/queue.rs `next_batch`); v3 allocates a request's KV blocks for all of
+      them when it joins the batch (`block_allocator.allocate(input + max_new_tokens + speculate - 1)`).
+    - the router admits new requests only within `max_batch_total_tokens - batch_max_tokens`
+      (backends/v3/src/backend.rs `token_budget`), `tgi_batch_max_total_tokens` being that total.
+
+    So `kv_usage_fraction` is the share of KV *reserved* by the batch: the room TGI itself sees as taken,
+    an upper bound on the KV written so far (a request that stops early never grows into its reserve).
+    The gauge is set once per decode step and back to 0 when the batch empties."""
     # TGI's Rust exporter registers a gauge on its first `set`: a fresh server may lack the queue and
     # batch gauges until its first request. Absent stays None (unknown), not 0.
     batch_tokens = _count(_sum_values(samples.get(TGI_BATCH_MAX_TOKENS)))
     capacity = _count(_sum_values(samples.get(TGI_MAX_TOTAL_TOKENS))) or hints.info_tokens or hints.configured_tokens
     kv_usage: float | None = None
     if batch_tokens is not None and capacity:
-        # TGI v3 reserves a request's blocks for input + max_new_tokens when it joins the batch
-        # (backends/v3/src/queue.rs), so the batch's token budget over the total is the KV in use.
         kv_usage = _fraction(batch_tokens / capacity)
     return EngineSnapshot(
         taken_at_s=taken_at_s, engine="tgi",

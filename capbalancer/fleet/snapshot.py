@@ -16,12 +16,12 @@ class EngineSnapshot:
     engine: str  # vllm | tgi | sglang | openai
     running: int | None = None  # sequences in the running batch
     waiting: int | None = None  # requests queued inside the engine
-    kv_usage_fraction: float | None = None  # 0..1 of the KV cache in use
+    kv_usage_fraction: float | None = None  # 0..1 of the KV cache in use (TGI: reserved by the batch's budget)
     kv_capacity_tokens: int | None = None  # total KV cache, in tokens
     preemptions_total: int | None = None  # cumulative preemptions (a counter)
     prompt_tokens_total: int | None = None  # cumulative prefill tokens (a counter)
     generation_tokens_total: int | None = None  # cumulative generated tokens (a counter)
-    batch_tokens: int | None = None  # TGI: max tokens of the current batch
+    batch_tokens: int | None = None  # TGI: the running batch's token budget (inputs + max_new_tokens)
 
     @property
     def kv_used_tokens(self) -> int | None:
