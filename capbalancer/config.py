@@ -496,7 +496,7 @@ def merge_fleet(models: dict[str, ModelConfig], fleet: FleetDescription, timeout
         if pool is None:
             pool = ModelConfig(name=inst.model, policy=default_policy())
         b = BackendConfig(url=inst.url, name=inst.name, engine=inst.engine, profile_ref=inst.profile,
-                          profile=profile, api_key_env=inst.api_key_env, timeouts=timeouts)
+                          profile=profile, api_key_env=inst.api_key_env, timeouts=timeouts, gpu_group=inst.gpu_group)
         out[inst.model] = replace(pool, backends=(*pool.backends, b))
     return out
 

@@ -13,6 +13,11 @@ referenced from the proxy's config (`fleet: FILE`), so one file describes a flee
         model: llama-2-13b        # optional, overrides the top-level model
         time_scale: 1.0           # simulator only: >1 runs slower than the modelled GPU
         api_key_env: NAME         # optional: env var holding this instance's API key
+        gpu_group: gpu1           # optional: instances naming one group share one GPU (a name or a card index)
+
+Instances of one `gpu_group` are engines on one card (several vLLM processes, each with a fraction of its
+memory): the proxy's capacity model and the simulator make a step of one wait for the busy others' steps.
+They must be on one host and, for the simulator's shared clock, have one `time_scale`.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class InstanceSpec:
     profile: str | None = None  # profile name or path (resolved by capbalancer.profiling.library)
     time_scale: float = 1.0
     api_key_env: str | None = None
+    gpu_group: str | None = None  # instances with the same group share one GPU
 
     @property
     def url(self) -> str:
@@ -63,6 +69,8 @@ class FleetDescription:
                 row["time_scale"] = inst.time_scale
             if inst.api_key_env:
                 row["api_key_env"] = inst.api_key_env
+            if inst.gpu_group is not None:
+                row["gpu_group"] = inst.gpu_group
             out.append(row)
         return {"instances": out}
 
@@ -82,7 +90,7 @@ def parse_fleet(data: Any, where: str = "<fleet>") -> FleetDescription:
         if not isinstance(row, dict):
             raise FleetError(f"{path}: must be a mapping")
         unknown = sorted(set(row) - {"name", "engine", "model", "host", "port", "profile", "time_scale",
-                                     "api_key_env"})
+                                     "api_key_env", "gpu_group"})
         if unknown:
             raise FleetError(f"{path}.{unknown[0]}: unknown key")
         name = row.get("name", f"instance-{i}")
@@ -113,11 +121,40 @@ def parse_fleet(data: Any, where: str = "<fleet>") -> FleetDescription:
         api_key_env = row.get("api_key_env")
         if api_key_env is not None and not isinstance(api_key_env, str):
             raise FleetError(f"{path}.api_key_env: must be an environment variable name")
+        gpu_group = row.get("gpu_group")
+        if isinstance(gpu_group, int) and not isinstance(gpu_group, bool) and gpu_group >= 0:
+            gpu_group = str(gpu_group)  # a card index names the group as well as a string
+        elif gpu_group is not None and (not isinstance(gpu_group, str) or not gpu_group):
+            raise FleetError(f"{path}.gpu_group: must be a group name or a GPU index (an integer >= 0), "
+                             f"got {gpu_group!r}")
         seen_names.add(name)
         seen_addrs.add((host, port))
         instances.append(InstanceSpec(name=name, engine=engine, model=model, host=host, port=port,
-                                      profile=profile, time_scale=float(time_scale), api_key_env=api_key_env))
+                                      profile=profile, time_scale=float(time_scale), api_key_env=api_key_env,
+                                      gpu_group=gpu_group))
+    _check_gpu_groups(instances, where)
     return FleetDescription(instances=tuple(instances), source=where)
+
+
+def _check_gpu_groups(instances: list[InstanceSpec], where: str) -> None:
+    """Engines sharing a GPU run on one machine, and the simulator runs them on one clock."""
+    first: dict[str, tuple[int, InstanceSpec]] = {}
+    for i, inst in enumerate(instances):
+        if inst.gpu_group is None:
+            continue
+        if inst.gpu_group not in first:
+            first[inst.gpu_group] = (i, inst)
+            continue
+        j, other = first[inst.gpu_group]
+        path = f"{where}: instances[{i}].gpu_group"
+        if inst.host != other.host:
+            raise FleetError(f"{path}: group {inst.gpu_group!r} spans hosts {other.host} (instances[{j}] "
+                             f"{other.name!r}) and {inst.host}: engines sharing a GPU run on one machine "
+                             f"(name groups per machine, e.g. '{inst.host}:0')")
+        if inst.time_scale != other.time_scale:
+            raise FleetError(f"{path}: group {inst.gpu_group!r} mixes time_scale {other.time_scale:g} "
+                             f"(instances[{j}] {other.name!r}) and {inst.time_scale:g}: engines sharing a GPU "
+                             f"must run at one speed")
 
 
 def load_fleet(path: str | Path) -> FleetDescription:

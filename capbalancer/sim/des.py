@@ -15,6 +15,11 @@ ticks are one event heap. Statistics come from `capbalancer.loadtest.stats`, so 
 load-test report (no ITL: the runner does not time single tokens; TPOT is the per-token figure). Per
 instance: `share` of the requests, `utilisation` = fraction of the run the engine was executing steps
 (busy, not "full": a busy engine may still have room), `preemptions`, `steps`.
+
+Instances with the same `gpu_group` share one GPU (capbalancer/sim/gpu_share.py): each step waits for the
+busy siblings' steps. A sibling's change moves an engine's next event; the runner reschedules it at once.
+The scheduler is told the groups too (BackendSpec.gpu_group) unless `DesOptions.gpu_groups_to_scheduler`
+is off: the contention is then simulated but hidden from it (an ablation).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from capbalancer.sched.types import (
     Route,
 )
 from capbalancer.sim.engine import EngineConfig, EngineModel, Finished, FirstToken, SimRequest
+from capbalancer.sim.gpu_share import share_gpus
 from capbalancer.sim.workload import DesRequest, DesWorkload, generate_requests, parse_workload
 
 # Heap event kinds, in the order they run at equal times: completions free room before arrivals look
@@ -58,6 +64,7 @@ class DesInstance:
     profile: Profile
     model: str = "sim"
     engine: str = "vllm"
+    gpu_group: str | None = None  # instances naming the same group share one GPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +79,7 @@ class DesOptions:
     stale_after_s: float = 3.0
     seed: int = 0  # the scheduler's own seed (random policies)
     max_sim_seconds: float = 1e7  # safety stop
+    gpu_groups_to_scheduler: bool = True  # False: engines still share their GPUs, the scheduler is not told
 
 
 @dataclass(slots=True)
@@ -107,8 +115,17 @@ def instances_from_fleet(fleet: FleetDescription | str | Path, apply_time_scale:
         profile = resolve_profile(inst.profile, base)
         if apply_time_scale and inst.time_scale != 1.0:
             profile = dataclasses.replace(profile, step=profile.step.scaled(inst.time_scale))
-        out.append(DesInstance(inst.name, profile, inst.model, inst.engine))
+        out.append(DesInstance(inst.name, profile, inst.model, inst.engine, inst.gpu_group))
     return out
+
+
+def _gpu_groups(instances: Sequence[DesInstance], engines: Sequence[EngineModel]) -> dict[str, list[EngineModel]]:
+    """The engines of each gpu_group that has more than one instance (one alone has nothing to share)."""
+    groups: dict[str, list[EngineModel]] = {}
+    for inst, eng in zip(instances, engines, strict=True):
+        if inst.gpu_group is not None:
+            groups.setdefault(inst.gpu_group, []).append(eng)
+    return {g: engs for g, engs in groups.items() if len(engs) > 1}
 
 
 def _as_instances(fleet: FleetDescription | str | Path | Sequence[DesInstance] | Sequence[tuple[str, Profile]]
@@ -138,11 +155,18 @@ class _Run:
             [PoolSettings(name=m, policy=policy, policy_options=dict(opts.policy_options),
                           default_max_tokens=opts.default_max_tokens, hold_max_requests=opts.hold_max_requests,
                           hold_timeout_s=opts.hold_timeout_s) for m in models],
-            [BackendSpec(backend_id=i.name, pool=i.model, url=f"sim://{i.name}", engine=i.engine, profile=i.profile)
+            [BackendSpec(backend_id=i.name, pool=i.model, url=f"sim://{i.name}", engine=i.engine, profile=i.profile,
+                         gpu_group=i.gpu_group if opts.gpu_groups_to_scheduler else None)
              for i in instances],
             health=HealthSettings(stale_after_s=opts.stale_after_s), seed=opts.seed)
         self.engines = [EngineModel(EngineConfig.from_profile(i.profile)) for i in instances]
         self.index_of = {i.name: k for k, i in enumerate(instances)}
+        # Engines whose next event a GPU sibling moved: rescheduled after the event that moved it.
+        self.moved: set[int] = set()
+        groups = _gpu_groups(instances, self.engines)
+        if groups:
+            engine_index = {id(e): k for k, e in enumerate(self.engines)}
+            share_gpus(groups, lambda eng, _now: self.moved.add(engine_index[id(eng)]))
         self.heap: list[tuple[float, int, int, int, int]] = []
         self.seq = 0
         self.scheduled_at: list[float | None] = [None] * len(instances)
@@ -295,6 +319,9 @@ class _Run:
                 self.handle_sched_events(self.sched.tick(now), now)
                 self.ensure_tick()
                 self.push(now + self.opts.poll_interval_s, _POLL)
+            moved = self.moved
+            while moved:
+                self.reschedule(moved.pop())  # may compose a plan, which may move a sibling again
         return now
 
 
@@ -398,17 +425,84 @@ def instance_capacity(profile: Profile, workload: DesWorkload | str | dict[str, 
             "preemptions": float(eng.preemptions_total)}
 
 
+def shared_gpu_capacity(profiles: Sequence[Profile], workload: DesWorkload | str | dict[str, Any], n: int = 2000
+                        ) -> list[dict[str, float]]:
+    """Engines sharing one GPU, each kept saturated by its own closed loop at once (as `instance_capacity`
+    keeps one): each one's throughput while all of them are busy, the group's best static split. Every
+    engine runs until each has completed n requests; the window runs from the latest 10th-percentile
+    completion (each engine's n/10-th) to the moment the last engine completed its n-th, so that every
+    engine was saturated throughout it."""
+    wl = workload if isinstance(workload, DesWorkload) else parse_workload(workload)
+    engines = [EngineModel(EngineConfig.from_profile(p)) for p in profiles]
+    share_gpus({"gpu": engines})
+    loops = []
+    for p in profiles:
+        conc = min(p.max_num_seqs * 2, max(16, n // 4))
+        spec = parse_workload({**_workload_keys(wl), "n": n, "concurrency": conc, "rate": "inf"})
+        loops.append((conc, generate_requests(spec, min(p.max_model_len, p.kv_capacity_tokens))))
+    finishes: list[list[tuple[float, int]]] = [[] for _ in engines]
+    sent = [0] * len(engines)
+
+    def add(k: int, now: float) -> None:
+        reqs = loops[k][1]
+        r = reqs[sent[k] % len(reqs)]
+        sid = f"{k}-{sent[k]}"
+        sent[k] += 1
+        collect(k, engines[k].add_request(SimRequest(sid, r.prompt_tokens, r.output_tokens, r.max_tokens, now),
+                                          now))
+
+    def collect(k: int, events: list) -> None:
+        for ev in events:
+            if isinstance(ev, Finished):
+                finishes[k].append((ev.time_s, ev.output_tokens))
+                add(k, ev.time_s)  # the closed loop: a new request as soon as one ends
+
+    for k, (conc, _) in enumerate(loops):
+        for _ in range(conc):
+            add(k, 0.0)
+    while min(len(f) for f in finishes) < n:
+        times = [e.next_event_s() for e in engines]
+        k = min(range(len(engines)), key=lambda j: math.inf if times[j] is None else times[j])
+        if times[k] is None:
+            break
+        collect(k, engines[k].advance_to(times[k]))
+    lo = max(f[n // 10][0] for f in finishes)
+    hi = max(f[n - 1][0] for f in finishes)
+    out = []
+    for k, f in enumerate(finishes):
+        window = [tok for t, tok in f if lo < t <= hi]
+        span = hi - lo
+        out.append({"request_throughput": len(window) / span if span > 0 else math.inf,
+                    "output_throughput": sum(window) / span if span > 0 else math.inf,
+                    "preemptions": float(engines[k].preemptions_total)})
+    return out
+
+
 def ideal_throughput(fleet: FleetDescription | str | Path | Sequence[DesInstance] | Sequence[tuple[str, Profile]],
                      workload: DesWorkload | str | dict[str, Any], n: int = 2000) -> dict[str, Any]:
     """The fleet's "ideal": the sum of each instance's own saturated throughput (instance_capacity), with
-    the per-instance figures. Instances that share a profile are measured once."""
+    the per-instance figures. Instances that share a profile are measured once. Instances sharing a GPU
+    (gpu_group) are measured together, all saturated at once (shared_gpu_capacity)."""
     per_profile: dict[str, dict[str, float]] = {}
     per_instance: dict[str, dict[str, float]] = {}
-    for inst in _as_instances(fleet):
+    instances = _as_instances(fleet)
+    grouped: dict[str, list[DesInstance]] = {}
+    for inst in instances:
+        if inst.gpu_group is not None:
+            grouped.setdefault(inst.gpu_group, []).append(inst)
+    for members in grouped.values():
+        if len(members) > 1:
+            for inst, cap in zip(members, shared_gpu_capacity([m.profile for m in members], workload, n=n),
+                                 strict=True):
+                per_instance[inst.name] = cap
+    for inst in instances:
+        if inst.name in per_instance:
+            continue
         key = inst.profile.name
         if key not in per_profile:
             per_profile[key] = instance_capacity(inst.profile, workload, n=n)
         per_instance[inst.name] = per_profile[key]
+    per_instance = {i.name: per_instance[i.name] for i in instances}
     return {"request_throughput": sum(c["request_throughput"] for c in per_instance.values()),
             "output_throughput": sum(c["output_throughput"] for c in per_instance.values()),
             "instances": per_instance}

@@ -18,6 +18,9 @@ per-token events (the HTTP front, where real time bounds it anyway).
 
 Step semantics: a step is planned (composed) at its start time and applied at its end; requests added
 while it runs join at the next step, as on a real engine.
+
+Engines sharing one GPU (`share_gpu`, fleet `gpu_group`): each step also waits for the busy siblings'
+current steps (capbalancer/sim/gpu_share.py has the model); an engine on a GPU of its own is untouched.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from capbalancer.fleet.snapshot import EngineSnapshot
 from capbalancer.profiling.schema import Profile, StepTimeModel
+from capbalancer.sim.gpu_share import GpuMember, SharedGpu
 
 
 class RequestTooLong(ValueError):
@@ -144,6 +149,8 @@ class _Plan:
     first_step_s: float = 0.0
     ctx_growth_s: float = 0.0
     epoch_at_start: int = 0
+    # The first step's own (solo) time: first_step_s less the GPU siblings' share (equal without siblings).
+    own_step_s: float = 0.0
 
 
 class EngineModel:
@@ -182,6 +189,28 @@ class EngineModel:
         self.requests_finished_total = 0
         self.busy_seconds = 0.0
         self.steps_total = 0
+        self._gpu: GpuMember | None = None  # set by share_gpu: this engine's place on a shared GPU
+
+    def share_gpu(self, gpu: SharedGpu, on_change: Callable[[float], None] | None = None) -> None:
+        """Run on `gpu` with the other engines that joined it: each step of this engine then also waits for
+        the busy siblings' steps. `on_change(now)` tells the driver that a sibling moved this engine's next
+        event (`next_event_s`) at model time `now`. Join before the first request."""
+        if self._gpu is not None:
+            raise ValueError("this engine already shares a GPU")
+        self._gpu = gpu.join(self, on_change)
+
+    def sibling_changed(self, now: float) -> None:
+        """A sibling on this engine's GPU changed its step time at `now`: a plan not started yet takes the
+        new figure; a run under way is cut after the step in flight, and the rest is recomposed with it."""
+        plan = self._plan
+        if plan is None or self._gpu is None:
+            return
+        if plan.start_s >= now:
+            plan.first_step_s = plan.own_step_s + self._gpu.extra_step_seconds()
+            plan.end_s = plan.start_s + self._run_seconds(plan.first_step_s, plan.ctx_growth_s, plan.steps)
+        else:
+            # A step of the run that starts exactly now is not under way: it takes the new figure too.
+            self._cut_run(now, keep_step_starting_now=False)
 
     # ------------------------------------------------------------------------------------ inputs
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
@@ -210,6 +239,8 @@ class EngineModel:
         if request_id not in self.running:
             self.waiting.remove(req)
             del self.requests[request_id]
+            if self._gpu is not None and self.is_idle():
+                self._gpu.publish(None, 0.0, now)
             return events
         if not req.aborted:
             req.aborted = True
@@ -230,6 +261,8 @@ class EngineModel:
                 plan = self._compose(now)
                 if plan is None:
                     self.clock_s = max(self.clock_s, now)
+                    if self._gpu is not None:
+                        self._gpu.publish(None, 0.0, self.clock_s)
                     return events
             if plan.end_s > now:
                 return events
@@ -301,13 +334,17 @@ class EngineModel:
         assert len(self.running) <= self.config.max_num_seqs
 
     # ------------------------------------------------------------------------------------ internals
-    def _cut_run(self, now: float) -> None:
-        """A multi-step run in flight is cut to the step running at `now`: composition may change after it."""
+    def _cut_run(self, now: float, keep_step_starting_now: bool = True) -> None:
+        """A multi-step run in flight is cut to the step running at `now`: composition may change after it.
+        A step that starts exactly at `now` stays in the run unless `keep_step_starting_now` is False."""
         plan = self._plan
         if plan is None or plan.steps <= 1:
             return
         done = self._steps_within(plan.first_step_s, plan.ctx_growth_s, now - plan.start_s, plan.steps)
         keep = min(plan.steps, done + 1)
+        if (not keep_step_starting_now and 0 < done < plan.steps
+                and plan.start_s + self._run_seconds(plan.first_step_s, plan.ctx_growth_s, done) == now):
+            keep = done
         if keep == plan.steps:
             return
         plan.blocks = self._blocks_over(plan.epoch_at_start, keep) if plan.decode_seqs else 0
@@ -399,12 +436,15 @@ class EngineModel:
             steps = self._max_steps_for_blocks(self.epoch, self.free_blocks, limit)
             if steps >= 1:
                 ctx = self._decode_ctx_base + n * self.epoch
-                first = cfg.step.step_seconds(0, n, ctx)
+                own = first = cfg.step.step_seconds(0, n, ctx)
+                if self._gpu is not None:
+                    self._gpu.publish((0, n), own, start)
+                    first = own + self._gpu.extra_step_seconds()
                 growth = cfg.step.context_seconds_per_token * n
                 blocks = self._blocks_over(self.epoch, steps)
                 self.free_blocks -= blocks
                 plan = _Plan(start_s=start, steps=steps, decode_seqs=n, blocks=blocks, first_step_s=first,
-                             ctx_growth_s=growth, epoch_at_start=self.epoch,
+                             ctx_growth_s=growth, epoch_at_start=self.epoch, own_step_s=own,
                              end_s=start + self._run_seconds(first, growth, steps))
                 self._plan = plan
                 return plan
@@ -490,8 +530,12 @@ class EngineModel:
             # Nothing could be scheduled (every request waits for blocks that nothing will free): should not
             # happen with max_model_len <= cache size; take an idle step rather than spin.
             dt = max(dt, cfg.step.fixed_seconds, 1e-6)
+        own = dt
+        if self._gpu is not None:
+            self._gpu.publish((prefill_tokens, n), own, start)
+            dt = own + self._gpu.extra_step_seconds()
         plan = _Plan(start_s=start, steps=1, end_s=start + dt, decode_seqs=n, chunks=chunks, blocks=blocks,
-                     first_step_s=dt, epoch_at_start=self.epoch)
+                     first_step_s=dt, epoch_at_start=self.epoch, own_step_s=own)
         self._plan = plan
         return plan
 
