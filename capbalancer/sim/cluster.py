@@ -15,6 +15,7 @@ from aiohttp import web
 from capbalancer.fleet.description import FleetDescription, InstanceSpec
 from capbalancer.profiling.library import resolve_profile
 from capbalancer.profiling.schema import Profile
+from capbalancer.sim.gpu_share import SharedGpu
 from capbalancer.sim.http.instance import SimInstance
 from capbalancer.sim.http.sglang import build_sglang_app
 from capbalancer.sim.http.tgi import build_tgi_app
@@ -76,8 +77,9 @@ class SimCluster:
         self.served.clear()
 
 
-def instance_for(spec: InstanceSpec, profile: Profile, seed: int = 0) -> SimInstance:
-    return SimInstance(profile, engine_kind=spec.engine, model=spec.model, time_scale=spec.time_scale, seed=seed)
+def instance_for(spec: InstanceSpec, profile: Profile, seed: int = 0, gpu: SharedGpu | None = None) -> SimInstance:
+    return SimInstance(profile, engine_kind=spec.engine, model=spec.model, time_scale=spec.time_scale, seed=seed,
+                       gpu=gpu)
 
 
 def fleet_base_dir(fleet: FleetDescription) -> Path | None:
@@ -87,9 +89,13 @@ def fleet_base_dir(fleet: FleetDescription) -> Path | None:
 
 
 async def serve_fleet(fleet: FleetDescription, names: Iterable[str] | None = None, seed: int = 0) -> SimCluster:
-    """Start every instance of `fleet` (or those named) on its own host:port."""
+    """Start every instance of `fleet` (or those named) on its own host:port; instances of one gpu_group
+    share one simulated GPU (capbalancer/sim/gpu_share.py)."""
     wanted = set(names) if names is not None else None
     base = fleet_base_dir(fleet)
+    served_groups = [s.gpu_group for s in fleet.instances
+                     if s.gpu_group is not None and (wanted is None or s.name in wanted)]
+    gpus = {g: SharedGpu(g) for g in dict.fromkeys(served_groups) if served_groups.count(g) > 1}
     cluster = SimCluster()
     try:
         for k, spec in enumerate(fleet.instances):
@@ -100,7 +106,8 @@ async def serve_fleet(fleet: FleetDescription, names: Iterable[str] | None = Non
             if spec.engine not in SIM_ENGINES + ("openai",):
                 raise ValueError(f"{fleet.source}: instance {spec.name!r}: engine {spec.engine!r} cannot be simulated")
             profile = resolve_profile(spec.profile, base)
-            await cluster.add(spec.name, instance_for(spec, profile, seed + k), spec.host, spec.port)
+            gpu = gpus.get(spec.gpu_group) if spec.gpu_group is not None else None
+            await cluster.add(spec.name, instance_for(spec, profile, seed + k, gpu), spec.host, spec.port)
     except BaseException:
         await cluster.stop()
         raise

@@ -4,6 +4,10 @@ The engine runs on modelled time; real time = modelled time x `time_scale` (5 = 
 the modelled GPU). Everything the instance reports in seconds (latency histograms) is in real seconds,
 i.e. scaled, so that what clients and the proxy measure and what /metrics says agree: a sim instance at
 time_scale X looks exactly like a GPU X times slower than its profile.
+
+Instances sharing a GPU (`gpu=SharedGpu`, fleet `gpu_group`) run on one clock: the group's first instance to
+start sets the time origin of all, and they must have one time scale. A sibling's change of step time wakes
+this instance's step loop, whose next step end it moved.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from capbalancer.sim.engine import (
     Token,
     output_length,
 )
+from capbalancer.sim.gpu_share import SharedGpu
 from capbalancer.sim.http.metrics import Histogram
 
 # Bucket bounds as vLLM's v1 Prometheus logger sets them (vllm/v1/metrics/loggers.py).
@@ -75,7 +80,7 @@ class InstanceMetrics:
 class SimInstance:
     def __init__(self, profile: Profile, *, engine_kind: str = "vllm", model: str = "sim",
                  time_scale: float = 1.0, seed: int = 0, eos_mean_tokens: float = 200.0,
-                 max_concurrent_requests: int | None = None) -> None:
+                 max_concurrent_requests: int | None = None, gpu: SharedGpu | None = None) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         self.profile = profile
@@ -92,11 +97,18 @@ class SimInstance:
         self._t0: float | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self.gpu = gpu
+        if gpu is not None:
+            self.engine.share_gpu(gpu, self._sibling_moved)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._t0 = loop.time()
+        if self.gpu is not None:
+            if self.gpu.origin_s is None:
+                self.gpu.origin_s = self._t0
+            self._t0 = self.gpu.origin_s
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._step_loop(), name=f"sim-steps-{self.model}")
 
@@ -152,6 +164,10 @@ class SimInstance:
         self._dispatch(self.engine.abort(request_id, self.model_now()))
         assert self._wake is not None
         self._wake.set()
+
+    def _sibling_moved(self, _now: float) -> None:
+        if self._wake is not None:
+            self._wake.set()
 
     # --- the step loop ---------------------------------------------------------------------------
     async def _step_loop(self) -> None:
