@@ -257,3 +257,12 @@ def test_fleet_groups_reach_the_des_instances_and_the_proxy_config(tmp_path):
     cfg = parse_config({"fleet": str(fleet_file)}, where="cfg.yaml", base_dir=tmp_path)
     specs = cfg.models["m"].backend_specs()
     assert [s.gpu_group for s in specs] == [None, "g1", "g1"]
+
+
+def test_the_shipped_shared_gpu_fleet_mirrors_the_real_gpu_layout():
+    fleet = Path(__file__).resolve().parent.parent / "deploy" / "fleets" / "h200-x2-shared.yaml"
+    a, b, c = instances_from_fleet(fleet)
+    assert [i.gpu_group for i in (a, b, c)] == ["gpu0", "gpu1", "gpu1"]
+    assert b.profile.step == c.profile.step == a.profile.step  # one model, one GPU kind, measured alone
+    assert a.profile.kv_capacity_tokens > b.profile.kv_capacity_tokens > 5 * c.profile.kv_capacity_tokens
+    assert (b.profile.gpu_memory_utilization, c.profile.gpu_memory_utilization) == (0.45, 0.14)

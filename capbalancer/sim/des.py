@@ -65,6 +65,7 @@ class DesInstance:
     model: str = "sim"
     engine: str = "vllm"
     gpu_group: str | None = None  # instances naming the same group share one GPU
+    weight: float | None = None  # the `weighted` policy's static weight (None: from the profile)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +157,7 @@ class _Run:
                           default_max_tokens=opts.default_max_tokens, hold_max_requests=opts.hold_max_requests,
                           hold_timeout_s=opts.hold_timeout_s) for m in models],
             [BackendSpec(backend_id=i.name, pool=i.model, url=f"sim://{i.name}", engine=i.engine, profile=i.profile,
-                         gpu_group=i.gpu_group if opts.gpu_groups_to_scheduler else None)
+                         gpu_group=i.gpu_group if opts.gpu_groups_to_scheduler else None, weight=i.weight)
              for i in instances],
             health=HealthSettings(stale_after_s=opts.stale_after_s), seed=opts.seed)
         self.engines = [EngineModel(EngineConfig.from_profile(i.profile)) for i in instances]
