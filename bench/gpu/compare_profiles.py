@@ -41,14 +41,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layout", default="x2")
     ap.add_argument("--gpu", default="h200")
-    ap.add_argument("profiles", nargs="+", help="measured profile files named <instance>.yaml")
+    ap.add_argument("profiles", nargs="+", help="measured profile files named <instance>.yaml or m8b-<instance>.yaml")
     a = ap.parse_args()
     shared = roofline_for_layout(a.layout, a.gpu, True)
     whole = roofline_for_layout(a.layout, a.gpu, False)
     print("| instance | quantity | measured | roofline (its share) | error | roofline (whole GPU) | error |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for path in a.profiles:
-        name = Path(path).stem
+        name = Path(path).stem.removeprefix("m8b-")  # A.yaml or profiles/measured/.../m8b-A.yaml
         m = load_profile(path)
         pm, ps, pw = predictions(m), predictions(shared[name]), predictions(whole[name])
         for k in pm:
