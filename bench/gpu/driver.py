@@ -639,6 +639,16 @@ class Bench:
                 log("plan complete")
         finally:
             self.pack()
+            if self.a.mode == "sim":
+                self.stop_instances()  # real engines run on for the next call; simulated ones restart in a second
+
+    def stop_instances(self) -> None:
+        for inst in self.instances:
+            pid_file = self.logs / f"{inst['name']}.pid"
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
 
     def pack(self, quiet: bool = False) -> None:
         tar_path = self.out / "res.tar.gz"  # cumulative: everything in WORK so far

@@ -10,7 +10,9 @@ exec > >(tee $OUT/install.log) 2>&1
 echo "== install $(date -u)"; nvidia-smi --query-gpu=index,name,memory.total,memory.used,driver_version --format=csv
 python3 -V; nproc; free -g | head -2
 for p in aiohttp uvloop numpy yaml prometheus_client click tqdm orjson; do python3 -c "import $p; print('have $p', getattr($p,'__version__',''))" 2>&1 | tail -1; done
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/cbsite .vw1/orjson-*.whl && echo "orjson -> /root/cbsite"
+# capbalancer's dependencies missing from the GPU image (orjson, httptools): wheels from prepare.sh (.vw1) or .whl/
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/cbsite \
+  $(ls .vw1/*.whl .whl/*.whl 2>/dev/null) && echo "wheels -> /root/cbsite: $(ls /root/cbsite | grep -c dist-info)"
 cd /root/site
 # wait on the jobs' own PIDs: a bare `wait` would also wait for the `tee` of the exec line above, forever
 # (that hang cost a whole 400 s call on 2026-11-21)
@@ -25,7 +27,7 @@ fi
 # .pyc for vLLM's tree and deps: each server start imports it (about 25 s of its start is Python imports)
 ( python3 -m compileall -q -j 16 /root/site >/dev/null 2>&1; echo "compileall rc=$? t=$(( $(date +%s)-T0 ))s" ) & P4=$!
 wait $P3 $P4
-PYTHONPATH=$R:/root/cbsite python3 -c "import capbalancer, orjson; print('capbalancer', capbalancer.__version__, 'orjson', orjson.__version__)"
+PYTHONPATH=$R:/root/cbsite python3 -c "import capbalancer, orjson, httptools; import capbalancer.server.app; print('capbalancer', capbalancer.__version__, 'orjson', orjson.__version__, 'httptools', httptools.__version__)"
 PYTHONPATH=/root/site timeout 120 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, 'gpus', torch.cuda.device_count())"
 ls -la /root/m8b | head -20; df -h /root | tail -1
 echo "install done in $(( $(date +%s)-T0 ))s"
