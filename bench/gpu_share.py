@@ -46,6 +46,9 @@ CLOSED_LOOPS = (256, 1024)
 RATE_FRACTIONS = (0.75, 0.95, 1.10)
 ABLATION = "capacity-indep"
 WITH_SLO = "capacity-slo"
+# capacity (told) with only the TTFT objective (`ttft_slo_ms: 1000`, serve's hold defaults); not in the default
+# list: `--policies capacity,capacity-ttft` (RESULTS §10: no effect in the DES)
+WITH_TTFT = "capacity-ttft"
 POLICIES = ("capacity", ABLATION, WITH_SLO, "round_robin", "least_requests", "least_kv", "llm_d", "weighted")
 STATIC_SPLIT_WEIGHTS = {"A": 2.0, "B": 1.0, "C": 1.0}  # a whole GPU, half a GPU each
 
@@ -61,6 +64,9 @@ def options(policy: str) -> DesOptions:
     if policy == WITH_SLO:
         return DesOptions(poll_interval_s=1.0, slo=SLO, hold_timeout_s=SLO.ttft_ms / 1000.0, hold_max_requests=1024,
                           policy_options={"tpot_slo_ms": SLO.tpot_ms})
+    if policy == WITH_TTFT:
+        return DesOptions(poll_interval_s=1.0, slo=SLO, hold_timeout_s=30.0, hold_max_requests=1024,
+                          policy_options={"ttft_slo_ms": SLO.ttft_ms})
     return DesOptions(poll_interval_s=1.0, slo=SLO, hold_timeout_s=30.0, hold_max_requests=1024,
                       gpu_groups_to_scheduler=policy != ABLATION)
 
@@ -78,7 +84,7 @@ def steady_throughput(records: list[Any]) -> tuple[float, float]:
 
 def run_one(task: tuple[str, str, str, int]) -> dict[str, Any]:
     policy, load, workload, seed = task
-    engine_policy = "capacity" if policy in (ABLATION, WITH_SLO) else policy
+    engine_policy = "capacity" if policy in (ABLATION, WITH_SLO, WITH_TTFT) else policy
     result = run_des(fleet_instances(policy), workload, engine_policy, options(policy), seed=seed)
     s = result.summary
     row = {"policy": policy, "load": load, "seed": seed, "workload": workload,

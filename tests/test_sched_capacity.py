@@ -4,8 +4,9 @@ import pytest
 
 from capbalancer.fleet.snapshot import EngineSnapshot
 from capbalancer.profiling.schema import Profile, StepTimeModel
+from capbalancer.sched.capacity import CapacityModel, CapacitySettings
 from capbalancer.sched.scheduler import Scheduler
-from capbalancer.sched.types import BackendSpec, Demand, Dispatch, Hold, PoolSettings, Route
+from capbalancer.sched.types import BackendSpec, Demand, Dispatch, HealthSettings, Hold, PoolSettings, Route
 
 
 def profile(name, step_scale=1.0, kv_tokens=100_000, max_num_seqs=256):
@@ -213,3 +214,20 @@ def test_calibration_does_not_learn_the_neighbours_contention_twice():
         sched.finish(d.request_id, now + 0.05 + 100 * (own_step + c_step), output_tokens=101)
         now += 60.0
     assert state.tpot_correction.value == pytest.approx(1.0, abs=0.1)
+
+
+def test_ttft_objective_holds_requests_instead_of_queueing_prefill_on_a_fast_decoder():
+    # One fast-decoding backend; long prompts pile up prefill there. With a 1 s TTFT objective the proxy
+    # holds what could not start within it instead of letting it queue inside the engine.
+    prof = profile("a", 1.0, kv_tokens=10_000_000)
+    free = make([("a", prof)])
+    bounded = make([("a", prof)], ttft_slo_ms=1000)
+    for sched in (free, bounded):
+        decisions = [sched.submit(demand(i, prompt=2000), 0.0) for i in range(60)]
+        sched.routed = sum(isinstance(d, Route) for d in decisions)
+    assert free.routed == 60
+    # Each 2,000-token prompt costs 0.2 s of prefill on top of its chunk's decode step: about five fit in 1 s.
+    assert 3 <= bounded.routed <= 6
+    model = CapacityModel(HealthSettings(), CapacitySettings(ttft_slo_s=1.0))
+    est = model.estimate(bounded.backends["a"], demand(99, prompt=2000), 200, 0.0)
+    assert est.ttft_s > 1.0 and not est.admits

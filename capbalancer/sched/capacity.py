@@ -44,6 +44,9 @@ class CapacitySettings:
     # memory-bound A100 at 0.98); a TPOT objective (`tpot_slo_s`) bounds the batch for latency instead.
     knee_throughput_fraction: float = 1.0
     tpot_slo_s: float | None = None  # admit only while predicted TPOT stays under this
+    # Admit only while the predicted time to first token stays under this: without it the e2e score accepts a
+    # long prefill queue on a fast-decoding backend (measured on 2x H200: 96 requests waiting inside vLLM).
+    ttft_slo_s: float | None = None
     ttft_weight: float = 1.0  # weight of TTFT against the rest of e2e in the routing score
     calibrate: bool = True
 
@@ -169,6 +172,10 @@ class CapacityModel:
             # Seats free at the rate sequences finish: seats / (expected output × TPOT) per second.
             seat_wait_s = waiting_ahead * max(1, expected_output_tokens) * tpot_s / seats
         ttft_s = prefill_s + seat_wait_s
+        if s.ttft_slo_s is not None and seqs_now > 0 and ttft_s > s.ttft_slo_s:
+            fits_compute = False
+            if not full:
+                return None
         e2e_s = s.ttft_weight * ttft_s + max(0, expected_output_tokens - 1) * tpot_s
         if not full:
             if deadline_s is not None and now + ttft_s > deadline_s:

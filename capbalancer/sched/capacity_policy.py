@@ -19,7 +19,7 @@ from capbalancer.sched.policies import PolicyContext, register
 from capbalancer.sched.types import Demand
 
 OPTION_NAMES = ("kv_growth_reserve", "kv_high_watermark", "knee_throughput_fraction", "tpot_slo_ms",
-                "ttft_weight", "calibrate", "hold")
+                "ttft_slo_ms", "ttft_weight", "calibrate", "hold")
 
 
 def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, bool]:
@@ -28,11 +28,13 @@ def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, 
         raise ValueError(f"unknown capacity option(s) {', '.join(unknown)}; known: {', '.join(OPTION_NAMES)}")
     defaults = CapacitySettings()
     tpot_slo_ms = options.get("tpot_slo_ms")
+    ttft_slo_ms = options.get("ttft_slo_ms")
     settings = CapacitySettings(
         kv_growth_reserve=float(options.get("kv_growth_reserve", defaults.kv_growth_reserve)),
         kv_high_watermark=float(options.get("kv_high_watermark", defaults.kv_high_watermark)),
         knee_throughput_fraction=float(options.get("knee_throughput_fraction", defaults.knee_throughput_fraction)),
         tpot_slo_s=None if tpot_slo_ms is None else float(tpot_slo_ms) / 1000.0,
+        ttft_slo_s=None if ttft_slo_ms is None else float(ttft_slo_ms) / 1000.0,
         ttft_weight=float(options.get("ttft_weight", defaults.ttft_weight)),
         calibrate=bool(options.get("calibrate", 1)),
     )
