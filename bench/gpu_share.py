@@ -35,6 +35,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from des_rows import des_row, steady_throughput  # bench/ is on sys.path when run as a script
+
 from capbalancer.loadtest.stats import Slo
 from capbalancer.sim.des import DesInstance, DesOptions, ideal_throughput, instances_from_fleet, run_des
 
@@ -71,32 +73,13 @@ def options(policy: str) -> DesOptions:
                       gpu_groups_to_scheduler=policy != ABLATION)
 
 
-def steady_throughput(records: list[Any]) -> tuple[float, float]:
-    """(output tokens/s, requests/s) between the 10th and 90th percentile completion: the saturated middle of
-    a closed-loop run, without the ramp-up or the drain."""
-    done = sorted((r.start_s + r.e2el_s, r.output_tokens) for r in records if r.success and r.e2el_s is not None)
-    if len(done) < 10:
-        return 0.0, 0.0
-    lo, hi = done[len(done) // 10][0], done[(9 * len(done)) // 10 - 1][0]
-    window = [tok for t, tok in done if lo < t <= hi]
-    return (sum(window) / (hi - lo), len(window) / (hi - lo)) if hi > lo else (0.0, 0.0)
-
-
 def run_one(task: tuple[str, str, str, int]) -> dict[str, Any]:
     policy, load, workload, seed = task
     engine_policy = "capacity" if policy in (ABLATION, WITH_SLO, WITH_TTFT) else policy
     result = run_des(fleet_instances(policy), workload, engine_policy, options(policy), seed=seed)
-    s = result.summary
-    row = {"policy": policy, "load": load, "seed": seed, "workload": workload,
-           "completed": s.get("completed"), "failed": s.get("failed"),
-           "request_throughput": s.get("request_throughput"), "output_throughput": s.get("output_throughput"),
-           "request_goodput": s.get("request_goodput"), "slo_attainment": s.get("slo_attainment"),
-           "p50_ttft_ms": s.get("median_ttft_ms"), "p99_ttft_ms": s.get("p99_ttft_ms"),
-           "p50_tpot_ms": s.get("median_tpot_ms"), "p99_tpot_ms": s.get("p99_tpot_ms"),
-           "preemptions": s.get("preemptions"), "held": s.get("held"),
+    row = {"policy": policy, "load": load, "seed": seed, "workload": workload, **des_row(result),
            "share": {k: v.get("share") for k, v in result.instances.items()},
-           "preemptions_per_instance": {k: v.get("preemptions") for k, v in result.instances.items()},
-           "wall_s": result.wall_seconds}
+           "preemptions_per_instance": {k: v.get("preemptions") for k, v in result.instances.items()}}
     if load.startswith("closed"):
         row["steady_output_throughput"], row["steady_request_throughput"] = steady_throughput(result.records)
     return row

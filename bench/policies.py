@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from des_rows import des_row, steady_throughput  # bench/ is on sys.path when run as a script
+
 from capbalancer.loadtest.stats import Slo
 from capbalancer.profiling.library import resolve_profile
 from capbalancer.sched.policies import policy_names
@@ -88,30 +90,9 @@ def _run(args: tuple[str, str, str, int]) -> dict[str, Any]:
     cluster = next(c for c in CLUSTERS if c.name == cluster_name)
     saturation = "concurrency=" in workload
     result = run_des(cluster.des_instances(), workload, policy, _options(policy, saturation), seed=seed)
-    s = result.summary
-    return {
-        "cluster": cluster_name, "policy": policy, "workload": workload,
-        "completed": s.get("completed"), "failed": s.get("failed"),
-        "request_throughput": s.get("request_throughput"), "output_throughput": s.get("output_throughput"),
-        "request_goodput": s.get("request_goodput"), "slo_attainment": s.get("slo_attainment"),
-        "p50_ttft_ms": s.get("p50_ttft_ms"), "p99_ttft_ms": s.get("p99_ttft_ms"),
-        "p50_tpot_ms": s.get("p50_tpot_ms"), "p99_tpot_ms": s.get("p99_tpot_ms"),
-        "preemptions": s.get("preemptions"), "held": s.get("held"),
-        "share": {k: v.get("requests") for k, v in result.instances.items()},
-        "wall_s": result.wall_seconds,
-        "steady_output_throughput": steady_throughput(result.records),
-    }
-
-
-def steady_throughput(records: list[Any]) -> float:
-    """Output tokens per second between the 10th and 90th percentile completion: the saturated middle
-    of a run, without the ramp-up or the drain (when only the slowest instance is still working)."""
-    done = sorted((r.start_s + r.e2el_s, r.output_tokens) for r in records if r.success and r.e2el_s is not None)
-    if len(done) < 10:
-        return 0.0
-    lo, hi = done[len(done) // 10][0], done[(9 * len(done)) // 10 - 1][0]
-    tokens = sum(tok for t, tok in done if lo < t <= hi)
-    return tokens / (hi - lo) if hi > lo else 0.0
+    return {"cluster": cluster_name, "policy": policy, "workload": workload, **des_row(result),
+            "share": {k: v.get("requests") for k, v in result.instances.items()},
+            "steady_output_throughput": steady_throughput(result.records)[0]}
 
 
 def ideal_of(cluster: Cluster) -> dict[str, float]:
