@@ -109,6 +109,19 @@ async def wait_until(cond: Callable[[], bool], timeout_s: float = 5.0) -> float:
     return time.monotonic() - start
 
 
+async def while_one_request_runs(sink: RecordingSink, name: str, url: str, body: dict) -> None:
+    """Send one long request, return once a snapshot of `name` shows it running, then cancel it."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        req = asyncio.ensure_future(session.post(url, json=body))
+        t0 = time.monotonic()
+        await wait_until(lambda: any(s.running == 1 for s in sink.snaps(name, since=t0)), timeout_s=10)
+        req.cancel()
+        with contextlib.suppress(BaseException):
+            await req
+
+
 def monitor_for(targets: list[PollTarget], sink: RecordingSink, **kw) -> FleetMonitor:
     return FleetMonitor(targets, sink, interval_s=INTERVAL_S, timeout_s=TIMEOUT_S, **kw)
 
@@ -415,7 +428,6 @@ async def test_shared_session_is_not_closed() -> None:
 async def test_monitor_reads_simulated_engines_in_subprocesses(tmp_path: Path) -> None:
     """`capbalancer sim` serves each engine's API and metric names from a real subprocess; the monitor
     detects every engine and reads the same KV capacity from each engine's own metric names."""
-    import aiohttp
     import yaml
     from support import capbalancer, running
 
@@ -439,15 +451,8 @@ async def test_monitor_reads_simulated_engines_in_subprocesses(tmp_path: Path) -
                                                                   "o": "openai"}
             idle = {n: sink.snaps(n)[-1] for n in names}
             # a long request on the slowed-down vLLM instance shows up as running in a later snapshot
-            async with aiohttp.ClientSession() as session:
-                req = asyncio.ensure_future(session.post(
-                    f"http://127.0.0.1:{ports[0]}/v1/completions",
-                    json={"model": "m", "prompt": "hello " * 50, "max_tokens": 200, "ignore_eos": True}))
-                t0 = time.monotonic()
-                await wait_until(lambda: any(s.running == 1 for s in sink.snaps("v", since=t0)), timeout_s=10)
-                req.cancel()
-                with contextlib.suppress(BaseException):
-                    await req
+            await while_one_request_runs(sink, "v", f"http://127.0.0.1:{ports[0]}/v1/completions",
+                                         {"model": "m", "prompt": "hello " * 50, "max_tokens": 200, "ignore_eos": True})
         finally:
             await mon.stop()
     capacities = {n: idle[n].kv_capacity_tokens for n in "vts"}
@@ -461,7 +466,6 @@ async def test_monitor_reads_simulated_engines_in_subprocesses(tmp_path: Path) -
 async def test_tgi_kv_usage_is_the_batch_budget_over_capacity_on_a_simulated_tgi() -> None:
     """TGI has no KV gauge: the adapter reads KV use as the running batch's token budget (inputs +
     max_new_tokens, what TGI reserves) over `tgi_batch_max_total_tokens`, from a real TGI-shaped process."""
-    import aiohttp
     from support import capbalancer, running
 
     profile = DATA / "profiles" / "fast-13b.yaml"
@@ -473,14 +477,8 @@ async def test_tgi_kv_usage_is_the_batch_budget_over_capacity_on_a_simulated_tgi
         mon = monitor_for([PollTarget("t", base, "tgi")], sink)
         try:
             await mon.start()
-            async with aiohttp.ClientSession() as session:
-                req = asyncio.ensure_future(session.post(f"{base}/generate_stream", json={
-                    "inputs": "hello " * 50, "parameters": {"max_new_tokens": 500}}))
-                t0 = time.monotonic()
-                await wait_until(lambda: any(s.running == 1 for s in sink.snaps("t", since=t0)), timeout_s=10)
-                req.cancel()
-                with contextlib.suppress(BaseException):
-                    await req
+            await while_one_request_runs(sink, "t", f"{base}/generate_stream",
+                                         {"inputs": "hello " * 50, "parameters": {"max_new_tokens": 500}})
         finally:
             await mon.stop()
     busy = next(s for s in sink.snaps("t") if s.running == 1)
