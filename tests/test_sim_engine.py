@@ -189,3 +189,22 @@ def test_output_length_is_seeded_and_bounded():
     assert draws == [output_length(500, ignore_eos=False, seed=s) for s in range(200)]
     assert all(1 <= d <= 500 for d in draws)
     assert len(set(draws)) > 50  # a spread, not a constant
+
+
+def test_tgi_snapshot_is_what_the_live_adapter_reads_from_the_simulated_tgi_page():
+    # The discrete-event runner hands the scheduler engine.snapshot(); the live proxy parses the sim's /metrics.
+    # For TGI (no KV gauge) both must derive KV usage from the batch's token budget in the same way.
+    from capbalancer.fleet.adapters import snapshot_from_metrics
+    from capbalancer.sim.http.instance import SimInstance
+    from capbalancer.sim.http.tgi import TgiState, render_tgi_metrics
+
+    inst = SimInstance(profile("fast-13b"), engine_kind="tgi")
+    eng = inst.engine
+    for i in range(3):
+        eng.add_request(SimRequest(f"r{i}", 800, 300, 400, 0.0), 0.0)
+    eng.advance_to(0.05)
+    live = snapshot_from_metrics("tgi", render_tgi_metrics(TgiState(inst, 128)), 0.05)
+    des = eng.snapshot(0.05, "tgi")
+    assert des.batch_tokens == live.batch_tokens == 3 * (800 + 400)
+    assert des.kv_usage_fraction == live.kv_usage_fraction == 3 * 1200 / des.kv_capacity_tokens
+    assert (des.running, des.waiting, des.kv_capacity_tokens) == (live.running, live.waiting, live.kv_capacity_tokens)

@@ -301,12 +301,15 @@ class EngineModel:
 
     def snapshot(self, now: float, engine: str = "vllm") -> EngineSnapshot:
         """What an adapter reads from this engine's /metrics, per flavour: TGI exposes no KV usage, no
-        preemptions and no token counters, only its queue, batch size and the batch's token budget."""
+        preemptions and no token counters, only its queue, batch size and the batch's token budget, which
+        the live adapter turns into KV usage (budget over capacity, capped at 1) the same way."""
         if engine == "tgi":
+            capacity = self.config.kv_capacity_tokens
+            batch_tokens = sum(r.prompt_tokens + r.max_tokens for r in self.running.values())
             return EngineSnapshot(
                 taken_at_s=now, engine=engine, running=len(self.running), waiting=len(self.waiting),
-                kv_capacity_tokens=self.config.kv_capacity_tokens,
-                batch_tokens=sum(r.prompt_tokens + r.max_tokens for r in self.running.values()))
+                kv_usage_fraction=min(1.0, batch_tokens / capacity) if capacity else None,
+                kv_capacity_tokens=capacity, batch_tokens=batch_tokens)
         if engine == "openai":
             return EngineSnapshot(taken_at_s=now, engine=engine)
         return EngineSnapshot(
