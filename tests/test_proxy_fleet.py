@@ -4,6 +4,7 @@ read through /admin/backends."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -83,3 +84,57 @@ def test_detected_engine_reaches_the_scheduler_and_the_admin_api() -> None:
             assert (row["engine"], row["engine_configured"]) == ("vllm", "auto")
             status, _, raw = proxy.request("POST", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 3})
             assert status == 200, raw
+
+
+def test_gpu_group_steers_requests_off_the_card_a_busy_engine_shares() -> None:
+    """Three simulated vLLM processes with one profile: a on a card of its own, b and c configured as sharing
+    one (`gpu_group`). Another client keeps c busy. The capacity policy, told about the card, sends short
+    requests to a and none to b, whose steps would wait for c's; told nothing, it splits them between the
+    two idle engines a and b."""
+    import contextlib
+    import threading
+    import urllib.request
+
+    from openai import OpenAI
+
+    ports = [free_port() for _ in range(3)]
+    urls = dict(zip("abc", (f"http://127.0.0.1:{p}" for p in ports), strict=True))
+
+    def load_c() -> None:
+        body = json.dumps({"model": "m", "prompt": "hello " * 200, "max_tokens": 1500, "ignore_eos": True,
+                           "stream": True}).encode()
+        req = urllib.request.Request(urls["c"] + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with contextlib.suppress(Exception), urllib.request.urlopen(req, timeout=120) as resp:
+            while resp.read(4096):
+                pass
+
+    def backends_hit(gpu_groups: dict[str, str]) -> list[str]:
+        rows = [{"url": urls[n], "name": n, "engine": "vllm", "profile": FAST,
+                 **({"gpu_group": gpu_groups[n]} if n in gpu_groups else {})} for n in "abc"]
+        config = fleet_config(rows)
+        # Calibration off: it would correct only the engines that served (a), from requests so short that HTTP
+        # overhead dominates them; this test is about the shared-card term alone.
+        config["models"]["m"].update(policy="capacity", policy_options={"calibrate": 0})
+        with Proxy(config=config, admin_token=TOKEN) as proxy:
+            wait_backend(proxy, "c", lambda r: (r["snapshot"] or {}).get("running", 0) >= 4)
+            rows = proxy.admin("GET", "backends")[1]["backends"]
+            assert rows["b"]["shares_gpu_with"] == (["c"] if gpu_groups else [])
+            client = OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+            hits = []
+            for _ in range(8):
+                raw = client.completions.with_raw_response.create(model="m", prompt="hi", max_tokens=2)
+                hits.append(raw.headers["x-capbalancer-backend"])
+            return hits
+
+    with contextlib.ExitStack() as stack:
+        for p in ports:
+            stack.enter_context(running(capbalancer("sim", "--engine", "vllm", "--profile", FAST, "--port", str(p),
+                                                    "--model", "m"),
+                                        ready_url=f"http://127.0.0.1:{p}/health"))
+        for _ in range(6):
+            threading.Thread(target=load_c, daemon=True).start()
+        told = backends_hit({"b": "card1", "c": "card1"})
+        untold = backends_hit({})
+    assert told == ["a"] * 8, told
+    assert "b" in untold and "c" not in untold, untold
