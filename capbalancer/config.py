@@ -44,6 +44,9 @@ class ServerSettings:
     max_header_bytes: int = 16 * 1024
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     body_read_timeout_s: float = 30.0  # a client sending its body slower than this gets 408
+    # A client connection with no request in progress is closed after this: idle between requests, or still
+    # trickling its request line and headers (slow-loris), counted from the connection's start or last response.
+    idle_timeout_s: float = 30.0
     admin_token_env: str = "CAPBALANCER_ADMIN_TOKEN"  # the admin API is off unless this variable is set
 
 
@@ -392,7 +395,7 @@ def _model(name: str, r: _Reader, base_timeouts: Timeouts, base_dir: Path | None
 _TOP_KEYS = ("server", "timeouts", "health", "retries", "fleet", "models", "admin", "clients")
 _CLIENT_KEYS = ("name", "key", "key_env", "priority", "rate_limit_rps", "rate_limit_burst", "models")
 _SERVER_KEYS = ("host", "port", "max_body_bytes", "max_header_bytes", "drain_timeout_s", "body_read_timeout_s",
-                "admin_token_env")
+                "idle_timeout_s", "admin_token_env")
 
 
 def parse_config(data: Any, where: str = "<config>", base_dir: Path | None = None) -> Config:
@@ -405,6 +408,7 @@ def parse_config(data: Any, where: str = "<config>", base_dir: Path | None = Non
                             max_header_bytes=s.integer("max_header_bytes", 16 * 1024, minimum=256),
                             drain_timeout_s=s.number("drain_timeout_s", 30.0, positive=False),
                             body_read_timeout_s=s.number("body_read_timeout_s", 30.0),
+                            idle_timeout_s=s.number("idle_timeout_s", 30.0),
                             admin_token_env=token_env)
     timeouts = _timeouts(top, "timeouts", Timeouts())
     h = top.child("health", ("interval_s", "timeout_s", "failure_threshold", "success_threshold", "stale_after_s"))

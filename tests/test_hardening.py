@@ -73,3 +73,50 @@ def test_a_body_sent_too_slowly_gets_408():
             assert 0.8 <= waited <= 8.0
             assert b'"body_timeout"' in answer
             assert proxy.request("POST", "/v1/chat/completions", CHAT)[0] == 200
+
+
+def test_a_client_trickling_its_headers_is_cut_off_at_the_idle_timeout():
+    """Slow-loris: a header line every 0.2 s keeps the connection busy but never completes the request. The proxy
+    closes it at `server.idle_timeout_s`, counted from the connection's start, while serving others meanwhile;
+    an idle keep-alive connection is closed the same way after its last response."""
+    with FaultBackend("b0") as b:
+        cfg = proxy_config([b], overrides={"server": {"idle_timeout_s": 1.5}})
+        with Proxy(config=cfg) as proxy:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+                started = time.monotonic()
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+                closed_after = None
+                for i in range(50):  # 10 s at most
+                    time.sleep(0.2)
+                    try:
+                        s.sendall(b"X-Slow-%d: y\r\n" % i)
+                        s.setblocking(False)
+                        try:
+                            if s.recv(1) == b"":
+                                closed_after = time.monotonic() - started
+                                break
+                        except BlockingIOError:
+                            pass
+                        finally:
+                            s.setblocking(True)
+                    except (BrokenPipeError, ConnectionResetError):
+                        closed_after = time.monotonic() - started
+                        break
+                    if i == 2:
+                        assert proxy.request("POST", "/v1/chat/completions", CHAT)[0] == 200
+            assert closed_after is not None and 1.2 <= closed_after <= 4.0, closed_after
+            # keep-alive: one request, then silence
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+                body = json.dumps(CHAT).encode()
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                answered = time.monotonic()
+                data = b""
+                while True:  # read until the server closes; the response itself does not close it
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                idle = time.monotonic() - answered
+            assert data.startswith(b"HTTP/1.1 200"), data[:100]
+            assert 1.2 <= idle <= 5.0, idle

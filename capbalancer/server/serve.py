@@ -37,7 +37,10 @@ async def serve(config: Config, *, config_path: str | None = None,
                            # A client that goes away cancels its handler: held requests leave the queue and
                            # upstream requests are closed at once.
                            handler_cancellation=True,
-                           max_line_size=settings.max_header_bytes, max_field_size=settings.max_header_bytes)
+                           max_line_size=settings.max_header_bytes, max_field_size=settings.max_header_bytes,
+                           # aiohttp closes a connection waiting for a request after this, counted from its start
+                           # or its last response, whether or not header bytes trickle in (slow-loris).
+                           keepalive_timeout=settings.idle_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
     await site.start()
