@@ -120,3 +120,28 @@ def test_a_client_trickling_its_headers_is_cut_off_at_the_idle_timeout():
                 idle = time.monotonic() - answered
             assert data.startswith(b"HTTP/1.1 200"), data[:100]
             assert 1.2 <= idle <= 5.0, idle
+
+
+def test_malformed_http_gets_an_openai_shaped_400_and_one_warning_line():
+    """What aiohttp's parser rejects (a broken request line, an oversized header) is answered like every other
+    4xx: JSON in the OpenAI error shape, and one WARNING log line, no traceback; the proxy serves on."""
+    bad = [b"GARBAGE\r\n\r\n",
+           b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+           b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n"]
+    with FaultBackend("b0") as b, Proxy(config=proxy_config([b])) as proxy:
+        for raw in bad:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+                s.sendall(raw)
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.split(b" ")[1] == b"400", answer[:200]
+            assert b"application/json" in head.lower(), head
+            error = json.loads(body)["error"]
+            assert error["code"] == "bad_http" and error["message"].startswith("malformed HTTP request"), error
+            assert error["type"] == "invalid_request_error"
+        assert proxy.request("POST", "/v1/chat/completions", CHAT)[0] == 200
+        log = proxy.log()
+        assert log.count("malformed HTTP from") == len(bad), log[-2000:]
+        assert "Traceback" not in log, log[-2000:]

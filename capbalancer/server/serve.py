@@ -13,6 +13,7 @@ from aiohttp import web
 from capbalancer.config import Config
 from capbalancer.server.admin import reload_config
 from capbalancer.server.app import build_app, build_state
+from capbalancer.server.http_errors import json_http_errors
 
 log = logging.getLogger("capbalancer.server")
 
@@ -42,6 +43,7 @@ async def serve(config: Config, *, config_path: str | None = None,
                            # or its last response, whether or not header bytes trickle in (slow-loris).
                            keepalive_timeout=settings.idle_timeout_s)
     await runner.setup()
+    json_http_errors(runner.server)
     site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
     await site.start()
     loop = asyncio.get_running_loop()
