@@ -418,6 +418,47 @@ def test_admin_drain_add_remove_and_reload():
             assert "tok-123" not in p.log()
 
 
+def test_admin_added_backends_survive_a_reload_until_deleted():
+    """A backend added through the admin API is not in the file: a reload keeps it (with its gpu_group and
+    weight) until it is deleted; the file naming it itself takes it over."""
+    import yaml
+
+    with Backend(name="a") as a, Backend(name="c") as c:
+        config = {"server": {"admin_token_env": "TEST_ADMIN_TOKEN"},
+                  "models": {"m": {"policy": "round_robin", "backends": [{"url": a.url, "name": "a"}]}}}
+        with ProxyProcess(config, env={"TEST_ADMIN_TOKEN": "tok-123"}) as p:
+            oc = client(p)
+
+            def backends_used(n: int) -> set[str]:
+                return {oc.chat.completions.with_raw_response.create(model="m", messages=PROMPT)
+                        .headers["x-capbalancer-backend"] for _ in range(n)}
+
+            bad = _admin(p, "POST", "/admin/backends", {"url": c.url, "name": "x", "gpu_group": ["g"]})
+            assert bad[0] == 400 and bad[1]["error"]["param"] == "gpu_group"
+            assert _admin(p, "POST", "/admin/backends", {"url": c.url, "name": "x", "weight": -1})[0] == 400
+            status, _ = _admin(p, "POST", "/admin/backends",
+                               {"url": c.url, "name": "c", "model": "m", "gpu_group": 1, "weight": 2})
+            assert status == 201
+            for _ in range(2):  # two reloads of the unchanged file
+                status, body = _admin(p, "POST", "/admin/reload")
+                assert status == 200, body
+                rows = _admin(p, "GET", "/admin/backends")[1]["backends"]
+                assert set(rows) == {"a", "c"} and rows["c"]["gpu_group"] == "1", rows
+                assert backends_used(4) == {"a", "c"}
+            assert _admin(p, "DELETE", "/admin/backends/c")[0] == 200
+            assert _admin(p, "POST", "/admin/reload")[0] == 200
+            assert set(_admin(p, "GET", "/admin/backends")[1]["backends"]) == {"a"}
+
+            # Added again, then named by the file: the file's entry (no gpu_group) wins, and deleting no longer
+            # has anything of the admin's to keep.
+            assert _admin(p, "POST", "/admin/backends", {"url": c.url, "name": "c", "gpu_group": 1})[0] == 201
+            config["models"]["m"]["backends"].append({"url": c.url, "name": "c"})
+            config["server"]["port"] = p.port
+            p.write_config(yaml.safe_dump(config))
+            assert _admin(p, "POST", "/admin/reload")[0] == 200
+            assert _admin(p, "GET", "/admin/backends")[1]["backends"]["c"]["gpu_group"] is None
+
+
 def _one_seat_profile(tmp_path) -> str:
     """A profile of an engine that runs one sequence at a time: the capacity policy holds the second."""
     import yaml

@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from capbalancer.config import BACKEND_ENGINES, BackendConfig, ConfigError, check_url, load_config
+from capbalancer.config import BACKEND_ENGINES, BackendConfig, Config, ConfigError, check_url, load_config
 from capbalancer.profiling.schema import ProfileError
 from capbalancer.server.errors import ProxyError, error_response, from_exception
 from capbalancer.server.proxy import STATE, ProxyState
@@ -68,6 +68,24 @@ async def backends(state: ProxyState, request: web.Request) -> web.Response:
     return _json(out)
 
 
+def _positive_number(body: dict, key: str) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ProxyError(400, f"{key} must be a number > 0, got {value!r}", param=key)
+    return float(value)
+
+
+def _gpu_group(body: dict) -> str | None:
+    value = body.get("gpu_group")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise ProxyError(400, f"gpu_group must be a card name or index, got {value!r}", param="gpu_group")
+    return str(value)
+
+
 def _known(state: ProxyState, name: str) -> None:
     if name not in state.driver.scheduler.backends:
         raise ProxyError(404, f"no backend named {name!r}", code="backend_not_found")
@@ -98,9 +116,9 @@ async def add(state: ProxyState, request: web.Request) -> web.Response:
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
-        raise ProxyError(400, "body must be JSON: {url, name, model, engine, profile}") from None
+        raise ProxyError(400, "body must be JSON: {url, name, model, engine, profile, weight, gpu_group}") from None
     if not isinstance(body, dict):
-        raise ProxyError(400, "body must be a JSON object: {url, name, model, engine, profile}")
+        raise ProxyError(400, "body must be a JSON object: {url, name, model, engine, profile, weight, gpu_group}")
     url = body.get("url")
     why = check_url(url)
     if why:
@@ -128,11 +146,11 @@ async def add(state: ProxyState, request: web.Request) -> web.Response:
         except ProfileError as exc:
             raise ProxyError(400, f"profile: {exc}", param="profile") from None
     b = BackendConfig(url=url.rstrip("/"), name=name, engine=engine, profile_ref=profile_ref, profile=profile,
-                      timeouts=config.timeouts)
+                      timeouts=config.timeouts, weight=_positive_number(body, "weight"),
+                      gpu_group=_gpu_group(body))
     add_backend(state, model, b)
-    models = dict(config.models)
-    models[model.name] = replace(model, backends=(*model.backends, b))
-    state.config = replace(config, models=models)
+    state.config = with_backend(config, model.name, b)
+    state.admin_added[name] = (model.name, b)
     log.info("admin: backend %s (%s) added to %s", name, b.url, model.name)
     return _json({"backend": name, "model": model.name, "url": b.url}, status=201)
 
@@ -144,6 +162,7 @@ async def delete(state: ProxyState, request: web.Request) -> web.Response:
     name = request.match_info["name"]
     _known(state, name)
     remove_backend(state, name)
+    state.admin_added.pop(name, None)
     models = {k: replace(m, backends=tuple(b for b in m.backends if b.name != name))
               for k, m in state.config.models.items()}
     state.config = replace(state.config, models=models)
@@ -159,8 +178,15 @@ async def reload(state: ProxyState, request: web.Request) -> web.Response:
     return _json({"reloaded": True, "changes": changes})
 
 
+def with_backend(config: Config, model_name: str, backend: BackendConfig) -> Config:
+    models = dict(config.models)
+    models[model_name] = replace(models[model_name], backends=(*models[model_name].backends, backend))
+    return replace(config, models=models)
+
+
 def reload_config(state: ProxyState) -> tuple[bool, str, list[str]]:
-    """Re-read the config file; an invalid one is refused and the running config kept."""
+    """Re-read the config file; an invalid one is refused and the running config kept. Backends added through
+    the admin API stay, unless the file now names them itself or no longer serves their model."""
     from capbalancer.server.app import apply_config
 
     if state.config_path is None:
@@ -170,6 +196,12 @@ def reload_config(state: ProxyState) -> tuple[bool, str, list[str]]:
     except ConfigError as exc:
         log.error("reload refused, keeping the running config: %s", exc)
         return False, str(exc), []
+    in_file = {b.name for _, b in new.backends()}
+    for name, (model_name, b) in list(state.admin_added.items()):
+        if name in in_file or model_name not in new.models:
+            del state.admin_added[name]  # the file took it over, or its model is gone
+        else:
+            new = with_backend(new, model_name, b)
     changes = apply_config(state, new)
     log.info("config reloaded from %s: %s", state.config_path, "; ".join(changes) or "no changes")
     return True, "", changes
