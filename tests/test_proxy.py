@@ -453,9 +453,13 @@ def test_admin_added_backends_survive_a_reload_until_deleted():
             # has anything of the admin's to keep.
             assert _admin(p, "POST", "/admin/backends", {"url": c.url, "name": "c", "gpu_group": 1})[0] == 201
             config["models"]["m"]["backends"].append({"url": c.url, "name": "c"})
-            config["server"]["port"] = p.port
+            config["server"].update(port=p.port, idle_timeout_s=5)
+            config["health"] = {"interval_s": 0.5}
             p.write_config(yaml.safe_dump(config))
-            assert _admin(p, "POST", "/admin/reload")[0] == 200
+            status, body = _admin(p, "POST", "/admin/reload")
+            assert status == 200 and "backend c updated" in body["changes"], body
+            # what the running server cannot change says so
+            assert "server.idle_timeout_s, health changed: takes effect on restart only" in body["changes"], body
             assert _admin(p, "GET", "/admin/backends")[1]["backends"]["c"]["gpu_group"] is None
 
 

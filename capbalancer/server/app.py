@@ -138,8 +138,13 @@ def apply_config(state: ProxyState, new: Config) -> list[str]:
     """Move the running proxy to `new` without dropping in-flight requests. Returns what changed."""
     old = state.config
     changes: list[str] = []
-    if (new.server.host, new.server.port) != (old.server.host, old.server.port):
-        changes.append("server.host/port changed: takes effect on restart only")
+    # Set when the listening socket, its server and the pollers were made: a reload cannot change them.
+    restart_only = [f"server.{k}" for k in ("host", "port", "max_header_bytes", "idle_timeout_s", "drain_timeout_s")
+                    if getattr(new.server, k) != getattr(old.server, k)]
+    if new.health != old.health:
+        restart_only.append("health")
+    if restart_only:
+        changes.append(f"{', '.join(restart_only)} changed: takes effect on restart only")
     sched = state.driver.scheduler
     for m in new.models.values():
         if m.name not in sched.pools:
