@@ -119,6 +119,8 @@ def proxy_config_for(backends: list[FaultBackend], per_backend: int, held: int) 
     max_num_seqs is `per_backend`, so the rest wait in the proxy's hold queue (one socket each)."""
     if not held:
         return proxy_config(backends, policy="least_requests")
+    import atexit
+    import shutil
     import tempfile
 
     import yaml
@@ -127,7 +129,9 @@ def proxy_config_for(backends: list[FaultBackend], per_backend: int, held: int) 
     # Seats are the only limit: KV far larger than needed, the batch knee off (knee_throughput_fraction 1).
     profile.update(name="bench/hold-seats", max_num_seqs=per_backend, kv_capacity_tokens=10**9,
                    source="hand", notes="bench/concurrency.py: a seat limit, so that some requests are held")
-    path = Path(tempfile.mkdtemp(prefix="capb-bench-")) / "seats.yaml"
+    folder = tempfile.mkdtemp(prefix="capb-bench-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the proxy reads it for the whole run
+    path = Path(folder) / "seats.yaml"
     path.write_text(yaml.safe_dump(profile))
     cfg = proxy_config(backends, policy="capacity", overrides={
         "timeouts": {"first_byte_s": 600, "stream_idle_s": 600, "total_s": 900}})
