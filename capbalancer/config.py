@@ -25,7 +25,11 @@ API_KEY_MODES = ("replace", "passthrough")
 
 
 class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file and the key path."""
+    """A config that cannot be used; the message names the file and the key path (also in `key_path`)."""
+
+    def __init__(self, message: str, key_path: str = "") -> None:
+        super().__init__(message)
+        self.key_path = key_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +227,8 @@ class _Reader:
         return f"{self.path}.{key}" if self.path else key
 
     def fail(self, key: str, message: str) -> None:
-        raise ConfigError(f"{self.where}: {self.key_path(key) or '(top level)'}: {message}")
+        path = self.key_path(key)
+        raise ConfigError(f"{self.where}: {path or '(top level)'}: {message}", path)
 
     def number(self, key: str, default: float, *, minimum: float = 0.0, positive: bool = True) -> float:
         value = self.data.get(key, default)
@@ -334,8 +339,13 @@ def _backend(r: _Reader, base_timeouts: Timeouts, base_dir: Path | None) -> Back
     return BackendConfig(url=url, name=name, engine=engine, profile_ref=profile_ref, profile=profile,
                          api_key_env=api_key_env, api_key=api_key,
                          api_key_mode=r.choice("api_key_mode", "replace", API_KEY_MODES),
-                         weight=r.number("weight", 1.0) if "weight" in r.data else None, timeouts=_timeouts(r, "timeouts", base_timeouts),
-                         gpu_group=_gpu_group(r))
+                         weight=r.number("weight", 1.0) if "weight" in r.data else None,
+                         timeouts=_timeouts(r, "timeouts", base_timeouts), gpu_group=_gpu_group(r))
+
+
+def parse_backend(data: Any, base_timeouts: Timeouts, base_dir: Path | None, where: str) -> BackendConfig:
+    """One backend entry, read as the file's `models.<m>.backends[i]` is (the admin API's POST body too)."""
+    return _backend(_Reader(data, "", where, _BACKEND_KEYS), base_timeouts, base_dir)
 
 
 def _gpu_group(r: _Reader) -> str | None:

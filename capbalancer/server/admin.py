@@ -15,8 +15,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from capbalancer.config import BACKEND_ENGINES, BackendConfig, Config, ConfigError, check_url, load_config
-from capbalancer.profiling.schema import ProfileError
+from capbalancer.config import BackendConfig, Config, ConfigError, load_config, parse_backend
 from capbalancer.server.errors import ProxyError, error_response, from_exception
 from capbalancer.server.proxy import STATE, ProxyState
 
@@ -68,24 +67,6 @@ async def backends(state: ProxyState, request: web.Request) -> web.Response:
     return _json(out)
 
 
-def _positive_number(body: dict, key: str) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ProxyError(400, f"{key} must be a number > 0, got {value!r}", param=key)
-    return float(value)
-
-
-def _gpu_group(body: dict) -> str | None:
-    value = body.get("gpu_group")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
-        raise ProxyError(400, f"gpu_group must be a card name or index, got {value!r}", param="gpu_group")
-    return str(value)
-
-
 def _known(state: ProxyState, name: str) -> None:
     if name not in state.driver.scheduler.backends:
         raise ProxyError(404, f"no backend named {name!r}", code="backend_not_found")
@@ -119,40 +100,24 @@ async def add(state: ProxyState, request: web.Request) -> web.Response:
         raise ProxyError(400, "body must be JSON: {url, name, model, engine, profile, weight, gpu_group}") from None
     if not isinstance(body, dict):
         raise ProxyError(400, "body must be a JSON object: {url, name, model, engine, profile, weight, gpu_group}")
-    url = body.get("url")
-    why = check_url(url)
-    if why:
-        raise ProxyError(400, f"url: {why}", param="url")
     config = state.config
-    model = config.model_for(body.get("model")) if body.get("model") is not None else \
-        config.models[config.default_model]
+    fields = dict(body)
+    model_name = fields.pop("model", None)  # where it goes; the rest is a backend entry, as in the file
+    base = Path(config.source).resolve().parent if config.source and config.source != "--backend" else None
+    try:
+        b = parse_backend(fields, config.timeouts, base, "request body")
+    except ConfigError as exc:
+        raise ProxyError(400, str(exc), param=exc.key_path or None) from None
+    model = config.model_for(model_name) if model_name is not None else config.models[config.default_model]
     if model is None:
-        raise ProxyError(404, f"model {body.get('model')!r} is not served here; add it in the config file",
-                         param="model")
-    name = body.get("name") or url.split("//", 1)[1].rstrip("/")
-    if not isinstance(name, str) or name in state.driver.scheduler.backends:
-        raise ProxyError(409, f"a backend named {name!r} already exists", param="name")
-    engine = body.get("engine", "vllm")
-    if engine not in BACKEND_ENGINES:
-        raise ProxyError(400, f"engine must be one of {', '.join(BACKEND_ENGINES)}", param="engine")
-    profile = None
-    profile_ref = body.get("profile")
-    if profile_ref is not None:
-        from capbalancer.profiling.library import resolve_profile
-
-        try:
-            base = Path(config.source).resolve().parent if config.source and config.source != "--backend" else None
-            profile = resolve_profile(str(profile_ref), base)
-        except ProfileError as exc:
-            raise ProxyError(400, f"profile: {exc}", param="profile") from None
-    b = BackendConfig(url=url.rstrip("/"), name=name, engine=engine, profile_ref=profile_ref, profile=profile,
-                      timeouts=config.timeouts, weight=_positive_number(body, "weight"),
-                      gpu_group=_gpu_group(body))
+        raise ProxyError(404, f"model {model_name!r} is not served here; add it in the config file", param="model")
+    if b.name in state.driver.scheduler.backends:
+        raise ProxyError(409, f"a backend named {b.name!r} already exists", param="name")
     add_backend(state, model, b)
     state.config = with_backend(config, model.name, b)
-    state.admin_added[name] = (model.name, b)
-    log.info("admin: backend %s (%s) added to %s", name, b.url, model.name)
-    return _json({"backend": name, "model": model.name, "url": b.url}, status=201)
+    state.admin_added[b.name] = (model.name, b)
+    log.info("admin: backend %s (%s) added to %s", b.name, b.url, model.name)
+    return _json({"backend": b.name, "model": model.name, "url": b.url}, status=201)
 
 
 @_admin
