@@ -212,10 +212,7 @@ class CapacityModel:
     def population_churn_seconds_per_seq(state: BackendState, step: StepTimeModel) -> float:
         """`churn_seconds_per_seq` of the requests already on `state`, with no newcomer."""
         n = len(state.inflight)
-        if n == 0:
-            return 0.0
-        mean_output = state.own_expected_output_tokens / n
-        return step.prefill_seconds_per_token * (state.own_prompt_tokens / n) / max(MIN_CHURN_OUTPUT_TOKENS, mean_output)
+        return _churn(step, state.own_prompt_tokens, state.own_expected_output_tokens, n) if n else 0.0
 
     @staticmethod
     def churn_seconds_per_seq(state: BackendState, step: StepTimeModel, prompt_tokens: int,
@@ -225,10 +222,8 @@ class CapacityModel:
         A property of the backend's population of requests (their mean prompt over their mean output),
         not of the newcomer: one long prompt with max_tokens=1 must not make the batch look slow.
         """
-        n = len(state.inflight) + 1
-        mean_prompt = (state.own_prompt_tokens + prompt_tokens) / n
-        mean_output = (state.own_expected_output_tokens + expected_output_tokens) / n
-        return step.prefill_seconds_per_token * mean_prompt / max(MIN_CHURN_OUTPUT_TOKENS, mean_output)
+        return _churn(step, state.own_prompt_tokens + prompt_tokens,
+                      state.own_expected_output_tokens + expected_output_tokens, len(state.inflight) + 1)
 
     def _knee_seqs(self, step: StepTimeModel, mean_ctx: float, cap: int, churn_s_per_seq: float = 0.0) -> int:
         """Smallest batch whose decode throughput reaches `knee_throughput_fraction` of the batch at `cap`.
@@ -292,6 +287,12 @@ class CapacityModel:
     def base_ttft(self, estimate: Estimate, state: BackendState) -> float:
         k = self.ttft_factor(state)
         return estimate.ttft_s / k if k > 0 else estimate.ttft_s
+
+
+def _churn(step: StepTimeModel, prompt_tokens: int, expected_output_tokens: int, n: int) -> float:
+    """Per output token of each decoding sequence: the prefill of its successor, for `n` requests in all."""
+    return step.prefill_seconds_per_token * (prompt_tokens / n) / max(MIN_CHURN_OUTPUT_TOKENS,
+                                                                       expected_output_tokens / n)
 
 
 def _clip(x: float) -> float:
