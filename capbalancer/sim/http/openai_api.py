@@ -95,7 +95,12 @@ class OpenAIRoutes:
             return bad_request(f"max_tokens must be at least 1, got {value}.", "max_tokens")
         return value
 
-    def _submit(self, body: dict[str, Any], prompt_tokens: int, max_tokens: int) -> RequestStream | web.Response:
+    def _submit(self, body: dict[str, Any], prompt_tokens: int,
+                default_max_tokens: int | None) -> RequestStream | web.Response:
+        """The request's max_tokens checked, then the request into the engine; a 400 for either."""
+        max_tokens = self._max_tokens(body, prompt_tokens, default_max_tokens)
+        if isinstance(max_tokens, web.Response):
+            return max_tokens
         seed = body.get("seed")
         try:
             return self.inst.submit(prompt_tokens, max_tokens, ignore_eos=bool(body.get("ignore_eos", False)),
@@ -181,10 +186,7 @@ class OpenAIRoutes:
             prompt_tokens = len(prompt)
         else:
             return bad_request("prompt must be a string or a list of token ids (one prompt per request)", "prompt")
-        max_tokens = self._max_tokens(body, prompt_tokens, 16)  # OpenAI's and vLLM's default for completions
-        if isinstance(max_tokens, web.Response):
-            return max_tokens
-        stream = self._submit(body, prompt_tokens, max_tokens)
+        stream = self._submit(body, prompt_tokens, 16)  # max_tokens: OpenAI's and vLLM's default for completions
         if isinstance(stream, web.Response):
             return stream
         rid = f"cmpl-{stream.request_id}"
@@ -232,10 +234,7 @@ class OpenAIRoutes:
             if isinstance(content, list):  # content parts: count the text ones
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
             prompt_tokens += CHAT_TOKENS_PER_MESSAGE + (count_text_tokens(content) if content else 0)
-        max_tokens = self._max_tokens(body, prompt_tokens, None)  # vLLM: up to the context when unset
-        if isinstance(max_tokens, web.Response):
-            return max_tokens
-        stream = self._submit(body, prompt_tokens, max_tokens)
+        stream = self._submit(body, prompt_tokens, None)  # max_tokens: vLLM's is up to the context when unset
         if isinstance(stream, web.Response):
             return stream
         rid = f"chatcmpl-{stream.request_id}"
