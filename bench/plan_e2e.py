@@ -27,7 +27,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +35,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+
+from capbalancer.loadtest.procs import stop_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -75,16 +76,7 @@ def generation_tokens(url: str) -> float:
 
 
 def stop(proc: subprocess.Popen, timeout_s: float = 30.0) -> int | None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-    return proc.returncode
+    return stop_process_group(proc, timeout_s)
 
 
 def popen(args: list[str], log: Path) -> subprocess.Popen:

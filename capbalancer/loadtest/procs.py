@@ -37,15 +37,22 @@ class ManagedProcess:
             return ""
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
+        stop_process_group(self.proc, timeout_s)
+
+
+def stop_process_group(proc: subprocess.Popen, timeout_s: float = 10.0) -> int | None:
+    """SIGTERM the process group of a child started in its own session, SIGKILL it after `timeout_s`; its exit
+    code (None only if even SIGKILL did not end it within 5 s)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+    return proc.returncode
 
 
 def capbalancer_argv(*args: str) -> list[str]:
