@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from capbalancer.profiling.schema import Profile
+from capbalancer.sched.prefix_hash import PrefixKey
 
 
 @dataclass(slots=True)
@@ -20,6 +21,9 @@ class Demand:
     deadline_s: float | None = None  # absolute time by which it must leave the hold queue
     stream: bool = False
     api: str = "openai"  # openai | tgi | embeddings: embeddings generate nothing
+    # The prompt's chained block hashes (sched/prefix_hash.py): what a backend may already hold in its cache.
+    prefix: PrefixKey = field(default_factory=PrefixKey)
+    session_id: str | None = None  # x-session-id or the OpenAI `user` field: a soft affinity hint
 
 
 @dataclass(frozen=True, slots=True)
