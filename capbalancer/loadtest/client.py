@@ -103,9 +103,11 @@ def request_body(settings: ApiSettings, spec: RequestSpec) -> dict[str, Any]:
     if settings.ignore_eos:
         body["ignore_eos"] = True  # a vLLM/SGLang extension; sent only when asked for
     if settings.api == "chat":
-        body["messages"] = [{"role": "user", "content": spec.prompt}]
+        body["messages"] = list(spec.messages) if spec.messages else [{"role": "user", "content": spec.prompt}]
     else:
         body["prompt"] = spec.prompt
+    if spec.session_id is not None:
+        body["user"] = spec.session_id  # the OpenAI field routers key sessions on
     return body
 
 
@@ -174,6 +176,8 @@ async def send_request(session: aiohttp.ClientSession, settings: ApiSettings, sp
     state = _StreamState(send_t)
     body = orjson.dumps(request_body(settings, spec))
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **settings.headers}
+    if spec.session_id is not None:
+        headers["x-session-id"] = spec.session_id
     try:
         async with asyncio.timeout(timeout_s) if hasattr(asyncio, "timeout") else _Deadline(timeout_s):
             async with session.post(settings.url, data=body, headers=headers) as resp:

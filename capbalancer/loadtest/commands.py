@@ -10,6 +10,7 @@ import sys
 import click
 
 from capbalancer.loadtest.client import APIS
+from capbalancer.loadtest.sessions import SessionWorkload, parse_workload_spec
 from capbalancer.loadtest.stats import parse_slo
 from capbalancer.loadtest.workloads import (
     DEFAULT_OUTPUT_LEN,
@@ -38,9 +39,14 @@ def _rate(value: str) -> float:
 
 
 def build_workload(prompt_len: str, output_len: str, dataset: str | None, trace: str | None, seed: int,
-                   output_len_given: bool) -> Workload:
+                   output_len_given: bool, workload: str = "none") -> Workload:
     try:
         out_dist = parse_length(output_len)
+        kind, options = parse_workload_spec(workload)
+        if kind != "none":
+            if dataset or trace:
+                raise WorkloadError("--workload builds its own prompts: give it without --dataset/--trace")
+            return SessionWorkload(kind, options, out_dist, seed=seed)
         if trace:
             return load_trace(trace, default_output_len=int(out_dist.mean), seed=seed)
         if dataset:
@@ -74,6 +80,9 @@ def build_workload(prompt_len: str, output_len: str, dataset: str | None, trace:
               help="Synthetic prompt tokens: N, uniform:A:B or lognormal:mean=M:sigma=S[:max=X].")
 @click.option("--output-len", default=DEFAULT_OUTPUT_LEN, show_default=True,
               help="Output tokens (max_tokens), same forms as --prompt-len.")
+@click.option("--workload", "workload_spec", default="none", show_default=True,
+              help="Prefix-reusing sessions: multi-turn, shared-prompt or agentic, with options as "
+                   "NAME:key=value:... (see capbalancer/loadtest/sessions.py); none: independent prompts.")
 @click.option("--dataset", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON/JSONL prompts: ShareGPT conversations or {prompt, output_len} lines.")
 @click.option("--trace", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -96,7 +105,7 @@ def loadtest(url: str, api: str, model: str | None, endpoint: str | None, api_ke
              duration: float | None, seed: int, prompt_len: str, output_len: str, dataset: str | None,
              trace: str | None, trace_speed: float, ignore_eos: bool, temperature: float,
              request_timeout: float, slo: str | None, percentiles: str, json_out: str | None,
-             plot_out: str | None, label: str, quiet: bool) -> None:
+             plot_out: str | None, label: str, quiet: bool, workload_spec: str) -> None:
     """Load-test the OpenAI-compatible or TGI endpoint at URL and report latency, throughput and goodput.
 
     Only URL is contacted. Every run stops by itself: after --num-requests, or --duration plus at most
@@ -114,7 +123,7 @@ def loadtest(url: str, api: str, model: str | None, endpoint: str | None, api_ke
         raise click.UsageError("give --dataset or --trace, not both")
     output_len_given = click.get_current_context().get_parameter_source("output_len") \
         != click.core.ParameterSource.DEFAULT
-    workload = build_workload(prompt_len, output_len, dataset, trace, seed, output_len_given)
+    workload = build_workload(prompt_len, output_len, dataset, trace, seed, output_len_given, workload_spec)
     try:
         slo_obj = parse_slo(slo) if slo else Slo()
         pcts = tuple(float(p) for p in percentiles.split(",") if p.strip())

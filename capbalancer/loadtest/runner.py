@@ -190,7 +190,12 @@ async def run_loadtest(config: LoadtestConfig, progress: ProgressHook | None = N
         stopped_by = "workload"
         arrivals = arrival_times_s(config.request_rate_per_s, config.burstiness, config.seed)
         try:
-            for index, spec in enumerate(config.workload):
+            if config.workload.is_sessions:
+                stopped_by = await _drive_sessions(config, counters, semaphore, run_start, one, tasks)
+                iterator: Any = ()
+            else:
+                iterator = enumerate(config.workload)
+            for index, spec in iterator:
                 if config.num_requests is not None and index >= config.num_requests:
                     stopped_by = "num_requests"
                     break
@@ -250,6 +255,72 @@ async def run_loadtest(config: LoadtestConfig, progress: ProgressHook | None = N
     return LoadtestResult(config=config.describe(), started_at=started_at, duration_s=duration_s,
                           records=records, summary=summary, errors=errors_by_kind(records),
                           backends=backend_shares(records, config.slo), stopped_by=stopped_by)
+
+
+async def _drive_sessions(config: LoadtestConfig, counters: LiveCounters, semaphore: asyncio.Semaphore | None,
+                          run_start: float, one: Callable[[Any, int], Any], tasks: set[asyncio.Task]) -> str:
+    """Sessions (loadtest/sessions.py): each turn waits for the previous answer and a think time.
+
+    Open loop (a finite --request-rate): sessions start as Poisson/gamma arrivals at rate / mean turns, so requests
+    arrive at about the given rate. Closed loop (rate inf with --max-concurrency N): N users, each running one
+    session after another. Either way nothing is sent after --duration or past --num-requests; the session tasks
+    are added to `tasks` so the caller's drain waits for them."""
+    workload = config.workload
+    sessions = workload.sessions()  # type: ignore[attr-defined]
+    stop = {"why": ""}
+
+    def over() -> bool:
+        if config.num_requests is not None and counters.sent >= config.num_requests:
+            stop["why"] = stop["why"] or "num_requests"
+        elif config.duration_s is not None and time.perf_counter() - run_start >= config.duration_s:
+            stop["why"] = stop["why"] or "duration"
+        return bool(stop["why"])
+
+    async def run_session(sess: Any) -> None:
+        for k, spec in enumerate(sess.turns):
+            think_s = sess.think_times_s[k]
+            if think_s > 0:
+                left = (run_start + config.duration_s - time.perf_counter()) if config.duration_s else think_s
+                await asyncio.sleep(max(0.0, min(think_s, left)))
+            if over():
+                return
+            if semaphore is not None:
+                await semaphore.acquire()
+            index = counters.sent
+            counters.sent += 1
+            counters.in_flight += 1
+            counters.max_in_flight = max(counters.max_in_flight, counters.in_flight)
+            await one(spec, index)
+
+    def start(coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    if math.isinf(config.request_rate_per_s):
+        users = config.max_concurrency or 1
+
+        async def user() -> None:
+            while not over():
+                await run_session(next(sessions))
+
+        # Users carry their own in-flight limit (one request each): the per-request semaphore would only
+        # serialise them further.
+        semaphore = None
+        for _ in range(users):
+            start(user())
+        while not over() and tasks:
+            await asyncio.sleep(0.05)
+        return stop["why"] or "workload"
+    session_rate = config.request_rate_per_s / max(1.0, workload.mean_turns)  # type: ignore[attr-defined]
+    for due_s in arrival_times_s(session_rate, config.burstiness, config.seed):
+        delay = run_start + due_s - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if over():
+            break
+        start(run_session(next(sessions)))
+    return stop["why"] or "workload"
 
 
 async def _tick(progress: ProgressHook, counters: LiveCounters, interval_s: float) -> None:

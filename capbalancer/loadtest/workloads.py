@@ -49,6 +49,8 @@ class RequestSpec:
     prompt_len: int  # tokens, as requested (synthetic) or estimated at 4 characters per token (files)
     output_len: int  # max_tokens sent with the request
     arrival_s: float | None = None  # trace replay: seconds after the trace's first request
+    session_id: str | None = None  # sent as x-session-id and the OpenAI `user` field (loadtest/sessions.py)
+    messages: tuple[dict[str, str], ...] | None = None  # the chat API's messages; `prompt` renders them as text
 
 
 # ---------------------------------------------------------------- length distributions
@@ -136,6 +138,7 @@ class Workload:
 
     name: str = "workload"
     is_trace: bool = False
+    is_sessions: bool = False  # turns of a session wait for the previous answer (loadtest/sessions.py)
 
     def __iter__(self) -> Iterator[RequestSpec]:
         raise NotImplementedError
