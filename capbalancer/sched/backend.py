@@ -39,15 +39,24 @@ class InflightRequest:
     # The backend's load integrals when this request produced its first token (see BackendState).
     seq_integral_at_first_token: float = 0.0
     kv_integral_at_first_token: float = 0.0
+    # Prefix cache (sched/prefix_index.py): prompt tokens expected cached there (no prefill), and of those,
+    # held by other requests running there (no new KV either). Fixed at dispatch.
+    cached_prompt_tokens: int = 0
+    shared_kv_tokens: int = 0
 
     @property
     def kv_tokens(self) -> int:
-        return self.prompt_tokens + self.output_tokens
+        return self.prompt_tokens - self.shared_kv_tokens + self.output_tokens
 
     @property
     def kv_tokens_reserved(self) -> int:
         """KV tokens it will hold at the end if it generates what we expect (never less than now)."""
-        return self.prompt_tokens + max(self.output_tokens, self.expected_output_tokens)
+        return self.prompt_tokens - self.shared_kv_tokens + max(self.output_tokens, self.expected_output_tokens)
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens the engine must compute (the rest is a prefix-cache hit)."""
+        return self.prompt_tokens - self.cached_prompt_tokens
 
 
 @dataclass(slots=True)
@@ -131,7 +140,7 @@ class BackendState:
         self.own_prompt_tokens += req.prompt_tokens
         self.own_expected_output_tokens += req.expected_output_tokens
         if req.first_token_at_s is None:
-            self.own_pending_prefill_tokens += req.prompt_tokens
+            self.own_pending_prefill_tokens += req.prefill_tokens
         self.own_sent_since_snapshot += 1
 
     def _sent_after_snapshot(self, req: InflightRequest) -> bool:
@@ -155,7 +164,7 @@ class BackendState:
             req.first_token_at_s = now
             req.seq_integral_at_first_token = self.load_integral_seq_s
             req.kv_integral_at_first_token = self.load_integral_kv_s
-            self.own_pending_prefill_tokens -= req.prompt_tokens
+            self.own_pending_prefill_tokens -= req.prefill_tokens
         if output_tokens <= req.output_tokens:
             return
         before_kv, before_reserved = req.kv_tokens, req.kv_tokens_reserved
@@ -174,7 +183,7 @@ class BackendState:
         self.own_prompt_tokens -= req.prompt_tokens
         self.own_expected_output_tokens -= req.expected_output_tokens
         if req.first_token_at_s is None:
-            self.own_pending_prefill_tokens -= req.prompt_tokens
+            self.own_pending_prefill_tokens -= req.prefill_tokens
         at_snapshot = self.kv_at_snapshot(req)
         if at_snapshot is not None:
             self.own_kv_at_snapshot -= at_snapshot
