@@ -1,5 +1,6 @@
 """Prefix index and the capacity policy's prefix accounting, on a virtual clock: pure, no sockets."""
 
+from capbalancer.fleet.snapshot import EngineSnapshot
 from capbalancer.profiling.schema import Profile, StepTimeModel
 from capbalancer.sched.prefix_hash import token_block_hashes
 from capbalancer.sched.prefix_index import BackendPrefixCache, PrefixIndex, PrefixSettings
@@ -166,3 +167,47 @@ def test_session_affinity_is_a_soft_hint_without_hashes():
                    session_id="u1")
         assert sched.submit(d, float(i)) == Route(first)
         sched.finish(f"t{i}", i + 0.5, output_tokens=50)
+
+
+def text_demand(rid, text, now=0.0):
+    from capbalancer.sched.prefix_hash import text_block_hashes
+
+    key = text_block_hashes(text)
+    return Demand(request_id=rid, pool="m", prompt_tokens=max(1, len(text) // 4), max_tokens=50, arrival_s=now,
+                  prefix=key)
+
+
+def test_cache_aware_follows_the_longest_match_above_its_threshold():
+    sched = make([("a", profile("a")), ("b", profile("b"))], policy="cache_aware")
+    system = "You are a careful assistant. " * 40  # ~1,100 characters shared
+    first = sched.submit(text_demand("r0", system + "question zero"), 0.0).backend_id
+    # A different prompt goes to the other (smallest) tree; the shared prefix then follows the first.
+    other = sched.submit(text_demand("r1", "unrelated " * 100), 0.0).backend_id
+    assert other != first
+    for i in range(2, 8):
+        assert sched.submit(text_demand(f"r{i}", system + f"question {i} " * 20), 0.0) == Route(first)
+    # Under the threshold (a short shared head, a long new tail): the smallest tree wins instead.
+    d = text_demand("r9", system[:128] + "new material " * 200)
+    assert sched.submit(d, 0.0) == Route(other)
+
+
+def test_cache_aware_falls_back_to_the_shortest_queue_when_load_is_imbalanced():
+    sched = make([("a", profile("a")), ("b", profile("b"))], policy="cache_aware")
+    system = "Shared instructions for every tenant. " * 40
+    holder = sched.submit(text_demand("h", system + "x"), 0.0).backend_id
+    # 70 requests in flight on the holder, none on the other: imbalanced (70 - 0 > 64 and 70 > 0 * 1.5).
+    for i in range(70):
+        sched.backends[holder].inflight[f"fake{i}"] = sched.backends[holder].inflight["h"]
+    other = "b" if holder == "a" else "a"
+    assert sched.submit(text_demand("q", system + "y"), 0.0) == Route(other)
+
+
+def test_llm_d_prefix_scorer_sends_a_shared_prompt_back_to_its_server():
+    sched = make([("a", profile("a")), ("b", profile("b"))], policy="llm_d")
+    for name in ("a", "b"):  # equal, fresh metrics: only the prefix scorer separates them
+        sched.observe(name, EngineSnapshot(taken_at_s=0.0, engine="vllm", running=0, waiting=0,
+                                           kv_usage_fraction=0.1, kv_capacity_tokens=200_000), 0.0)
+    system = "Long tenant system prompt with rules. " * 60
+    first = sched.submit(text_demand("r0", system + "a"), 0.0).backend_id
+    picks = {sched.submit(text_demand(f"r{i}", system + f"q{i}"), 0.0).backend_id for i in range(1, 10)}
+    assert picks == {first}
