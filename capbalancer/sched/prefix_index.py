@@ -24,9 +24,15 @@ Memory: one cached block is one OrderedDict entry (an int key and an int pin cou
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
+
+from capbalancer.fleet.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from capbalancer.sched.prefix_hash import DEFAULT_BLOCK_TOKENS
 
 # Measured by bench/prefix_index_speed.py (CPython 3.11/3.12, 64-bit): an entry of the per-backend OrderedDict.
 BYTES_PER_BLOCK = 100
@@ -57,15 +63,31 @@ class PrefixMatch:
 NO_MATCH = PrefixMatch()
 
 
+def prefix_salt(pool: str, adapter: str | None = None) -> str:
+    """The hash salt of a pool's prompts: the pool, and the LoRA adapter (or other model) a request names.
+    The engine's own block hash includes the adapter; pools never share a cache."""
+    return f"{pool}\x00{adapter or ''}"
+
+
+def chain_token_block(parent: int | None, token_ids: Sequence[int], salt: str) -> int:
+    """One block's chained hash, exactly as sched/prefix_hash.token_block_hashes computes it."""
+    parent_bytes = (hashlib.blake2b(salt.encode(), digest_size=8).digest() if parent is None
+                    else parent.to_bytes(8, "little"))
+    data = np.asarray(token_ids, dtype=np.int64).tobytes()
+    return int.from_bytes(hashlib.blake2b(parent_bytes + data, digest_size=8).digest(), "little")
+
+
 class BackendPrefixCache:
     """The LRU of block hashes one backend probably holds; value = how many of our running requests pin it."""
 
-    __slots__ = ("blocks", "capacity_blocks", "precise")
+    __slots__ = ("blocks", "capacity_blocks", "precise", "engine_blocks")
 
     def __init__(self, capacity_blocks: int) -> None:
         self.blocks: OrderedDict[int, int] = OrderedDict()
         self.capacity_blocks = capacity_blocks
         self.precise = False  # fed by the engine's KV events: those, not our guesses, decide eviction
+        # Precise mode: the engine's block hash -> our hashes for the same tokens (bounded like `blocks`).
+        self.engine_blocks: OrderedDict[int | bytes, tuple[int, ...]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -260,6 +282,55 @@ class PrefixIndex:
         cache = self.caches.get(pinned[0])
         if cache is not None:
             cache.unpin(pinned[1])
+
+    def apply_kv_events(self, backend_id: str, events: Iterable[KvEvent], pool: str) -> None:
+        """The engine's own record of its cache (precise mode): stored blocks become present, removed ones
+        absent, a clear empties it. A stored block is translated to our hashes through its token ids (our
+        16-token blocks chained from its parent's), salted by pool and LoRA adapter as the proxy's keys are.
+        Blocks whose parent we never saw (events before we subscribed) or whose size is not a multiple of
+        ours cannot be translated and are skipped: the proxy's own record still covers them."""
+        cache = self.caches.get(backend_id)
+        if cache is None:
+            return
+        cache.precise = True
+        emap = cache.engine_blocks
+        ours_per = DEFAULT_BLOCK_TOKENS
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                if ev.block_size % ours_per:
+                    continue
+                if ev.parent_block_hash is None:
+                    parent: int | None = None
+                else:
+                    known = emap.get(ev.parent_block_hash)
+                    if not known:
+                        continue
+                    parent = known[-1]
+                salt = prefix_salt(pool, ev.lora_name)
+                stored: list[int] = []
+                tokens = ev.token_ids
+                for i, engine_hash in enumerate(ev.block_hashes):
+                    chunk = tokens[i * ev.block_size:(i + 1) * ev.block_size]
+                    if len(chunk) < ev.block_size:
+                        break
+                    ours: list[int] = []
+                    for j in range(0, ev.block_size, ours_per):
+                        parent = chain_token_block(parent, chunk[j:j + ours_per], salt)
+                        ours.append(parent)
+                    emap.pop(engine_hash, None)
+                    emap[engine_hash] = tuple(ours)
+                    stored.extend(ours)
+                cache.store(reversed(stored))  # the head most recent, as the engine frees tails first
+                while len(emap) > max(1, cache.capacity_blocks):
+                    emap.popitem(last=False)
+            elif isinstance(ev, BlockRemoved):
+                for engine_hash in ev.block_hashes:
+                    ours_t = emap.pop(engine_hash, None)
+                    if ours_t:
+                        cache.remove(ours_t)
+            elif isinstance(ev, AllBlocksCleared):
+                cache.clear()
+                emap.clear()
 
     def on_hits_counter(self, backend_id: str, hits_tokens_total: float) -> None:
         est = self.hit_rates.get(backend_id)

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from capbalancer.fleet.kv_events import KvEvent
 from capbalancer.fleet.snapshot import EngineSnapshot
 from capbalancer.sched.backend import BackendState, Health, InflightRequest
 from capbalancer.sched.capacity import CapacityModel
@@ -161,6 +162,12 @@ class Scheduler:
         index learns how much of its belief about that backend the engine confirms (invariant 8)."""
         if backend_id in self.backends:
             self.prefix.on_hits_counter(backend_id, hits_tokens_total)
+
+    def observe_kv_events(self, backend_id: str, events: Iterable[KvEvent], now: float) -> None:
+        """The engine's KV-cache events (fleet/kv_events.py): truth about what it holds, for the prefix index."""
+        state = self.backends.get(backend_id)
+        if state is not None and self.prefix.settings.enabled:
+            self.prefix.apply_kv_events(backend_id, events, state.spec.pool)
 
     def observe_health(self, backend_id: str, ok: bool, now: float, reason: str = "") -> list[Event]:
         """A health poll: consecutive results move the backend up or down, with hysteresis."""

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from capbalancer.sched.prefix_hash import PrefixKey, text_block_hashes, token_block_hashes
+from capbalancer.sched.prefix_index import prefix_salt
 from capbalancer.server.errors import ProxyError
 
 # API flavour of each proxied path.
@@ -39,10 +40,13 @@ def session_of(header: str | None, parsed: ParsedRequest) -> str | None:
     return value[:MAX_SESSION_ID_CHARS] if value else None
 
 
-def prefix_key(parsed: ParsedRequest, salt: str) -> PrefixKey:
+def prefix_key(parsed: ParsedRequest, pool: str, aliases: tuple[str, ...] = ()) -> PrefixKey:
     """The prompt's chained block hashes: over token ids when a tokenizer gave them (16-token blocks, as
-    vLLM's), else over the text in 64-character blocks. The salt (pool, model or LoRA adapter name) keeps
-    what different models cache apart, as the engine's own hash does."""
+    vLLM's), else over the text in 64-character blocks. Salted by the pool, and by the name a request gives
+    beyond the pool's own (a LoRA adapter, or another model behind a catch-all pool), as the engine's own
+    hash includes the adapter: different models never share an entry."""
+    adapter = None if parsed.model in (None, pool, *aliases) else parsed.model
+    salt = prefix_salt(pool, adapter)
     if parsed.token_ids is not None:
         return token_block_hashes(parsed.token_ids, salt=salt)
     if parsed.prompt_text:

@@ -165,7 +165,7 @@ def build_demand(state: ProxyState, request: web.Request, pool: ModelConfig, par
         deadline_s=now + deadline_ms / 1000.0 if deadline_ms is not None else None,
         stream=parsed.stream,
         api=parsed.api,
-        prefix=prefix_key(parsed, f"{pool.name}\x00{parsed.model or ''}"),
+        prefix=prefix_key(parsed, pool.name, pool.aliases),
         session_id=session_of(request.headers.get("x-session-id"), parsed),
     )
 
