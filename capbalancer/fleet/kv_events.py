@@ -144,9 +144,10 @@ class KvEventSubscriber:
         self.batches = 0
         self.errors = 0
 
-    def start(self) -> None:
+    def start(self) -> asyncio.Task[None]:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kv-events-{self.backend_id}")
+        return self._task
 
     async def stop(self) -> None:
         task, self._task = self._task, None
