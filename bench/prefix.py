@@ -15,8 +15,8 @@ and preemptions.
 The engine's prefix cache: until the simulator's own vLLM-style prefix cache is merged (branch prefix-sim),
 this runner keeps a ground-truth LRU of block hashes per engine (`EngineCache`) sized by the engine's free
 KV, and hands the engine only the uncached part of each prompt (prefill charged only for uncached tokens).
-Its KV for a cached prefix is not held by the engine model, so KV pressure is understated for every policy
-alike. The scheduler sees what a live proxy sees: the request's block hashes and session, snapshots, and
+The hit's KV blocks that leave the free pool are taken from the engine model's free blocks while the
+request runs, so admission, preemption and the reported KV usage stay honest. The scheduler sees what a live proxy sees: the request's block hashes and session, snapshots, and
 the engine's cumulative hit counter (as vllm:prefix_cache_hits_total).
 """
 
@@ -41,7 +41,7 @@ from capbalancer.sched.prefix_index import prefix_salt
 from capbalancer.sched.types import Demand, Hold, Route
 from capbalancer.sim import des
 from capbalancer.sim.des import DesInstance, DesOptions, instance_capacity
-from capbalancer.sim.engine import Finished, SimRequest
+from capbalancer.sim.engine import Finished, FirstToken, SimRequest
 from capbalancer.sim.workload import DesRequest
 
 SLO = Slo(ttft_ms=2000.0, tpot_ms=100.0)
@@ -154,27 +154,60 @@ def mean_lengths(kind: str, max_prompt: int) -> tuple[float, float, float]:
 # --- the engine's prefix cache (ground truth, until the simulator has its own) ---------------------------
 
 class EngineCache:
-    """What one engine holds: an LRU of block hashes within the engine's free KV (vLLM keeps freed blocks as
-    cache and evicts the least recently used when it needs room)."""
+    """What one engine holds, as vLLM's automatic prefix caching does: every computed prompt block is cached;
+    blocks of running requests are pinned (in use, never evicted); freed ones stay cached in the free pool and
+    are evicted least recently used (a chain's tail first) when the engine needs the room."""
 
     def __init__(self) -> None:
-        self.blocks: OrderedDict[int, None] = OrderedDict()
+        self.blocks: OrderedDict[int, int] = OrderedDict()  # hash -> running requests using it
+        self.pinned = 0  # blocks with a user
 
-    def hit_blocks(self, hashes: tuple[int, ...]) -> int:
-        n = 0
+    def hit_blocks(self, hashes: tuple[int, ...]) -> tuple[int, int]:
+        """(leading blocks cached, of those the ones no running request uses: they leave the free pool)."""
+        n = idle = 0
+        blocks = self.blocks
         for h in hashes:
-            if h not in self.blocks:
+            pins = blocks.get(h)
+            if pins is None:
                 break
             n += 1
-        return n
+            if pins == 0:
+                idle += 1
+        return n, idle
 
-    def store(self, hashes: tuple[int, ...], capacity_blocks: int) -> None:
+    def use(self, hashes: tuple[int, ...], free_blocks: int) -> None:
+        """A request starts with these prompt blocks (hit or computed): pinned, most recent, head last."""
         blocks = self.blocks
         for h in reversed(hashes):
-            blocks.pop(h, None)
-            blocks[h] = None
-        while len(blocks) > max(0, capacity_blocks):
-            blocks.popitem(last=False)
+            pins = blocks.pop(h, 0)
+            if pins == 0:
+                self.pinned += 1
+            blocks[h] = pins + 1
+        self.evict_to(free_blocks)
+
+    def release(self, hashes: tuple[int, ...], extra: tuple[int, ...], free_blocks: int) -> None:
+        """The request finished: its blocks become evictable; the answer's full blocks are cached too."""
+        blocks = self.blocks
+        for h in hashes:
+            pins = blocks.get(h)
+            if pins:
+                blocks[h] = pins - 1
+                if pins == 1:
+                    self.pinned -= 1
+        for h in reversed(extra):
+            if h not in blocks:
+                blocks[h] = 0
+        self.evict_to(free_blocks)
+
+    def evict_to(self, free_blocks: int) -> None:
+        """Unpinned cached blocks live in the engine's free KV: at most `free_blocks` of them."""
+        blocks = self.blocks
+        budget = len(blocks)
+        while len(blocks) - self.pinned > max(0, free_blocks) and budget > 0:
+            budget -= 1
+            h, pins = blocks.popitem(last=False)
+            if pins:
+                blocks[h] = pins
 
 
 class PrefixRun(des._Run):
@@ -198,6 +231,8 @@ class PrefixRun(des._Run):
         self.engine_cache = engine_cache
         self.caches = [EngineCache() for _ in instances]
         self.hit_tokens = [0] * len(instances)
+        self.reserved: dict[int, tuple[int, int]] = {}  # request -> (engine, blocks held for its cache hit)
+        self.hit_idle_blocks: dict[int, int] = {}  # request -> blocks to take once it runs
         self.query_tokens = [0] * len(instances)
 
     def key(self, i: int) -> PrefixKey:
@@ -232,17 +267,46 @@ class PrefixRun(des._Run):
         self.records[i].backend = self.instances[k].name
         key = self.key(i)
         hit = 0
+        eng = self.engines[k]
         if self.engine_cache:
-            hit = min(self.caches[k].hit_blocks(key.hashes) * BLOCK_TOKENS, r.prompt_tokens - 1)
-            self.caches[k].store(key.hashes, self._capacity_blocks(k))
+            hit_blocks, idle_blocks = self.caches[k].hit_blocks(key.hashes)
+            hit = min(hit_blocks * BLOCK_TOKENS, r.prompt_tokens - 1)
+            # The engine model computes only the uncached part, so it never allocates the hit's KV: once the
+            # request runs, the blocks that left the free pool (cached, unused by any running request) are taken
+            # from the model's free blocks, and given back when it ends, so KV pressure stays honest.
+            self.hit_idle_blocks[i] = idle_blocks * BLOCK_TOKENS // eng.block_size
+            self.caches[k].use(key.hashes, self._capacity_blocks(k))
         self.hit_tokens[k] += hit
         self.query_tokens[k] += r.prompt_tokens
-        eng = self.engines[k]
         events = eng.add_request(SimRequest(str(i), r.prompt_tokens - hit, r.output_tokens, r.max_tokens, now), now)
+        if str(i) in eng.running:
+            self.reserve(i, k)
         self.handle_engine_events(k, events)
         self.reschedule(k)
 
+    def reserve(self, i: int, k: int) -> None:
+        need = self.hit_idle_blocks.pop(i, 0)
+        if need:
+            eng = self.engines[k]
+            take = min(eng.free_blocks, need)
+            eng.free_blocks -= take
+            self.reserved[i] = (k, take)
+
+    def reschedule(self, k: int) -> None:
+        eng = self.engines[k]
+        if eng.waiting and eng.next_event_s() is None:
+            # Nothing can run and nothing will free blocks (preempted requests keep their reservation): give
+            # this engine's reservations back rather than stall the simulation.
+            for i, (kk, take) in list(self.reserved.items()):
+                if kk == k:
+                    eng.free_blocks += take
+                    del self.reserved[i]
+        super().reschedule(k)
+
     def handle_engine_events(self, k: int, events: list) -> None:
+        for ev in events:
+            if isinstance(ev, FirstToken) and int(ev.request_id) in self.hit_idle_blocks:
+                self.reserve(int(ev.request_id), k)
         super().handle_engine_events(k, events)
         for ev in events:
             if isinstance(ev, Finished):
@@ -251,8 +315,10 @@ class PrefixRun(des._Run):
                 if self.engine_cache:  # the answer's blocks are cached too: the next turn starts with them
                     si, ti = self.turn_of[i]
                     t = self.sessions[si].turns[ti]
+                    key = self.key(i)
                     full = token_block_hashes(t.prompt_ids + t.output_ids, BLOCK_TOKENS, self.salt)
-                    self.caches[k].store(full.hashes, self._capacity_blocks(k))
+                    self.engines[k].free_blocks += self.reserved.pop(i, (k, 0))[1]
+                    self.caches[k].release(key.hashes, full.hashes[len(key.hashes):], self._capacity_blocks(k))
                 self.next_turn(i, ev.time_s)
 
     def fail(self, i: int, status: int, reason: str, now: float) -> None:
@@ -270,9 +336,18 @@ class PrefixRun(des._Run):
         self.last_done_s = max(self.last_done_s, now)
 
     def poll(self, now: float) -> None:
-        super().poll(now)
-        for k, inst in enumerate(self.instances):
-            self.sched.observe_prefix_hits(inst.name, self.hit_tokens[k], now)
+        sched = self.sched
+        for k, eng in enumerate(self.engines):
+            self.handle_engine_events(k, eng.advance_to(now))
+            inst = self.instances[k]
+            self.handle_sched_events(sched.observe(inst.name, eng.snapshot(now, inst.engine), now), now)
+            sched.observe_prefix_hits(inst.name, self.hit_tokens[k], now)
+            epoch = eng.epoch
+            for req in eng.running.values():
+                generated = epoch - req.decode_offset if req.decoding else req.generated
+                if generated > 1:
+                    sched.on_progress(req.request_id, generated, now)
+            self.reschedule(k)
 
     def run(self) -> float:
         for si in range(len(self.sessions)):

@@ -88,7 +88,7 @@ class BackendState:
     own_kv_tokens: int = 0  # prompt + generated so far
     own_reserved_kv_tokens: int = 0  # prompt + max(generated, expected output)
     own_pending_prefill_tokens: int = 0  # prompts of requests that have not produced a first token
-    own_prompt_tokens: int = 0  # prompts of all our requests in flight (their mean sizes the churn)
+    own_prompt_tokens: int = 0  # prompt tokens to compute (uncached) of our requests in flight: they size the churn
     own_expected_output_tokens: int = 0  # what our requests in flight are expected to generate, in all
     own_kv_at_snapshot: int = 0  # the part of own_kv_tokens the last snapshot already counted
     own_sent_since_snapshot: int = 0  # requests dispatched after the last snapshot was taken
@@ -137,7 +137,7 @@ class BackendState:
         self.inflight[req.request_id] = req
         self.own_kv_tokens += req.kv_tokens
         self.own_reserved_kv_tokens += req.kv_tokens_reserved
-        self.own_prompt_tokens += req.prompt_tokens
+        self.own_prompt_tokens += req.prefill_tokens
         self.own_expected_output_tokens += req.expected_output_tokens
         if req.first_token_at_s is None:
             self.own_pending_prefill_tokens += req.prefill_tokens
@@ -180,7 +180,7 @@ class BackendState:
         del self.inflight[request_id]
         self.own_kv_tokens -= req.kv_tokens
         self.own_reserved_kv_tokens -= req.kv_tokens_reserved
-        self.own_prompt_tokens -= req.prompt_tokens
+        self.own_prompt_tokens -= req.prefill_tokens
         self.own_expected_output_tokens -= req.expected_output_tokens
         if req.first_token_at_s is None:
             self.own_pending_prefill_tokens -= req.prefill_tokens

@@ -114,15 +114,17 @@ class CapacityModel:
                               cached_tokens=cached, shared_kv_tokens=shared)
 
     def score(self, state: BackendState, prompt_tokens: int, expected_output_tokens: int, now: float,
-              deadline_s: float | None, cached_tokens: int = 0, shared_kv_tokens: int = 0) -> float | None:
+              deadline_s: float | None, cached_tokens: int = 0, shared_kv_tokens: int = 0,
+              recompute_cost: bool = False) -> float | None:
         """The routing score (predicted end-to-end seconds) if `state` can take the demand in time, else
         None. The policy's hot path: the latency arithmetic runs only for backends with room."""
         return self._evaluate(state, prompt_tokens, expected_output_tokens, now, deadline_s, full=False,
-                              cached_tokens=cached_tokens, shared_kv_tokens=shared_kv_tokens)
+                              cached_tokens=cached_tokens, shared_kv_tokens=shared_kv_tokens,
+                              recompute_cost=recompute_cost)
 
     def _evaluate(self, state: BackendState, prompt_tokens: int, expected_output_tokens: int, now: float,
                   deadline_s: float | None, full: bool, cached_tokens: int = 0,
-                  shared_kv_tokens: int = 0):  # -> Estimate | float | None
+                  shared_kv_tokens: int = 0, recompute_cost: bool = False):  # -> Estimate | float | None
         s = self.settings
         profile = state.spec.profile
         step = profile.step if profile is not None else GENERIC_STEP
@@ -194,6 +196,10 @@ class CapacityModel:
             if not full:
                 return None
         e2e_s = s.ttft_weight * ttft_s + max(0, expected_output_tokens - 1) * tpot_s
+        if recompute_cost:
+            # A prefix held elsewhere: recomputing it here also stalls every sequence running here for the
+            # length of that prefill (their steps wait for it), a cost the newcomer's own latency omits.
+            e2e_s += (prompt_tokens - cached_tokens) * step.prefill_seconds_per_token * ttft_k * running
         if not full:
             if deadline_s is not None and now + ttft_s > deadline_s:
                 return None
@@ -289,7 +295,7 @@ class CapacityModel:
             mean_seqs = max(mean_seqs, float(snap.running))
         step = self.base_step(state)
         seqs = int(round(mean_seqs))
-        churn = self.churn_seconds_per_seq(state, step, req.prompt_tokens, req.expected_output_tokens)
+        churn = self.churn_seconds_per_seq(state, step, req.prefill_tokens, req.expected_output_tokens)
         # Siblings on the same GPU: their load now stands in for their mean over this request's decode (a
         # point sample; the correction's moving average smooths it), so the correction does not learn the
         # contention that the model already adds.

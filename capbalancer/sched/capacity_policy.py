@@ -76,15 +76,21 @@ class CapacityPolicy:
         hashes = demand.prefix.hashes
         if index is None or not (hashes or demand.session_id is not None):
             index = None
+        held: list[tuple[int, int]] | None = None
+        if index is not None:
+            held = [index.expected_cached_tokens(b.backend_id, hashes, demand.prefix.block_tokens, prompt,
+                                                 demand.session_id) for b in candidates]
+            # Only where some backend holds part of the prompt does recomputing it elsewhere cost anything extra.
+            recompute = any(c for c, _ in held)
         for i in range(n):
-            b = candidates[(offset + i) % n]
+            j = (offset + i) % n
+            b = candidates[j]
             # None: no room, or the first token would come only after the deadline.
-            if index is None:
+            if held is None:
                 score = model.score(b, prompt, expected, now, deadline)
             else:
-                cached, shared = index.expected_cached_tokens(b.backend_id, hashes, demand.prefix.block_tokens,
-                                                              prompt, demand.session_id)
-                score = model.score(b, prompt, expected, now, deadline, cached, shared)
+                cached, shared = held[j]
+                score = model.score(b, prompt, expected, now, deadline, cached, shared, recompute)
             if score is not None and score < best_score:
                 best, best_score = b, score
         if best is None and not self.hold:

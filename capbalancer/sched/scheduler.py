@@ -438,7 +438,7 @@ class Scheduler:
         kv_capacity = backend.kv_capacity_tokens()
         if kv_capacity is not None:
             _seqs, kv_used = backend.load_view(now, self.health)
-            not_prefix = kv_used - backend.own_prompt_tokens
+            not_prefix = kv_used - backend.own_kv_tokens  # other clients' KV (our outputs are small)
             capacity_tokens = kv_capacity - (not_prefix if not_prefix > 0 else 0)
             capacity_blocks = capacity_tokens // max(1, demand.prefix.block_tokens)
         self.prefix.on_dispatch(demand.request_id, backend.backend_id, demand.prefix.hashes, demand.prompt_tokens,
