@@ -19,7 +19,7 @@ prefix-cache hit counter against the cached tokens the index predicted for what 
 
 Memory: one cached block is one OrderedDict entry (an int key and an int pin count), about
 `BYTES_PER_BLOCK` bytes (bench/prefix_index_speed.py measures it), so the index is bounded by
-`max_total_blocks * BYTES_PER_BLOCK` (default 2M blocks, about 200 MB) plus sessions (`max_sessions`).
+`max_total_blocks * BYTES_PER_BLOCK` (default 2M blocks, about 280 MB) plus sessions (`max_sessions`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from capbalancer.fleet.kv_events import AllBlocksCleared, BlockRemoved, BlockSto
 from capbalancer.sched.prefix_hash import DEFAULT_BLOCK_TOKENS
 
 # Measured by bench/prefix_index_speed.py (CPython 3.11/3.12, 64-bit): an entry of the per-backend OrderedDict.
-BYTES_PER_BLOCK = 100
+BYTES_PER_BLOCK = 140
 DEFAULT_MAX_BLOCKS_PER_BACKEND = 65536  # 1M tokens of 16-token blocks: more than one large GPU's KV
-DEFAULT_MAX_TOTAL_BLOCKS = 2_000_000  # all backends together: ~200 MB
+DEFAULT_MAX_TOTAL_BLOCKS = 2_000_000  # all backends together: ~280 MB
 DEFAULT_MAX_SESSIONS = 100_000
 
 
