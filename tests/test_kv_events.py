@@ -157,3 +157,15 @@ async def _wait(cond, timeout_s=10.0):
     while not cond():
         assert loop.time() < end, "timed out waiting for events"
         await asyncio.sleep(0.01)
+
+
+def test_config_takes_a_zmq_endpoint_per_backend_and_refuses_others():
+    from capbalancer.config import ConfigError, parse_config
+
+    def cfg(value):
+        return parse_config({"models": {"m": {"backends": [{"url": "http://127.0.0.1:8000",
+                                                             "kv_events": value}]}}})
+
+    assert cfg("tcp://127.0.0.1:5557").models["m"].backends[0].kv_events == "tcp://127.0.0.1:5557"
+    with pytest.raises(ConfigError, match="kv_events"):
+        cfg("http://127.0.0.1:5557")

@@ -211,3 +211,22 @@ def test_llm_d_prefix_scorer_sends_a_shared_prompt_back_to_its_server():
     first = sched.submit(text_demand("r0", system + "a"), 0.0).backend_id
     picks = {sched.submit(text_demand(f"r{i}", system + f"q{i}"), 0.0).backend_id for i in range(1, 10)}
     assert picks == {first}
+
+
+def test_proxy_keys_share_across_aliases_and_never_across_pools_or_adapters():
+    import orjson
+
+    from capbalancer.server.parsing import parse_body, prefix_key, session_of
+
+    def key(model, pool="m", aliases=("m-alias",)):
+        body = {"model": model, "messages": [{"role": "user", "content": "the same long prompt " * 20}],
+                "user": "alice"}
+        parsed = parse_body("/v1/chat/completions", orjson.dumps(body), keep_text=True)
+        return prefix_key(parsed, pool, aliases), parsed
+
+    base, parsed = key("m")
+    assert len(base) >= 5 and key("m-alias")[0] == base
+    assert key("my-lora")[0].hashes[0] != base.hashes[0]
+    assert key("m", pool="other")[0].hashes[0] != base.hashes[0]
+    assert session_of(None, parsed) == "alice" and session_of("s-1", parsed) == "s-1"
+    assert session_of("x" * 1000, parsed) == "x" * 256
