@@ -86,6 +86,7 @@ class BackendConfig:
     weight: float | None = None  # None: `weighted` uses the profile's throughput (1 without a profile)
     timeouts: Timeouts = Timeouts()
     gpu_group: str | None = None  # backends naming the same group share one GPU (see BackendSpec.gpu_group)
+    kv_events: str | None = None  # vLLM's KV-event publisher (tcp://host:5557): precise prefix mode
 
     def resolved_api_key(self) -> str | None:
         if self.api_key:
@@ -312,7 +313,7 @@ def _default_name(url: str) -> str:
 
 
 _BACKEND_KEYS = ("url", "name", "engine", "profile", "api_key_env", "api_key", "api_key_mode", "weight", "timeouts",
-                 "gpu_group")
+                 "gpu_group", "kv_events")
 
 
 def _backend(r: _Reader, base_timeouts: Timeouts, base_dir: Path | None) -> BackendConfig:
@@ -340,7 +341,22 @@ def _backend(r: _Reader, base_timeouts: Timeouts, base_dir: Path | None) -> Back
                          api_key_env=api_key_env, api_key=api_key,
                          api_key_mode=r.choice("api_key_mode", "replace", API_KEY_MODES),
                          weight=r.number("weight", 1.0) if "weight" in r.data else None,
-                         timeouts=_timeouts(r, "timeouts", base_timeouts), gpu_group=_gpu_group(r))
+                         timeouts=_timeouts(r, "timeouts", base_timeouts), gpu_group=_gpu_group(r),
+                         kv_events=_kv_events(r))
+
+
+def _kv_events(r: _Reader) -> str | None:
+    endpoint = r.string("kv_events", None)
+    if endpoint is None:
+        return None
+    if not endpoint.startswith(("tcp://", "ipc://")):
+        r.fail("kv_events", f"must be a ZMQ endpoint such as tcp://host:5557, got {endpoint[:80]!r}")
+    try:
+        import msgspec  # noqa: F401  (optional extra)
+        import zmq  # noqa: F401
+    except ImportError:
+        r.fail("kv_events", "needs pyzmq and msgspec: pip install 'capbalancer[kv-events]'")
+    return endpoint
 
 
 def parse_backend(data: Any, base_timeouts: Timeouts, base_dir: Path | None, where: str) -> BackendConfig:

@@ -39,15 +39,24 @@ class InflightRequest:
     # The backend's load integrals when this request produced its first token (see BackendState).
     seq_integral_at_first_token: float = 0.0
     kv_integral_at_first_token: float = 0.0
+    # Prefix cache (sched/prefix_index.py): prompt tokens expected cached there (no prefill), and of those,
+    # held by other requests running there (no new KV either). Fixed at dispatch.
+    cached_prompt_tokens: int = 0
+    shared_kv_tokens: int = 0
 
     @property
     def kv_tokens(self) -> int:
-        return self.prompt_tokens + self.output_tokens
+        return self.prompt_tokens - self.shared_kv_tokens + self.output_tokens
 
     @property
     def kv_tokens_reserved(self) -> int:
         """KV tokens it will hold at the end if it generates what we expect (never less than now)."""
-        return self.prompt_tokens + max(self.output_tokens, self.expected_output_tokens)
+        return self.prompt_tokens - self.shared_kv_tokens + max(self.output_tokens, self.expected_output_tokens)
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens the engine must compute (the rest is a prefix-cache hit)."""
+        return self.prompt_tokens - self.cached_prompt_tokens
 
 
 @dataclass(slots=True)
@@ -79,7 +88,7 @@ class BackendState:
     own_kv_tokens: int = 0  # prompt + generated so far
     own_reserved_kv_tokens: int = 0  # prompt + max(generated, expected output)
     own_pending_prefill_tokens: int = 0  # prompts of requests that have not produced a first token
-    own_prompt_tokens: int = 0  # prompts of all our requests in flight (their mean sizes the churn)
+    own_prompt_tokens: int = 0  # prompt tokens to compute (uncached) of our requests in flight: they size the churn
     own_expected_output_tokens: int = 0  # what our requests in flight are expected to generate, in all
     own_kv_at_snapshot: int = 0  # the part of own_kv_tokens the last snapshot already counted
     own_sent_since_snapshot: int = 0  # requests dispatched after the last snapshot was taken
@@ -128,10 +137,10 @@ class BackendState:
         self.inflight[req.request_id] = req
         self.own_kv_tokens += req.kv_tokens
         self.own_reserved_kv_tokens += req.kv_tokens_reserved
-        self.own_prompt_tokens += req.prompt_tokens
+        self.own_prompt_tokens += req.prefill_tokens
         self.own_expected_output_tokens += req.expected_output_tokens
         if req.first_token_at_s is None:
-            self.own_pending_prefill_tokens += req.prompt_tokens
+            self.own_pending_prefill_tokens += req.prefill_tokens
         self.own_sent_since_snapshot += 1
 
     def _sent_after_snapshot(self, req: InflightRequest) -> bool:
@@ -155,7 +164,7 @@ class BackendState:
             req.first_token_at_s = now
             req.seq_integral_at_first_token = self.load_integral_seq_s
             req.kv_integral_at_first_token = self.load_integral_kv_s
-            self.own_pending_prefill_tokens -= req.prompt_tokens
+            self.own_pending_prefill_tokens -= req.prefill_tokens
         if output_tokens <= req.output_tokens:
             return
         before_kv, before_reserved = req.kv_tokens, req.kv_tokens_reserved
@@ -171,10 +180,10 @@ class BackendState:
         del self.inflight[request_id]
         self.own_kv_tokens -= req.kv_tokens
         self.own_reserved_kv_tokens -= req.kv_tokens_reserved
-        self.own_prompt_tokens -= req.prompt_tokens
+        self.own_prompt_tokens -= req.prefill_tokens
         self.own_expected_output_tokens -= req.expected_output_tokens
         if req.first_token_at_s is None:
-            self.own_pending_prefill_tokens -= req.prompt_tokens
+            self.own_pending_prefill_tokens -= req.prefill_tokens
         at_snapshot = self.kv_at_snapshot(req)
         if at_snapshot is not None:
             self.own_kv_at_snapshot -= at_snapshot

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from capbalancer.profiling.schema import Profile, StepTimeModel
 from capbalancer.sched.backend import BackendState, InflightRequest
+from capbalancer.sched.prefix_index import PrefixIndex
 from capbalancer.sched.types import Demand, HealthSettings
 
 # Used for a backend configured without a profile: a mid-size GPU serving a mid-size model. Only the
@@ -75,6 +76,7 @@ class CapacityModel:
     def __init__(self, health: HealthSettings, settings: CapacitySettings | None = None) -> None:
         self.health = health
         self.settings = settings or CapacitySettings()
+        self.prefix: PrefixIndex | None = None  # the scheduler's prefix index: cached tokens per backend
 
     # --- profile with corrections ---------------------------------------------------------------
     @staticmethod
@@ -97,18 +99,32 @@ class CapacityModel:
         return profile.max_num_seqs, profile.max_num_batched_tokens
 
     # --- the estimate -----------------------------------------------------------------------------
+    def cached_tokens(self, state: BackendState, demand: Demand) -> tuple[int, int]:
+        """(cached, shared-KV) prompt tokens `state` probably holds for `demand` (sched/prefix_index.py)."""
+        index = self.prefix
+        if index is None or not (demand.prefix.hashes or demand.session_id is not None):
+            return 0, 0
+        return index.expected_cached_tokens(state.backend_id, demand.prefix.hashes, demand.prefix.block_tokens,
+                                            demand.prompt_tokens, demand.session_id)
+
     def estimate(self, state: BackendState, demand: Demand, expected_output_tokens: int, now: float) -> Estimate:
         """Everything a demand would see on `state` now (for predictions, the admin view and tests)."""
-        return self._evaluate(state, demand.prompt_tokens, expected_output_tokens, now, None, full=True)
+        cached, shared = self.cached_tokens(state, demand)
+        return self._evaluate(state, demand.prompt_tokens, expected_output_tokens, now, None, full=True,
+                              cached_tokens=cached, shared_kv_tokens=shared)
 
     def score(self, state: BackendState, prompt_tokens: int, expected_output_tokens: int, now: float,
-              deadline_s: float | None) -> float | None:
+              deadline_s: float | None, cached_tokens: int = 0, shared_kv_tokens: int = 0,
+              recompute_cost: bool = False) -> float | None:
         """The routing score (predicted end-to-end seconds) if `state` can take the demand in time, else
         None. The policy's hot path: the latency arithmetic runs only for backends with room."""
-        return self._evaluate(state, prompt_tokens, expected_output_tokens, now, deadline_s, full=False)
+        return self._evaluate(state, prompt_tokens, expected_output_tokens, now, deadline_s, full=False,
+                              cached_tokens=cached_tokens, shared_kv_tokens=shared_kv_tokens,
+                              recompute_cost=recompute_cost)
 
     def _evaluate(self, state: BackendState, prompt_tokens: int, expected_output_tokens: int, now: float,
-                  deadline_s: float | None, full: bool):  # -> Estimate | float | None
+                  deadline_s: float | None, full: bool, cached_tokens: int = 0,
+                  shared_kv_tokens: int = 0, recompute_cost: bool = False):  # -> Estimate | float | None
         s = self.settings
         profile = state.spec.profile
         step = profile.step if profile is not None else GENERIC_STEP
@@ -125,7 +141,8 @@ class CapacityModel:
         if own_growth < 0:
             own_growth = 0
         reserve = s.kv_growth_reserve
-        new_kv = prompt_tokens + reserve * expected_output_tokens
+        # A prefix held by requests running there needs no new KV; one only cached (evictable) does.
+        new_kv = prompt_tokens - shared_kv_tokens + reserve * expected_output_tokens
         kv_projected = int(kv_used + reserve * own_growth + new_kv)
         kv_capacity = state.kv_capacity_tokens()
         fits_memory = (kv_capacity is None or seqs_now == 0
@@ -140,7 +157,8 @@ class CapacityModel:
         # Churn: in steady state every finishing sequence is replaced by a new one whose prefill runs
         # inside the decode steps of all the others, so each decoding sequence also pays, per token,
         # its share of the prefills admitted while it decodes.
-        churn_s_per_seq = self.churn_seconds_per_seq(state, step, prompt_tokens, expected_output_tokens)
+        churn_s_per_seq = self.churn_seconds_per_seq(state, step, prompt_tokens - cached_tokens,
+                                                     expected_output_tokens)
         if s.knee_throughput_fraction < 1.0:
             seats = min(seats, self._knee_seqs(step, mean_ctx, seats, churn_s_per_seq))
         fits_compute = seqs_now == 0 or seqs_after <= seats
@@ -161,7 +179,8 @@ class CapacityModel:
         # Time to first token: the prefill backlog ahead of it in chunks of the step token budget, each
         # chunk riding on a decode step, plus the wait for a seat if the batch is full.
         running = seqs_now if seqs_now < seats else seats
-        backlog_tokens = state.own_pending_prefill_tokens + prompt_tokens
+        # Only the uncached part of the prompt is computed (prefix cache hit).
+        backlog_tokens = state.own_pending_prefill_tokens + prompt_tokens - cached_tokens
         chunk_tokens = max_batched_tokens - running
         chunks = math.ceil(backlog_tokens / (chunk_tokens if chunk_tokens > 1 else 1))
         prefill_s = (backlog_tokens * step.prefill_seconds_per_token
@@ -177,6 +196,10 @@ class CapacityModel:
             if not full:
                 return None
         e2e_s = s.ttft_weight * ttft_s + max(0, expected_output_tokens - 1) * tpot_s
+        if recompute_cost:
+            # A prefix held elsewhere: recomputing it here also stalls every sequence running here for the
+            # length of that prefill (their steps wait for it), a cost the newcomer's own latency omits.
+            e2e_s += (prompt_tokens - cached_tokens) * step.prefill_seconds_per_token * ttft_k * running
         if not full:
             if deadline_s is not None and now + ttft_s > deadline_s:
                 return None
@@ -272,7 +295,7 @@ class CapacityModel:
             mean_seqs = max(mean_seqs, float(snap.running))
         step = self.base_step(state)
         seqs = int(round(mean_seqs))
-        churn = self.churn_seconds_per_seq(state, step, req.prompt_tokens, req.expected_output_tokens)
+        churn = self.churn_seconds_per_seq(state, step, req.prefill_tokens, req.expected_output_tokens)
         # Siblings on the same GPU: their load now stands in for their mean over this request's decode (a
         # point sample; the correction's moving average smooths it), so the correction does not learn the
         # contention that the model already adds.

@@ -53,6 +53,7 @@ class CapacityPolicy:
     def _model_for(self, ctx: PolicyContext) -> CapacityModel:
         if self._model is None or self._model.health is not ctx.health:
             self._model = CapacityModel(ctx.health, self.settings)
+        self._model.prefix = ctx.prefix
         return self._model
 
     def choose(self, demand: Demand, candidates: Sequence[BackendState], ctx: PolicyContext) -> BackendState | None:
@@ -69,10 +70,27 @@ class CapacityPolicy:
         deadline = demand.deadline_s
         prompt, expected, now = demand.prompt_tokens, ctx.expected_output_tokens, ctx.now
         offset = self._turn
+        # Prefix cache: each backend is scored with the prompt tokens it probably holds already, so a holder
+        # wins by its shorter prefill and smaller KV need, and loses when it is slow, busy or full anyway.
+        index = ctx.prefix
+        hashes = demand.prefix.hashes
+        if index is None or not (hashes or demand.session_id is not None):
+            index = None
+        held: list[tuple[int, int]] | None = None
+        if index is not None:
+            held = [index.expected_cached_tokens(b.backend_id, hashes, demand.prefix.block_tokens, prompt,
+                                                 demand.session_id) for b in candidates]
+            # Only where some backend holds part of the prompt does recomputing it elsewhere cost anything extra.
+            recompute = any(c for c, _ in held)
         for i in range(n):
-            b = candidates[(offset + i) % n]
+            j = (offset + i) % n
+            b = candidates[j]
             # None: no room, or the first token would come only after the deadline.
-            score = model.score(b, prompt, expected, now, deadline)
+            if held is None:
+                score = model.score(b, prompt, expected, now, deadline)
+            else:
+                cached, shared = held[j]
+                score = model.score(b, prompt, expected, now, deadline, cached, shared, recompute)
             if score is not None and score < best_score:
                 best, best_score = b, score
         if best is None and not self.hold:

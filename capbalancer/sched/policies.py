@@ -17,6 +17,7 @@ from typing import Protocol
 
 from capbalancer.sched.backend import BackendState
 from capbalancer.sched.capacity import CapacityModel
+from capbalancer.sched.prefix_index import PrefixIndex
 from capbalancer.sched.types import Demand, HealthSettings
 
 
@@ -26,6 +27,7 @@ class PolicyContext:
     health: HealthSettings
     expected_output_tokens: int  # what the scheduler expects this demand to generate
     capacity: CapacityModel  # the scheduler's model (default settings, shared online corrections)
+    prefix: PrefixIndex | None = None  # the scheduler's prefix index (sched/prefix_index.py)
 
 
 class Policy(Protocol):

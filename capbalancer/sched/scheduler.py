@@ -21,12 +21,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from capbalancer.fleet.kv_events import KvEvent
 from capbalancer.fleet.snapshot import EngineSnapshot
 from capbalancer.sched.backend import BackendState, Health, InflightRequest
 from capbalancer.sched.capacity import CapacityModel
 from capbalancer.sched.estimates import OutputLengthEstimator
 from capbalancer.sched.hold import HoldQueue
 from capbalancer.sched.policies import Policy, PolicyContext, make_policy
+from capbalancer.sched.prefix_index import PrefixIndex, PrefixSettings
 from capbalancer.sched.types import (
     BackendSpec,
     Decision,
@@ -70,10 +72,16 @@ class Scheduler:
         backends: Iterable[BackendSpec] = (),
         health: HealthSettings | None = None,
         seed: int = 0,
+        prefix: PrefixSettings | None = None,
     ) -> None:
         self.health = health or HealthSettings()
+        # Which prompt prefixes each backend probably holds (DESIGN invariant 7): fed on dispatch and finish,
+        # and by KV events where an engine publishes them; the cost model counts what it predicts cached.
+        self.prefix = PrefixIndex(prefix or PrefixSettings())
         # Predicts every dispatch's TTFT/TPOT (whatever the policy) and calibrates from completions.
         self.capacity = CapacityModel(self.health)
+        if self.prefix.settings.enabled:
+            self.capacity.prefix = self.prefix
         self._rng = random.Random(seed)
         self.pools: dict[str, PoolState] = {}
         self.backends: dict[str, BackendState] = {}
@@ -122,6 +130,7 @@ class Scheduler:
             state.spec = spec
             self.backends[spec.backend_id] = state
             self.pools[spec.pool].backend_ids.append(spec.backend_id)
+            self.prefix.add_backend(spec.backend_id)
         self._link_gpu_groups()
         return self._release(spec.pool, now)
 
@@ -143,7 +152,22 @@ class Scheduler:
         if state is None:
             return []
         state.take_snapshot(snapshot)
+        hits = getattr(snapshot, "prefix_cache_hits_tokens_total", None)
+        if hits is not None:  # the engine's own count of prefix-cache hits: how far the index's belief holds
+            self.prefix.on_hits_counter(backend_id, hits)
         return self._release(state.spec.pool, now)
+
+    def observe_prefix_hits(self, backend_id: str, hits_tokens_total: float, now: float) -> None:
+        """The engine's cumulative prefix-cache hit counter, in tokens (vllm:prefix_cache_hits_total): the
+        index learns how much of its belief about that backend the engine confirms (invariant 8)."""
+        if backend_id in self.backends:
+            self.prefix.on_hits_counter(backend_id, hits_tokens_total)
+
+    def observe_kv_events(self, backend_id: str, events: Iterable[KvEvent], now: float) -> None:
+        """The engine's KV-cache events (fleet/kv_events.py): truth about what it holds, for the prefix index."""
+        state = self.backends.get(backend_id)
+        if state is not None and self.prefix.settings.enabled:
+            self.prefix.apply_kv_events(backend_id, events, state.spec.pool)
 
     def observe_health(self, backend_id: str, ok: bool, now: float, reason: str = "") -> list[Event]:
         """A health poll: consecutive results move the backend up or down, with hysteresis."""
@@ -243,6 +267,7 @@ class Scheduler:
         backend_id = self._request_backend.pop(request_id, None)
         if backend_id is None:
             return self.cancel(request_id, now)
+        self.prefix.on_finish(request_id)
         state = self.backends.get(backend_id) or self._retired.get(backend_id)
         if state is None:
             return []
@@ -381,7 +406,8 @@ class Scheduler:
         return PolicyContext(now=now, health=self.health,
                              expected_output_tokens=pool.output_lengths.expected(demand.max_tokens)
                              if demand.api != "embeddings" else 0,
-                             capacity=self.capacity)
+                             capacity=self.capacity,
+                             prefix=self.prefix if self.prefix.settings.enabled else None)
 
     def _dispatch(self, backend: BackendState, demand: Demand, pool: PoolState, now: float) -> None:
         expected = 0 if demand.api == "embeddings" else pool.output_lengths.expected(demand.max_tokens)
@@ -393,12 +419,30 @@ class Scheduler:
             expected_output_tokens=expected,
             dispatched_at_s=now,
         )
+        cached, shared = self.capacity.cached_tokens(backend, demand)
+        req.cached_prompt_tokens, req.shared_kv_tokens = cached, shared
         estimate = self.capacity.estimate(backend, demand, expected, now)
         req.predicted_ttft_s = estimate.ttft_s
         req.predicted_tpot_s = estimate.tpot_s
         req.predicted_ttft_base_s = self.capacity.base_ttft(estimate, backend)
+        self._index_dispatch(backend, demand, cached, now)
         backend.add_inflight(req)
         self._request_backend[demand.request_id] = backend.backend_id
+
+    def _index_dispatch(self, backend: BackendState, demand: Demand, cached_tokens: int, now: float) -> None:
+        """The prompt's blocks are on `backend` now. Its cache holds what its KV can keep besides the KV that
+        is not prompt prefix (generated tokens, other clients' requests): the index forgets the rest."""
+        if not self.prefix.settings.enabled:
+            return
+        capacity_blocks = None
+        kv_capacity = backend.kv_capacity_tokens()
+        if kv_capacity is not None:
+            _seqs, kv_used = backend.load_view(now, self.health)
+            not_prefix = kv_used - backend.own_kv_tokens  # other clients' KV (our outputs are small)
+            capacity_tokens = kv_capacity - (not_prefix if not_prefix > 0 else 0)
+            capacity_blocks = capacity_tokens // max(1, demand.prefix.block_tokens)
+        self.prefix.on_dispatch(demand.request_id, backend.backend_id, demand.prefix.hashes, demand.prompt_tokens,
+                                demand.session_id, cached_tokens, capacity_blocks)
 
     def _release(self, pool_name: str, now: float) -> list[Event]:
         """Dispatch held requests, head first, while the policy finds them a backend."""
@@ -473,6 +517,7 @@ class Scheduler:
             pool.backend_ids.remove(backend_id)
         if state.inflight:
             self._retired[backend_id] = state
+        self.prefix.remove_backend(backend_id)
         self._link_gpu_groups()
 
     def _link_gpu_groups(self) -> None:

@@ -84,6 +84,20 @@ async def _startup(app: web.Application) -> None:
     state.poller, state.poller_kind, state.make_target = make_poller(targets, state.driver, h.interval_s,
                                                                      h.timeout_s, state.driver.clock)
     await state.poller.start()
+    for _, b in state.config.backends():
+        if b.kv_events:
+            _subscribe_kv_events(state, b)
+
+
+def _subscribe_kv_events(state: ProxyState, b: BackendConfig) -> None:
+    """Precise prefix mode: the engine's KV events go to the scheduler's prefix index (read at start only)."""
+    from capbalancer.fleet.kv_events import KvEventSubscriber
+
+    driver = state.driver
+    sub = KvEventSubscriber(b.name, b.kv_events or "",
+                            lambda backend_id, events: driver.scheduler.observe_kv_events(backend_id, events,
+                                                                                          driver.clock()))
+    state.background.add(sub.start())
 
 
 async def _cleanup(app: web.Application) -> None:

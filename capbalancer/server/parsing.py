@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 
+from capbalancer.sched.prefix_hash import PrefixKey, text_block_hashes, token_block_hashes
+from capbalancer.sched.prefix_index import prefix_salt
 from capbalancer.server.errors import ProxyError
 
 # API flavour of each proxied path.
@@ -24,7 +26,32 @@ class ParsedRequest:
     max_tokens: int | None  # None: the pool's default
     stream: bool
     api: str  # openai | tgi | embeddings
-    prompt_text: str | None = None  # only when asked for (a pool counts tokens with a local tokenizer)
+    prompt_text: str | None = None  # only when asked for (token counting and the prefix key)
+    user: str | None = None  # the OpenAI `user` field: a session hint for prefix affinity
+    token_ids: list[int] | None = None  # set when a local tokenizer counted the prompt
+
+
+MAX_SESSION_ID_CHARS = 256
+
+
+def session_of(header: str | None, parsed: ParsedRequest) -> str | None:
+    """The request's session: `x-session-id`, else the OpenAI `user` field; bounded in size."""
+    value = header or parsed.user
+    return value[:MAX_SESSION_ID_CHARS] if value else None
+
+
+def prefix_key(parsed: ParsedRequest, pool: str, aliases: tuple[str, ...] = ()) -> PrefixKey:
+    """The prompt's chained block hashes: over token ids when a tokenizer gave them (16-token blocks, as
+    vLLM's), else over the text in 64-character blocks. Salted by the pool, and by the name a request gives
+    beyond the pool's own (a LoRA adapter, or another model behind a catch-all pool), as the engine's own
+    hash includes the adapter: different models never share an entry."""
+    adapter = None if parsed.model in (None, pool, *aliases) else parsed.model
+    salt = prefix_salt(pool, adapter)
+    if parsed.token_ids is not None:
+        return token_block_hashes(parsed.token_ids, salt=salt)
+    if parsed.prompt_text:
+        return text_block_hashes(parsed.prompt_text, salt=salt)
+    return PrefixKey()
 
 
 def parse_body(path: str, raw: bytes, keep_text: bool = False) -> ParsedRequest:
@@ -63,8 +90,9 @@ def parse_body(path: str, raw: bytes, keep_text: bool = False) -> ParsedRequest:
     if keep_text:
         text = _messages_text(body.get("messages")) if path == "/v1/chat/completions" else _content_text(
             body.get("input") if path == "/v1/embeddings" else body.get("prompt"))
+    user = body.get("user")
     return ParsedRequest(model=model, prompt_chars=chars, max_tokens=max_tokens, stream=bool(stream), api=api,
-                         prompt_text=text)
+                         prompt_text=text, user=user if isinstance(user, str) else None)
 
 
 def _content_text(value: Any) -> str:

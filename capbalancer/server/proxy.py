@@ -26,7 +26,7 @@ from capbalancer.server.clients import ClientAuth
 from capbalancer.server.driver import SchedulerDriver
 from capbalancer.server.errors import ProxyError, error_response, from_exception, sse_error_event
 from capbalancer.server.metrics import ProxyMetrics
-from capbalancer.server.parsing import ParsedRequest, parse_body
+from capbalancer.server.parsing import ParsedRequest, parse_body, prefix_key, session_of
 from capbalancer.server.relay import (
     StreamCounter,
     Upstream,
@@ -79,7 +79,8 @@ class ProxyState:
                 from tokenizers import Tokenizer
 
                 tok = self.tokenizers[pool.tokenizer] = Tokenizer.from_file(pool.tokenizer)
-            return max(1, len(tok.encode(parsed.prompt_text).ids))
+            parsed.token_ids = tok.encode(parsed.prompt_text).ids
+            return max(1, len(parsed.token_ids))
         return self.estimator(pool.name).estimate(parsed.prompt_chars)
 
     def client_auth(self) -> ClientAuth:
@@ -164,6 +165,8 @@ def build_demand(state: ProxyState, request: web.Request, pool: ModelConfig, par
         deadline_s=now + deadline_ms / 1000.0 if deadline_ms is not None else None,
         stream=parsed.stream,
         api=parsed.api,
+        prefix=prefix_key(parsed, pool.name, pool.aliases),
+        session_id=session_of(request.headers.get("x-session-id"), parsed),
     )
 
 
@@ -182,8 +185,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             auth.admit(client, time.monotonic())
         raw = await read_body(request, state.config.server.max_body_bytes,
                                   state.config.server.body_read_timeout_s)
-        parsed = parse_body(request.path, raw,
-                            keep_text=any(m.tokenizer for m in state.config.models.values()))
+        parsed = parse_body(request.path, raw, keep_text=True)  # the text is the prefix index's key
         pool = state.config.model_for(parsed.model)
         if pool is None:
             served = ", ".join(state.config.served_names())
