@@ -254,7 +254,7 @@ class Bench:
             env.update({"PYTHONPATH": os.environ.get("SITE", "/root/site"), "HF_HUB_OFFLINE": "1",
                         "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                         "VLLM_USE_FLASHINFER_SAMPLER": "0", "CUDA_VISIBLE_DEVICES": str(inst["gpu"]),
-                        "PYTHONUNBUFFERED": "1"})
+                        "PYTHONUNBUFFERED": "1", "VLLM_SERVER_DEV_MODE": "1"})
             cmd = [self.a.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.a.model_dir,
                    "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(inst["port"]),
                    "--dtype", "bfloat16", "--max-model-len", "4096",
@@ -412,7 +412,9 @@ class Bench:
                 "--slo", f"ttft={SLO['ttft_ms']},tpot={SLO['tpot_ms']}", "--json", str(out_json), "--quiet"]
         if "num_requests" in wl:
             args += ["--num-requests", str(wl["num_requests"])]
-        if wl.get("lengths") == "sharegpt":
+        if wl.get("workload"):
+            args += ["--workload", wl["workload"], "--output-len", wl.get("output_len", self.a.output_len)]
+        elif wl.get("lengths") == "sharegpt":
             args += ["--prompt-len", self.a.prompt_len, "--output-len", self.a.output_len]
         else:
             args += ["--prompt-len", str(wl["prompt_len"]), "--output-len", str(wl["output_len"])]
@@ -447,6 +449,8 @@ class Bench:
                      proxy_names: list[str] | None = None) -> dict:
         """One run: optional proxy, one or more loadtests in parallel, counters and gauges around them."""
         wait_idle(self.instances)
+        if self.a.plan == "prefix":
+            self.reset_prefix_caches()
         proxy = self.start_proxy(policy, proxy_names, name) if policy else None
         before = snapshot_counters(self.instances)
         sampler = Sampler(self.instances)
@@ -540,7 +544,71 @@ class Bench:
             best = max(best, _req_per_s(json.loads(p.read_text())["runs"].get("proxy", {})))
         return best or self.a.default_rate
 
+    def reset_prefix_caches(self) -> None:
+        """Every run replays the same seeded sessions: empty each engine's prefix cache first (vLLM's
+        POST /reset_prefix_cache, served with VLLM_SERVER_DEV_MODE=1), so no run hits what an earlier one cached."""
+        for inst in self.instances:
+            try:
+                req = urllib.request.Request(inst["url"] + "/reset_prefix_cache", data=b"", method="POST")
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    ok = resp.status
+            except Exception as exc:  # recorded: a run after a failed reset may hit an earlier run's prefixes
+                ok = f"{type(exc).__name__}: {exc}"
+            if ok != 200:
+                log(f"reset_prefix_cache {inst['name']}: {ok}")
+
+    def base_rate_of(self, direct_job: str) -> float:
+        d = self.load(direct_job)
+        tot = sum(_req_per_s(r) for r in d["runs"].values()) if d else 0.0
+        return tot or self.a.default_rate
+
+    def prefix_plan(self) -> list[tuple[str, float, callable]]:
+        """Issue 18 on one GPU: prefix caching on (vLLM's default); multi-turn, shared-prompt and prefix-free
+        workloads; the static splits (all instances; A alone) driven directly as the ceiling; each policy through
+        the proxy at Poisson rates that are fractions of the best static split's closed-loop request rate."""
+        dur, users = self.a.duration, self.a.sat_concurrency
+        wls = {"mt": {"workload": self.a.mt_workload, "output_len": self.a.mt_output_len},
+               "sp": {"workload": self.a.sp_workload, "output_len": self.a.mt_output_len},
+               "nofix": {"lengths": "sharegpt"}}
+        jobs: list[tuple[str, float, callable]] = [] if self.a.no_profile else \
+            [("profile", self.a.profile_timeout, self.job_profile)]
+
+        def direct(tag: str, names: list[str]) -> tuple[str, float, callable]:
+            name = f"direct_{tag}_{''.join(names)}"
+            per = max(4, users // len(names))
+            return (name, dur * self.scale + 30, lambda: self.measured_run(
+                name, [(n, self.wl(**wls[tag], concurrency=per, duration=dur)) for n in names]))
+
+        def best_direct(tag: str) -> float:
+            return max(self.base_rate_of(f"direct_{tag}_{''.join(n)}") for n in (["A", "B", "C"], ["A"]))
+
+        def poisson(tag: str, pol: str, frac: float) -> tuple[str, float, callable]:
+            name = f"{tag}_poisson{int(round(frac * 100))}_{pol}"
+            return (name, dur * self.scale + 35, lambda: self.measured_run(name, [("proxy", self.wl(
+                **wls[tag], rate=frac * best_direct(tag), concurrency=4096, duration=dur))], policy=pol))
+
+        def sat(tag: str, pol: str) -> tuple[str, float, callable]:
+            name = f"{tag}_sat_{pol}"
+            return (name, dur * self.scale + 35, lambda: self.measured_run(
+                name, [("proxy", self.wl(**wls[tag], concurrency=users, duration=dur))], policy=pol))
+
+        pols = self.policies()
+        jobs += [direct("mt", ["A", "B", "C"]), direct("mt", ["A"])]
+        jobs += [poisson("mt", p, self.a.rate_fracs[0]) for p in pols]
+        jobs += [direct("sp", ["A", "B", "C"]), direct("sp", ["A"])]
+        jobs += [poisson("sp", p, self.a.rate_fracs[0]) for p in pols[:3]]
+        jobs += [direct("nofix", ["A", "B", "C"]), direct("nofix", ["A"])]
+        jobs += [poisson("nofix", p, self.a.rate_fracs[0]) for p in ("capacity", "least_kv") if p in pols]
+        jobs += [sat("mt", p) for p in pols[:3]]
+        for frac in self.a.rate_fracs[1:]:
+            jobs += [poisson("mt", p, frac) for p in pols]
+        jobs += [poisson("sp", p, self.a.rate_fracs[0]) for p in pols[3:]]
+        seen: set[str] = set()
+        return [j for j in jobs if not (j[0] in seen or seen.add(j[0]))]
+
     def plan(self) -> list[tuple[str, float, callable]]:
+        if self.a.plan == "prefix":
+            return self.prefix_plan()
         sat_c = self.a.sat_concurrency
         dur = self.a.duration
         policies = self.policies()
@@ -750,7 +818,24 @@ def main() -> None:
     ap.add_argument("--profile-concurrency", type=int, default=128, help="capbalancer profile --max-concurrency")
     ap.add_argument("--proxy-settle", type=float, default=2.0)
     ap.add_argument("--fail-fast", action="store_true")
+    ap.add_argument("--plan", choices=["default", "prefix"], default="default",
+                    help="prefix: issue 18's prefix-cache plan (multi-turn, shared-prompt, prefix-free; cache on)")
+    # m8b's tokenizer makes a three-letter word about 1.66 tokens: 2,000 words of context plus 300 output tokens
+    # stay under --max-model-len 4096.
+    ap.add_argument("--mt-workload", default="multi-turn:turns=3-8:think=1:system=40:max_context=2000:"
+                    "user=lognormal:mean=80:sigma=0.8:max=300")
+    ap.add_argument("--sp-workload", default="shared-prompt:tenants=8:system=1000:turns=1-2:max_context=2000")
+    ap.add_argument("--no-profile", action="store_true", help="prefix plan: skip profiling (use "
+                    "--fallback-profile, e.g. a profile measured on the same GPU and model)")
+    ap.add_argument("--mt-output-len", default="lognormal:mean=150:sigma=0.6:max=300")
     a = ap.parse_args()
+    if a.plan == "prefix":
+        if a.vllm_extra == "--no-enable-prefix-caching":
+            a.vllm_extra = ""  # vLLM's default: prefix caching on
+        if not a.policies:
+            a.policies = "capacity,cache_aware,llm_d,least_kv,round_robin"
+        if a.sat_concurrency == 256:
+            a.sat_concurrency = 96
     if not a.gpu_label:
         a.gpu_label = "h100-80g" if a.layout == "one-h100" else "h200"
     Bench(a).run()
