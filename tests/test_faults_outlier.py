@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import openai
-import pytest
 import yaml
 from faults import ADMIN_TOKEN_ENV, FaultBackend, Proxy
 from support import capbalancer, free_port, running
