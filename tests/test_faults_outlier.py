@@ -103,7 +103,7 @@ def test_hung_engine_gets_under_5pct_after_10s_with_default_settings(tmp_path: P
     with sim_pair(tmp_path) as sims, FaultBackend("bad", api="hang") as bad:
         with Proxy(config=config(sims, bad), admin_token="adm") as proxy:
             share, late, results = share_after(bad, proxy, 10.0, 13.0, workers=12, client_timeout_s=8.0)
-            assert late >= 50, results[-10:]
+            assert late >= 30, results[-10:]
             assert share < 0.05, (share, late)
             assert bad.api_requests() >= 2  # it did get some at first: the test is not vacuous
             ok_late = [r for r in results if r[1] == "ok"]
@@ -114,14 +114,14 @@ def test_hung_engine_gets_under_5pct_after_10s_with_default_settings(tmp_path: P
 
 
 def test_5xx_only_engine_is_ejected_and_reejected_on_probation(tmp_path: Path) -> None:
-    fast = {"outlier": {"base_ejection_s": 2.0, "max_ejection_s": 8.0}}
+    fast = {"outlier": {"base_ejection_s": 3.0, "max_ejection_s": 12.0}}
     with sim_pair(tmp_path) as sims, FaultBackend("bad", api="status", status=500) as bad:
         with Proxy(config=config(sims, bad, **fast), admin_token="adm") as proxy:
             # Long enough answers that the healthy ones are busy: the idle-looking 5xx engine is attractive.
             share, late, results = share_after(bad, proxy, 2.0, 8.0, workers=24, client_timeout_s=10.0,
                                                max_tokens=64)
-            assert late >= 100
-            # Ejected after 5, re-admitted after 2 s for one trial, out again for 4 s: a few in all.
+            assert late >= 40
+            # Ejected after 5, re-admitted after 3 s for one trial, out again for 6 s: a few in all.
             assert share < 0.05, (share, late)
             assert bad.api_requests() >= 5
             # Every client request succeeded: a 500 before any byte is retried on a healthy backend.
@@ -135,7 +135,7 @@ def test_hung_engine_short_timers_non_streaming(tmp_path: Path) -> None:
     with sim_pair(tmp_path) as sims, FaultBackend("bad", api="hang") as bad:
         with Proxy(config=config(sims, bad, **fast)) as proxy:
             share, late, _ = share_after(bad, proxy, 3.0, 6.0, workers=8, client_timeout_s=4.0, stream=False)
-            assert late >= 50
+            assert late >= 30
             assert share < 0.05, (share, late)
 
 
