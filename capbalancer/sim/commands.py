@@ -154,7 +154,8 @@ def _print_result(res) -> None:
     goodput = s.get("request_goodput")
     click.echo(f"   throughput {s['request_throughput']:.2f} req/s, {s['output_throughput']:.0f} output tok/s"
                + (f", goodput {goodput:.2f} req/s (SLO attainment {s['slo_attainment']:.1%})"
-                  if goodput is not None else ""))
+                  if goodput is not None else "")
+               + (f", prefix-cache hit rate {s['prefix_hit_rate']:.1%}" if "prefix_hit_rate" in s else ""))
     for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2el", "E2E ")):
         click.echo(f"   {label} ms  p50 {s[f'median_{name}_ms']:9.1f}  p90 {s[f'p90_{name}_ms']:9.1f}  "
                    f"p99 {s[f'p99_{name}_ms']:9.1f}")
