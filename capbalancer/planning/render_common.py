@@ -18,8 +18,9 @@ import yaml
 
 from capbalancer.planning.plan import PlanFile, PlannedInstance
 from capbalancer.profiling.schema import save_profile
+from capbalancer.shipped import shipped_dir
 
-DEPLOY_DIR = Path(__file__).resolve().parent.parent.parent / "deploy"
+DEPLOY_DIR = shipped_dir("deploy")
 DASHBOARD_PATH = DEPLOY_DIR / "grafana" / "capbalancer-dashboard.json"
 
 FLEET_ENGINE = {"vllm": "vllm", "tgi": "tgi", "sim": "vllm"}  # the simulator speaks vLLM's API by default

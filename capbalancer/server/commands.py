@@ -66,6 +66,12 @@ def serve(config_path: str | None, host: str | None, port: int | None, backends:
             config = None
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    from capbalancer.server.preflight import port_problem
+
+    listen = config.server if config is not None else Config().server
+    problem = port_problem(host or listen.host, port if port is not None else listen.port)
+    if problem is not None:  # before the embedded cluster or any client session starts
+        raise click.ClickException(problem)
 
     async def main() -> None:
         if config is not None:

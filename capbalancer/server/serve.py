@@ -45,7 +45,13 @@ async def serve(config: Config, *, config_path: str | None = None,
     await runner.setup()
     json_http_errors(runner.server)
     site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:  # taken since the pre-flight check: close what was opened, then say so (the caller does)
+        await runner.cleanup()
+        if on_exit is not None:
+            await on_exit()
+        raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
