@@ -53,6 +53,9 @@ sized = st.integers(min_value=0, max_value=40_000).map(lambda n: "9" * n)  # pas
 @given(name=st.sampled_from(HEADERS), value=st.one_of(numbers, printable, sized))
 def test_any_header_value_is_answered_below_500(proxy, name, value):
     status, raw = send(proxy.port, name, value.encode("utf-8"))
+    if name == "x-capbalancer-deadline-ms" and status == 503:  # a deadline too short to start in: documented
+        assert b"Retry-After" in raw and b'"code":"unavailable"' in raw, raw[:400]
+        return
     assert status < 500, raw[:400]
     if status >= 400 and b"x-capbalancer-backend" not in raw.lower():  # the proxy's own answers: OpenAI shape
         assert b'"error"' in raw, raw[:400]

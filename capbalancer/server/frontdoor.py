@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from capbalancer.server.errors import error_body
+from capbalancer.server.limits import default_max_connections, fd_soft_limit
 
 log = logging.getLogger("capbalancer.server")
 
@@ -44,6 +45,7 @@ _PROBE_PATHS = (b"/health", b"/ready")
 _PEEK_BYTES = 1024
 _ACCEPT_BATCH = 512  # connections accepted per wake-up before looking at the others again
 _DRAIN_S = 1.0  # after a refusal, read and drop what the client still sends this long, so it reads our answer
+_MAX_DRAINING = 64  # refused connections drained at once (each holds a descriptor); beyond, closed at once
 LISTEN_BACKLOG = 4096
 
 
@@ -113,6 +115,8 @@ class FrontDoor:
         self.probe = probe
         self.open_connections = open_connections
         self.max_connections = max_connections
+        self._cap = max_connections
+        self._cap_at_s = 0.0
         self.handoff_after_s = handoff_after_s
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -120,6 +124,7 @@ class FrontDoor:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._reserve_fd: int | None = None
+        self._draining = 0
         self.handed = 0  # written by the thread only
         self.adopted = 0  # written by the loop only
         # Figures (read by tests and the bench): what the thread answered itself.
@@ -238,12 +243,20 @@ class FrontDoor:
         path = probe_path(head)
         if isinstance(path, str) and self._answer_probe(conn, head, path):
             return
-        if self.open_connections() + self.in_handover >= self.max_connections:
+        if self._over_cap():
             self.refused_over_cap += 1
-            self._refuse(conn, _overloaded(f"the proxy is at its connection limit ({self.max_connections}); "
-                                           "retry later"))
+            self._refuse(conn, _overloaded(f"the proxy is at its connection limit ({self._cap}); retry later"))
             return
         self._hand_over(conn)
+
+    def _over_cap(self) -> bool:
+        now = time.monotonic()
+        if now - self._cap_at_s > 1.0:
+            # Never more clients than the descriptor limit leaves room for (each needs an upstream socket
+            # too); re-read now and then: the limit can change under a running process (prlimit).
+            self._cap = min(self.max_connections, default_max_connections(fd_soft_limit()))
+            self._cap_at_s = now
+        return self.open_connections() + self.in_handover >= self._cap
 
     def _answer_probe(self, conn: socket.socket, head: bytes, path: str) -> bool:
         try:
@@ -262,14 +275,25 @@ class FrontDoor:
         return True
 
     def _refuse(self, conn: socket.socket, data: bytes) -> None:
-        """Send a whole (small) answer, half-close, and drain until the client closes (or _DRAIN_S)."""
+        """Send a whole (small) answer, half-close, and drain until the client closes (or _DRAIN_S): closing
+        with unread request bytes would reset the connection, and a reset can destroy the answer unread."""
         try:
             conn.send(data)  # a few hundred bytes into an empty socket buffer: goes whole
             conn.shutdown(socket.SHUT_WR)
+            if self._draining >= _MAX_DRAINING:  # each one holds a descriptor: read what is there and close
+                while conn.recv(65536):
+                    pass
+        except (BlockingIOError, InterruptedError):
+            self._close(conn)
+            return
         except OSError:
             self._close(conn)
             return
+        if self._draining >= _MAX_DRAINING:
+            self._close(conn)
+            return
         self._pending[conn] = _Pending(time.monotonic(), draining=True)
+        self._draining += 1
 
     def _refuse_without_fds(self, listener: socket.socket) -> None:
         if self._reserve_fd is None:
@@ -282,9 +306,21 @@ class FrontDoor:
             self._reserve()
             return
         self.refused_no_fds += 1
+        answer = _overloaded("the proxy is out of file descriptors; retry later")
         with contextlib.suppress(OSError):
-            conn.setblocking(False)
-            conn.send(_overloaded("the proxy is out of file descriptors; retry later"))
+            conn.settimeout(0.05)  # a probe's head is normally there with the handshake; wait a moment at most
+            head = conn.recv(_PEEK_BYTES, socket.MSG_PEEK)
+            path = probe_path(head)
+            if isinstance(path, str):  # probes still get their real answer
+                found = self.probe(path)
+                if found is not None:
+                    status, body = found
+                    conn.recv(head.index(b"\r\n\r\n") + 4)
+                    self.probes_answered += 1
+                    answer = _response(status, "OK" if status == 200 else "Service Unavailable", body,
+                                       "" if status == 200 else "Retry-After: 1\r\n")
+        with contextlib.suppress(OSError):
+            conn.send(answer)
         conn.close()
         self._reserve()
 
@@ -301,13 +337,15 @@ class FrontDoor:
                 if now - p.since_s >= _DRAIN_S:
                     self._close(conn)
             elif now - p.since_s >= self.handoff_after_s:
-                if self.open_connections() + self.in_handover >= self.max_connections:
+                if self._over_cap():
                     self._close(conn)  # silent and over the cap: nothing to answer
                 else:
                     self._hand_over(conn)
 
     def _close(self, conn: socket.socket) -> None:
-        self._pending.pop(conn, None)
+        p = self._pending.pop(conn, None)
+        if p is not None and p.draining:
+            self._draining -= 1
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(conn)
         conn.close()
@@ -324,10 +362,21 @@ class FrontDoor:
 
     # --- on the loop ------------------------------------------------------------------------------------
     def _adopt(self, conn: socket.socket) -> None:
-        task = self.loop.create_task(self.loop.connect_accepted_socket(self.protocol_factory, sock=conn))
+        made = False
+
+        def factory() -> asyncio.Protocol:
+            # Counted as adopted the moment its protocol exists (aiohttp counts it from connection_made, just
+            # after): counting it in neither is a moment's undercount, in both would refuse at the cap wrongly.
+            nonlocal made
+            made = True
+            self.adopted += 1
+            return self.protocol_factory()
+
+        task = self.loop.create_task(self.loop.connect_accepted_socket(factory, sock=conn))
 
         def done(t: asyncio.Task) -> None:
-            self.adopted += 1
+            if not made:
+                self.adopted += 1
             if t.cancelled() or t.exception() is not None:
                 conn.close()
 
