@@ -52,6 +52,8 @@ class ServerSettings:
     # trickling its request line and headers (slow-loris), counted from the connection's start or last response.
     idle_timeout_s: float = 30.0
     admin_token_env: str = "CAPBALANCER_ADMIN_TOKEN"  # the admin API is off unless this variable is set
+    access_log: bool = True  # one JSON line per request on stdout (server/access_log.py)
+    tracing: bool = False  # OpenTelemetry spans (extra `otel`; server/tracing.py)
     # Bounds on what a backend or an admin caller can make the proxy hold in memory (issue 14). A streamed
     # response is relayed chunk by chunk with backpressure and needs no body limit.
     max_upstream_body_bytes: int = 64 * 1024 * 1024  # a non-streamed answer (or an error body) beyond: 502
@@ -436,8 +438,9 @@ def _model(name: str, r: _Reader, base_timeouts: Timeouts, base_dir: Path | None
 _TOP_KEYS = ("server", "timeouts", "health", "retries", "fleet", "models", "admin", "clients")
 _CLIENT_KEYS = ("name", "key", "key_env", "priority", "rate_limit_rps", "rate_limit_burst", "models")
 _SERVER_KEYS = ("host", "port", "max_body_bytes", "max_header_bytes", "drain_timeout_s", "body_read_timeout_s",
-                "idle_timeout_s", "admin_token_env", "max_upstream_body_bytes", "max_upstream_header_bytes",
-                "max_upstream_headers", "max_admin_body_bytes", "max_connections", "accept_thread")
+                "idle_timeout_s", "admin_token_env", "access_log", "tracing", "max_upstream_body_bytes",
+                "max_upstream_header_bytes", "max_upstream_headers", "max_admin_body_bytes", "max_connections",
+                "accept_thread")
 
 
 def parse_config(data: Any, where: str = "<config>", base_dir: Path | None = None) -> Config:
@@ -457,7 +460,13 @@ def parse_config(data: Any, where: str = "<config>", base_dir: Path | None = Non
                             max_upstream_headers=s.integer("max_upstream_headers", 100, minimum=8),
                             max_admin_body_bytes=s.integer("max_admin_body_bytes", 1024 * 1024, minimum=1024),
                             max_connections=s.integer("max_connections", 0, minimum=0),
-                            accept_thread=s.boolean("accept_thread", True))
+                            accept_thread=s.boolean("accept_thread", True),
+                            access_log=s.boolean("access_log", True), tracing=s.boolean("tracing", False))
+    if server.tracing:
+        try:
+            import opentelemetry.trace  # noqa: F401  (optional extra)
+        except ImportError:
+            s.fail("tracing", "needs OpenTelemetry: pip install 'capbalancer[otel]'")
     timeouts = _timeouts(top, "timeouts", Timeouts())
     h = top.child("health", ("interval_s", "timeout_s", "failure_threshold", "success_threshold", "stale_after_s"))
     health = HealthConfig(interval_s=h.number("interval_s", 1.0), timeout_s=h.number("timeout_s", 2.0),

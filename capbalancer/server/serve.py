@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from capbalancer.config import Config, ServerSettings
+from capbalancer.server import access_log
 from capbalancer.server.admin import reload_config
 from capbalancer.server.app import build_app, build_state, probe_answer
 from capbalancer.server.frontdoor import FrontDoor, bind_listeners
@@ -49,6 +50,7 @@ async def serve(config: Config, *, config_path: str | None = None,
                 on_exit: Callable[[], Awaitable[None]] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting and let in-flight requests finish (drain_timeout_s)."""
     settings = config.server
+    access_log.install_handler()  # used while server.access_log is on (a reload may switch it)
     state = build_state(config, config_path)
     app = build_app(state)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=settings.drain_timeout_s,
@@ -63,11 +65,17 @@ async def serve(config: Config, *, config_path: str | None = None,
     json_http_errors(runner.server)
     loop = asyncio.get_running_loop()
     door = None
-    if settings.accept_thread:
-        door = start_front_door(settings, state, runner.server, loop)
-    else:
-        site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
-        await site.start()
+    try:
+        if settings.accept_thread:
+            door = start_front_door(settings, state, runner.server, loop)
+        else:
+            site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
+            await site.start()
+    except OSError:  # taken since the pre-flight check: close what was opened, then say so (the caller does)
+        await runner.cleanup()
+        if on_exit is not None:
+            await on_exit()
+        raise
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
