@@ -61,7 +61,6 @@ def serve(config_path: str | None, host: str | None, port: int | None, backends:
 
     loop_kind = install_uvloop() if loop_choice == "uvloop" else "asyncio"
     fd_soft, fd_hard = raise_fd_limit()  # the default 1024 is what starved accept under overload (issue 14)
-    log.info("file descriptors: limit %d (hard %d)", fd_soft, fd_hard)
     try:
         if config_path:
             config = _override(load_config(config_path), host, port, policy)
@@ -79,6 +78,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, backends:
         raise click.ClickException(problem)
 
     async def main() -> None:
+        log.info("file descriptors: limit %d (hard %d)", fd_soft, fd_hard)
         if config is not None:
             log.info("event loop: %s; %s", loop_kind, config.summary().replace("\n", "\n    "))
             await run_server(config, config_path=config_path)
