@@ -53,6 +53,10 @@ def build_app(state: ProxyState) -> web.Application:
     admin.add_routes(app)
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
+    if state.config.sharing is not None:  # replicas share reservations through a store (docs/replicas.md)
+        from capbalancer.cluster import sharing
+
+        sharing.install(app, state.config.sharing, state.driver, state.metrics)
     return app
 
 
@@ -157,6 +161,8 @@ def apply_config(state: ProxyState, new: Config) -> list[str]:
                     if getattr(new.server, k) != getattr(old.server, k)]
     if new.health != old.health:
         restart_only.append("health")
+    if new.sharing != old.sharing:
+        restart_only.append("sharing")
     if restart_only:
         changes.append(f"{', '.join(restart_only)} changed: takes effect on restart only")
     sched = state.driver.scheduler
@@ -200,7 +206,13 @@ async def readiness(request: web.Request) -> web.Response:
     state = request.app[STATE]
     routable = [bid for bid, b in state.driver.scheduler.backends.items() if b.routable()]
     ready = bool(routable) and not state.draining
-    body = orjson.dumps({"status": "ready" if ready else "unavailable", "routable_backends": routable})
+    details = {"status": "ready" if ready else "unavailable", "routable_backends": routable}
+    if state.config.sharing is not None:
+        from capbalancer.cluster.sharing import SHARING
+
+        if SHARING in request.app:
+            details["sharing"] = request.app[SHARING].describe()  # degraded sharing still serves: stays ready
+    body = orjson.dumps(details)
     return web.Response(status=200 if ready else 503, body=body, content_type="application/json",
                         headers=None if ready else {"Retry-After": "1"})
 
