@@ -36,7 +36,7 @@ def test_two_replicas_sharing_do_not_overfill_a_small_backend_together():
     a, b = make([("small", profile("small", kv_tokens=10_000))]), make([("small", profile("small", kv_tokens=10_000))])
     routed_a = sum(isinstance(d, Route) for d in fill(a, 30, prefix="a"))
     assert 14 <= routed_a <= 18
-    b.observe_remote([a.local_state("A")], 0.01)
+    b.observe_remote([a.local_state("A", 0.0)], 0.01)
     routed_b = sum(isinstance(d, Route) for d in fill(b, 30, now=0.01, prefix="b"))
     assert routed_b <= 1  # the room is taken by A's requests
 
@@ -47,22 +47,22 @@ def test_two_replicas_sharing_do_not_overfill_a_small_backend_together():
 def test_remote_finishes_release_held_requests_and_stale_replicas_stop_counting():
     a, b = make([("small", profile("small", kv_tokens=10_000))]), make([("small", profile("small", kv_tokens=10_000))])
     routed = [f"a{i}" for i, d in enumerate(fill(a, 30, prefix="a")) if isinstance(d, Route)]
-    b.observe_remote([a.local_state("A")], 0.0, staleness_s=0.5)
+    b.observe_remote([a.local_state("A", 0.0)], 0.0, staleness_s=0.5)
     assert isinstance(b.submit(demand(1), 0.0), Hold)
     # A's requests finish: its next publication frees the room and B's held request goes out at once.
     for rid in routed:
         a.finish(rid, 0.2, output_tokens=100)
-    events = b.observe_remote([a.local_state("A")], 0.25)
+    events = b.observe_remote([a.local_state("A", 0.0)], 0.25)
     assert [e.request_id for e in events if isinstance(e, Dispatch)] == ["r1"]
     # A goes quiet (left, or the store is unreachable): past the staleness bound it no longer counts.
-    a.observe_remote([b.local_state("B")], 0.3)
+    a.observe_remote([b.local_state("B", 0.0)], 0.3)
     n = len(a.backends["small"].inflight)
     assert n >= 10
-    b.observe_remote([a.local_state("A")], 0.3)
+    b.observe_remote([a.local_state("A", 0.0)], 0.3)
     assert b.backends["small"].remote_requests == n
     b.tick(0.9)
     assert b.backends["small"].remote_requests == 0 and b.remote.replica_ids() == []
-    b.observe_remote([a.local_state("A")], 1.0)
+    b.observe_remote([a.local_state("A", 0.0)], 1.0)
     b.forget_remote(1.0)
     assert b.backends["small"].remote_requests == 0
 
@@ -108,6 +108,23 @@ def test_local_state_publishes_only_own_requests():
     a = make([("g", profile("g"))])
     fill(a, 3)
     a.observe_remote([ReplicaState("B", {"g": BackendLoad(requests=7, kv_tokens=700)})], 0.0)
-    st = a.local_state("A")
+    st = a.local_state("A", 0.0)
     assert st.replica_id == "A" and st.backends["g"].requests == 3
     assert st.backends["g"].kv_tokens == a.backends["g"].own_kv_tokens
+
+
+def test_one_queue_order_across_replicas():
+    # B holds a request since t=0; A, with an empty queue and room, must not let a newcomer jump it.
+    a = make([("small", profile("small", kv_tokens=10_000))])
+    older = ReplicaState("B", pools={"m": PoolLoad(held=1, release_rate_per_s=0.0, head_age_s=0.5)})
+    a.observe_remote([older], 0.5)
+    assert isinstance(a.submit(demand(1, now=0.5), 0.5), Hold)
+    # B's head went out (its next publication has no queue): A's request goes at once.
+    events = a.observe_remote([ReplicaState("B")], 0.55)
+    assert [e.request_id for e in events if isinstance(e, Dispatch)] == ["r1"]
+    # A head held for less than the slack (the sharing delay) is not "older": no needless wait.
+    a.observe_remote([ReplicaState("B", pools={"m": PoolLoad(held=1, head_age_s=0.05)})], 0.6)
+    assert a.submit(demand(2, now=0.6), 0.6) == Route("small")
+    # A higher priority held elsewhere goes first even when newer.
+    a.observe_remote([ReplicaState("B", pools={"m": PoolLoad(held=1, head_age_s=0.0, head_priority=5)})], 0.7)
+    assert isinstance(a.submit(demand(3, now=0.7), 0.7), Hold)

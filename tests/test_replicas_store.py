@@ -65,12 +65,12 @@ def _ready(proxy: ProxyProcess) -> dict:
         return json.loads(resp.read())
 
 
-def _wait_sharing(proxy: ProxyProcess, state_prefix: str, timeout_s: float = 10.0) -> dict:
+def _wait_sharing(proxy: ProxyProcess, state_prefix: str, others: int | None = None, timeout_s: float = 15.0) -> dict:
     deadline = time.monotonic() + timeout_s
     last = {}
     while time.monotonic() < deadline:
         last = _ready(proxy).get("sharing", {})
-        if str(last.get("state", "")).startswith(state_prefix):
+        if str(last.get("state", "")).startswith(state_prefix) and others in (None, last.get("other_replicas")):
             return last
         time.sleep(0.05)
     raise AssertionError(f"sharing never reached {state_prefix!r}: {last}\n{proxy.log()[-2000:]}")
@@ -83,8 +83,8 @@ def test_store_killed_and_restarted_mid_run_loses_no_request(store):
                                                                   {"url": b.url, "name": "b"}]}}}
         with ProxyProcess({**config, "sharing": {**sharing, "replica_id": "p1"}}) as p1, \
                 ProxyProcess({**config, "sharing": {**sharing, "replica_id": "p2"}}) as p2:
-            assert _wait_sharing(p1, "shared")["other_replicas"] == 1
-            assert _wait_sharing(p2, "shared")["replica_id"] == "p2"
+            assert _wait_sharing(p1, "shared", others=1)["replica_id"] == "p1"
+            assert _wait_sharing(p2, "shared", others=1)["replica_id"] == "p2"
             clients = [openai.OpenAI(base_url=p.url + "/v1", api_key="k", max_retries=0, timeout=20) for p in (p1, p2)]
 
             def one(i: int) -> str:
@@ -99,8 +99,8 @@ def test_store_killed_and_restarted_mid_run_loses_no_request(store):
                 futures += [pool.submit(one, i) for i in range(40, 80)]  # served alone meanwhile
                 time.sleep(0.2)
                 store.start()  # same port: both re-join without a restart
-                assert _wait_sharing(p1, "shared")["other_replicas"] == 1
-                _wait_sharing(p2, "shared")
+                _wait_sharing(p1, "shared", others=1)
+                _wait_sharing(p2, "shared", others=1)
                 futures += [pool.submit(one, i) for i in range(80, 120)]
                 texts = [f.result() for f in futures]
             assert len(texts) == 120 and all(texts)  # every request answered: none lost to the store

@@ -88,7 +88,7 @@ class Sharing:
     async def exchange_once(self) -> None:
         """One publish-and-read; on failure, degrade at once."""
         sched = self.driver.scheduler
-        payload = wire.encode(sched.local_state(self.replica_id))
+        payload = wire.encode(sched.local_state(self.replica_id, self.driver.clock()))
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(self.settings.timeout_ms / 1000.0):

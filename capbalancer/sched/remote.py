@@ -38,6 +38,8 @@ class PoolLoad:
 
     held: int = 0
     release_rate_per_s: float = 0.0  # 0: no queue, or not measured yet
+    head_age_s: float = 0.0  # how long the head of its queue had been held when published
+    head_priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +55,8 @@ class _Entry:
     observed_at_s: float
 
 
-def local_state(replica_id: str, backends: dict[str, BackendState], pools: dict[str, PoolState]) -> ReplicaState:
+def local_state(replica_id: str, backends: dict[str, BackendState], pools: dict[str, PoolState],
+                now: float) -> ReplicaState:
     """What this replica publishes: its own record only, never what it learned from the others."""
     loads = {
         bid: BackendLoad(requests=len(b.inflight), kv_tokens=b.own_kv_tokens,
@@ -62,19 +65,29 @@ def local_state(replica_id: str, backends: dict[str, BackendState], pools: dict[
                          expected_output_tokens=b.own_expected_output_tokens)
         for bid, b in backends.items() if b.inflight
     }
-    pool_loads = {name: PoolLoad(held=len(p.hold), release_rate_per_s=p.release_rate_per_s or 0.0)
-                  for name, p in pools.items() if len(p.hold) or p.release_rate_per_s}
+    pool_loads = {}
+    for name, p in pools.items():
+        if not (len(p.hold) or p.release_rate_per_s):
+            continue
+        head = p.hold.peek()
+        pool_loads[name] = PoolLoad(held=len(p.hold), release_rate_per_s=p.release_rate_per_s or 0.0,
+                                    head_age_s=0.0 if head is None else max(0.0, now - head[1]),
+                                    head_priority=0 if head is None else head[0].priority)
     return ReplicaState(replica_id, loads, pool_loads)
 
 
 class RemoteView:
     """The fresh replicas' states, summed into each BackendState's `remote_*` fields and per pool."""
 
-    def __init__(self, staleness_s: float = 1.0) -> None:
+    def __init__(self, staleness_s: float = 1.0, queue_order_slack_s: float = 0.1) -> None:
         self.staleness_s = staleness_s
+        # One fleet-wide queue order: a replica does not start a request while another replica holds one of
+        # at least its priority that was held this much longer (the slack covers the sharing delay).
+        self.queue_order_slack_s = queue_order_slack_s
         self._replicas: dict[str, _Entry] = {}
         self.pool_held: dict[str, int] = {}
         self.pool_release_rate_per_s: dict[str, float] = {}
+        self.pool_heads: dict[str, list[tuple[int, float]]] = {}  # pool -> [(priority, held since, our clock)]
 
     def __len__(self) -> int:
         return len(self._replicas)
@@ -99,11 +112,21 @@ class RemoteView:
             del self._replicas[rid]
         return gone
 
+    def ahead(self, pool: str, priority: int, held_since_s: float) -> bool:
+        """Whether another replica holds a request of `pool` that goes before one of `priority` held since
+        `held_since_s` (a newcomer: now)."""
+        heads = self.pool_heads.get(pool)
+        if not heads:
+            return False
+        slack = self.queue_order_slack_s
+        return any(p > priority or (p == priority and since < held_since_s - slack) for p, since in heads)
+
     def apply(self, backends: dict[str, BackendState]) -> set[str]:
         """Write the sums into the backends; returns the pools whose backends' remote load went down."""
         sums: dict[str, list[int]] = {}
         held: dict[str, int] = {}
         rates: dict[str, float] = {}
+        heads: dict[str, list[tuple[int, float]]] = {}
         for e in self._replicas.values():
             for bid, load in e.state.backends.items():
                 acc = sums.get(bid)
@@ -118,7 +141,9 @@ class RemoteView:
             for name, pl in e.state.pools.items():
                 held[name] = held.get(name, 0) + pl.held
                 rates[name] = rates.get(name, 0.0) + pl.release_rate_per_s
-        self.pool_held, self.pool_release_rate_per_s = held, rates
+                if pl.held:
+                    heads.setdefault(name, []).append((pl.head_priority, e.observed_at_s - pl.head_age_s))
+        self.pool_held, self.pool_release_rate_per_s, self.pool_heads = held, rates, heads
         freed: set[str] = set()
         zero = (0, 0, 0, 0, 0, 0)
         for bid, b in backends.items():

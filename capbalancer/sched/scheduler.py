@@ -226,14 +226,17 @@ class Scheduler:
             self.remote.forget(replica_id)
         return self._apply_remote(now)
 
-    def local_state(self, replica_id: str) -> ReplicaState:
+    def local_state(self, replica_id: str, now: float) -> ReplicaState:
         """This replica's own reservations, to publish."""
-        return local_state(replica_id, self.backends, self.pools)
+        return local_state(replica_id, self.backends, self.pools, now)
 
     def _apply_remote(self, now: float) -> list[Event]:
         events: list[Event] = []
-        for pool_name in self.remote.apply(self.backends):
-            events.extend(self._release(pool_name, now))
+        freed = self.remote.apply(self.backends)
+        for pool_name, pool in self.pools.items():
+            # Room the others gave back, or their queue heads moved on: ours may go now.
+            if pool_name in freed or len(pool.hold):
+                events.extend(self._release(pool_name, now))
         return events
 
     # --- requests --------------------------------------------------------------------------------
@@ -251,7 +254,8 @@ class Scheduler:
             return Reject(503, "no healthy backend for this model", settings.retry_after_s)
         # Requests already held go first unless this one outranks them: no jumping the queue.
         head_priority = pool.hold.head_priority()
-        if head_priority is None or demand.priority > head_priority:
+        if (head_priority is None or demand.priority > head_priority) and not (
+                len(self.remote) and self.remote.ahead(demand.pool, demand.priority, now)):
             choice = pool.policy.choose(demand, candidates, self._ctx(pool, demand, now))
             if choice is not None:
                 self._dispatch(choice, demand, pool, now)
@@ -510,6 +514,8 @@ class Scheduler:
             if head is None:
                 break
             demand, held_at = head
+            if len(self.remote) and self.remote.ahead(pool_name, demand.priority, held_at):
+                break  # another replica's older request goes first (one queue order across replicas)
             ctx = self._ctx(pool, demand, now)
             choice = pool.policy.choose(demand, candidates, ctx)
             if choice is None:

@@ -46,8 +46,10 @@ def _check_policy(policy: str | None) -> None:
               help="A backend base URL (repeatable): serve them as one pool without a config file.")
 @click.option("--policy", default=None, help="Routing policy for every pool (round_robin, least_requests, capacity, ...).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Proxy processes on one port (SO_REUSEPORT), sharing reservations (docs/replicas.md).")
 def serve(config_path: str | None, host: str | None, port: int | None, backends: tuple[str, ...],
-          policy: str | None, log_level: str) -> None:
+          policy: str | None, log_level: str, workers: int = 1) -> None:
     """Run the proxy in front of a fleet (or, with no --config/--backend, an embedded simulated one)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _check_policy(policy)
@@ -66,6 +68,13 @@ def serve(config_path: str | None, host: str | None, port: int | None, backends:
             config = None
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    if workers > 1:
+        _run_workers(workers, config, config_path, host, port, backends, policy, log_level)
+        return
+    if config is not None:
+        from capbalancer.cluster.workers import worker_config
+
+        config = worker_config(config)  # a worker of `--workers N` shares through its parent's store
 
     async def main() -> None:
         if config is not None:
@@ -94,6 +103,25 @@ def serve(config_path: str | None, host: str | None, port: int | None, backends:
         raise click.ClickException(f"cannot serve: {exc.strerror or exc}") from None
     except KeyboardInterrupt:
         pass
+
+
+def _run_workers(n: int, config: Config | None, config_path: str | None, host: str | None, port: int | None,
+                 backends: tuple[str, ...], policy: str | None, log_level: str) -> None:
+    if config is None:
+        raise click.UsageError("--workers needs --config or --backend (the embedded simulated cluster is one process)")
+    if config.server.port == 0:
+        raise click.UsageError("--workers needs a fixed port: with port 0 each worker would get its own")
+    from capbalancer.cluster.workers import run_workers
+
+    args = ["--log-level", log_level]
+    if config_path:
+        args += ["--config", config_path]
+    for url in backends:
+        args += ["--backend", url]
+    for flag, value in (("--host", host), ("--port", port), ("--policy", policy)):
+        if value is not None:
+            args += [flag, str(value)]
+    sys.exit(run_workers(n, args, config))
 
 
 @click.command("check-config")

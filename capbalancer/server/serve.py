@@ -44,7 +44,10 @@ async def serve(config: Config, *, config_path: str | None = None,
                            keepalive_timeout=settings.idle_timeout_s)
     await runner.setup()
     json_http_errors(runner.server)
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
+    from capbalancer.cluster.workers import reuse_port
+
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True,
+                       reuse_port=reuse_port() or None)  # `serve --workers N`: N processes on one port
     await site.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
