@@ -5,15 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import kubernetes_validate
 import yaml
 from support import REPO
 from test_deploy import deploy, make_plan
 
 from capbalancer.config import parse_config
 
+K8S_VERSION = "1.30.0"
+
 
 def _proxy_docs(out: Path) -> list[dict]:
-    return list(yaml.safe_load_all((out / "kubernetes" / "capbalancer.yaml").read_text()))
+    docs = list(yaml.safe_load_all((out / "kubernetes" / "base" / "capbalancer.yaml").read_text()))
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on any schema error
+    return docs
 
 
 def test_kubernetes_replicas_share_through_a_rendered_or_external_store(tmp_path: Path) -> None:
@@ -41,6 +47,8 @@ def test_standalone_replicas_example_validates() -> None:
     base = REPO / "deploy" / "replicas"
     kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
     docs = [d for name in kustomization["resources"] for d in yaml.safe_load_all((base / name).read_text())]
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     config_map = next(d for d in docs if d["kind"] == "ConfigMap")
     config = parse_config(yaml.safe_load(config_map["data"]["capbalancer.yaml"]))
     assert config.sharing is not None
