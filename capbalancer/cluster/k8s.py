@@ -56,5 +56,5 @@ def with_replicas(docs: list[dict[str, Any]], replicas: int, store_url: str | No
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 container.setdefault("env", []).append(
                     {"name": "CAPBALANCER_REPLICA_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
-                # /ready says whether this replica shares; a degraded one still serves, so readiness stays /health.
+                # /ready stays 200 while sharing is degraded: a replica counting alone still serves.
     return docs + ([] if store_url else store_manifests(labels))
