@@ -34,6 +34,29 @@ wrk.headers["Content-Type"] = "application/json"
 """
 
 
+def group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds of every live process in process group `pgid` (a proxy and its workers)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of stat: the process group
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def children_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for children: the wrk runs
+    return r.ru_utime + r.ru_stime
+
+
 def wrk_rps(url: str, seconds: float, connections: int, script: str) -> tuple[float, int]:
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", "-s", script, url],
                          check=True, capture_output=True, text=True, timeout=seconds + 60).stdout
@@ -74,15 +97,17 @@ def main() -> int:
         backend = f"http://127.0.0.1:{bport}"
         wait_up(backend, start([sys.executable, str(BENCH / "proxy_overhead.py"), "--serve-backend", str(bport)],
                                "backend"))
-        targets = [("direct", backend)]
+        backend_pgid = procs[0].pid
+        targets = [("direct", backend, 0)]
         for name, n in (("capbalancer x1", 1), (f"capbalancer --workers {args.workers}", args.workers)):
             port = free_port()
             cmd = [sys.executable, "-m", "capbalancer.cli", "serve", "--backend", backend, "--port", str(port),
                    "--log-level", "warning"]
             if n > 1:
                 cmd += ["--workers", str(n)]
-            wait_up(f"http://127.0.0.1:{port}", start(cmd, name.replace(" ", "_")))
-            targets.append((name, f"http://127.0.0.1:{port}"))
+            p = start(cmd, name.replace(" ", "_"))
+            wait_up(f"http://127.0.0.1:{port}", p)
+            targets.append((name, f"http://127.0.0.1:{port}", p.pid))
         skipped = ""
         if not args.no_vllm_router:
             from peers import Skip, peer_venv, rust_router_argv
@@ -93,7 +118,7 @@ def main() -> int:
                 p = start(rust_router_argv(venv, "vllm-router", "round_robin", port, free_port(), [backend]),
                           "vllm_router")
                 wait_up(f"http://127.0.0.1:{port}", p, timeout_s=60)
-                targets.append(("vllm-router round_robin", f"http://127.0.0.1:{port}"))
+                targets.append(("vllm-router round_robin", f"http://127.0.0.1:{port}", p.pid))
             except (Skip, RuntimeError, TimeoutError) as exc:
                 skipped = f"vllm-router skipped: {exc}"
         if len(targets) > 1:  # let every target finish starting (health polls, detection) before timing
@@ -102,21 +127,31 @@ def main() -> int:
             time.sleep(2.0)
         totals = dict.fromkeys((t[0] for t in targets), 0.0)
         bad = dict.fromkeys(totals, 0)
+        # CPU seconds per target: the backend's, the router's (all its processes), wrk's; and requests served.
+        cpu = {name: [0.0, 0.0, 0.0, 0.0] for name in totals}
         slice_s = args.seconds / args.rounds
         for _ in range(args.rounds):
-            for name, url in targets:
+            for name, url, pgid in targets:
+                b0, r0, w0 = group_cpu_s(backend_pgid), group_cpu_s(pgid) if pgid else 0.0, children_cpu_s()
                 rps, n_bad = wrk_rps(url + "/v1/chat/completions", slice_s, args.connections, script)
+                c = cpu[name]
+                c[0] += group_cpu_s(backend_pgid) - b0
+                c[1] += (group_cpu_s(pgid) - r0) if pgid else 0.0
+                c[2] += children_cpu_s() - w0
+                c[3] += rps * slice_s
                 totals[name] += rps / args.rounds
                 bad[name] += n_bad
         print(f"wrk -t2 -c{args.connections}, non-streamed chat completions, instant backend; {args.rounds} "
               f"interleaved rounds of {slice_s:g} s per target; cpus={os.cpu_count()}")
         direct = totals["direct"]
         one = totals["capbalancer x1"]
-        print(f"| {'target':34s} | req/s | / direct | / one worker | errors |")
-        print(f"|{'-' * 36}|-------|----------|--------------|--------|")
-        for name, _ in targets:
+        print(f"| {'target':34s} | req/s | / direct | / one worker | errors | CPU us/req: router | backend | wrk |")
+        print(f"|{'-' * 36}|-------|----------|--------------|--------|--------------------|---------|-----|")
+        for name, _, _ in targets:
+            c = cpu[name]
+            per = [x / max(1.0, c[3]) * 1e6 for x in c[:3]]
             print(f"| {name:34s} | {totals[name]:5.0f} | {totals[name] / direct:8.2f} | {totals[name] / one:12.2f} | "
-                  f"{bad[name]:6d} |")
+                  f"{bad[name]:6d} | {per[1]:18.0f} | {per[0]:7.0f} | {per[2]:3.0f} |")
         if skipped:
             print(skipped)
         return 0
