@@ -153,10 +153,13 @@ def _redact(url: str) -> str:
 SHARING: web.AppKey[Sharing] = web.AppKey("capbalancer_sharing", Sharing)
 
 
-def install(app: web.Application, settings: SharingConfig, driver: SchedulerDriver, metrics: ProxyMetrics) -> None:
-    """Run sharing with the app: started after the scheduler, stopped before it."""
-
+def install(app: web.Application, settings: SharingConfig, driver: SchedulerDriver, metrics: ProxyMetrics,
+            state: Any = None) -> None:
+    """Run sharing with the app: started after the scheduler, stopped before it; `state` (the ProxyState)
+    gets it too, for /ready."""
     app[SHARING] = Sharing(settings, driver, metrics)
+    if state is not None:
+        state.sharing = app[SHARING]
 
     async def on_startup(app: web.Application) -> None:
         app[SHARING].start()

@@ -46,19 +46,23 @@ def _check_policy(policy: str | None) -> None:
               help="A backend base URL (repeatable): serve them as one pool without a config file.")
 @click.option("--policy", default=None, help="Routing policy for every pool (round_robin, least_requests, capacity, ...).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--loop", "loop_choice", default="uvloop", type=click.Choice(["uvloop", "asyncio"]),
+              help="Event loop (uvloop when installed, else asyncio). bench/overload.py measures both.")
 @click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Proxy processes on one port (SO_REUSEPORT), sharing reservations (docs/replicas.md).")
 def serve(config_path: str | None, host: str | None, port: int | None, backends: tuple[str, ...],
-          policy: str | None, log_level: str, workers: int = 1) -> None:
+          policy: str | None, log_level: str, loop_choice: str = "uvloop", workers: int = 1) -> None:
     """Run the proxy in front of a fleet (or, with no --config/--backend, an embedded simulated one)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _check_policy(policy)
     if config_path and backends:
         raise click.UsageError("give either --config or --backend, not both")
+    from capbalancer.server.limits import raise_fd_limit
     from capbalancer.server.serve import install_uvloop
     from capbalancer.server.serve import serve as run_server
 
-    loop_kind = install_uvloop()
+    loop_kind = install_uvloop() if loop_choice == "uvloop" else "asyncio"
+    fd_soft, fd_hard = raise_fd_limit()  # the default 1024 is what starved accept under overload (issue 14)
     try:
         if config_path:
             config = _override(load_config(config_path), host, port, policy)
@@ -77,12 +81,13 @@ def serve(config_path: str | None, host: str | None, port: int | None, backends:
     if problem is not None:  # before the embedded cluster or any client session starts
         raise click.ClickException(problem)
     if workers > 1:
-        _run_workers(workers, config, config_path, host, port, backends, policy, log_level)
+        _run_workers(workers, config, config_path, host, port, backends, policy, log_level, loop_choice)
         return
     if config is not None:
         config = worker_config(config)  # a worker of `--workers N` shares through its parent's store
 
     async def main() -> None:
+        log.info("file descriptors: limit %d (hard %d)", fd_soft, fd_hard)
         if config is not None:
             log.info("event loop: %s; %s", loop_kind, config.summary().replace("\n", "\n    "))
             await run_server(config, config_path=config_path)
@@ -112,14 +117,14 @@ def serve(config_path: str | None, host: str | None, port: int | None, backends:
 
 
 def _run_workers(n: int, config: Config | None, config_path: str | None, host: str | None, port: int | None,
-                 backends: tuple[str, ...], policy: str | None, log_level: str) -> None:
+                 backends: tuple[str, ...], policy: str | None, log_level: str, loop_choice: str = "uvloop") -> None:
     if config is None:
         raise click.UsageError("--workers needs --config or --backend (the embedded simulated cluster is one process)")
     if config.server.port == 0:
         raise click.UsageError("--workers needs a fixed port: with port 0 each worker would get its own")
     from capbalancer.cluster.workers import run_workers
 
-    args = ["--log-level", log_level]
+    args = ["--log-level", log_level, "--loop", loop_choice]
     if config_path:
         args += ["--config", config_path]
     for url in backends:
