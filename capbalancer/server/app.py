@@ -14,7 +14,7 @@ from aiohttp import web
 
 from capbalancer.config import BackendConfig, Config, ModelConfig, backend_spec
 from capbalancer.sched.scheduler import Scheduler
-from capbalancer.server import admin, proxy
+from capbalancer.server import admin, observe, proxy
 from capbalancer.server.driver import SchedulerDriver
 from capbalancer.server.errors import error_response
 from capbalancer.server.health import make_poller, poll_target
@@ -43,6 +43,7 @@ def build_app(state: ProxyState) -> web.Application:
     # Body size is enforced by the handler (an OpenAI-shaped 413), not by aiohttp's plain-text one.
     app = web.Application(client_max_size=1 << 62, middlewares=[_unexpected_errors])
     app[STATE] = state
+    observe.install(app, state)
     for path in (*OPENAI_PATHS, *TGI_PATHS):
         app.router.add_post(path, proxy.handle)
     app.router.add_get("/v1/models", list_models)

@@ -22,6 +22,7 @@ from aiohttp import web
 from capbalancer.config import ClientKey, Config, ModelConfig
 from capbalancer.sched.estimates import PromptTokenEstimator
 from capbalancer.sched.types import Demand, Dispatch, Expire, Hold, Reject
+from capbalancer.server import access_log
 from capbalancer.server.clients import ClientAuth
 from capbalancer.server.driver import SchedulerDriver
 from capbalancer.server.errors import ProxyError, error_response, from_exception, sse_error_event
@@ -192,6 +193,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             raise ProxyError(404, f"model {parsed.model!r} is not served here; models: {served}",
                              param="model", code="model_not_found")
         pool_name = pool.name
+        access_log.note(request, request_id=request_id, model=parsed.model, pool=pool.name)
         if client is not None:
             auth.check_model(client, pool.name)
         demand = build_demand(state, request, pool, parsed, client)
@@ -237,6 +239,7 @@ class Forward:
             else:
                 backend = decision.backend_id
             tried.append(backend)
+            access_log.note(self.request, backend=backend, retries=len(tried) - 1, held_ms=self.held_s * 1000.0)
             upstream = state.upstreams.get(backend)
             if upstream is None:  # removed by a reload between decision and now
                 state.driver.finish(demand.request_id, ok=False)
@@ -392,6 +395,7 @@ class Forward:
             if demand.api == "embeddings":
                 output_tokens = 0
             driver.finish(demand.request_id, output_tokens=output_tokens, prompt_tokens=prompt_tokens, ok=ok)
+            access_log.note(request, tokens_in=prompt_tokens or demand.prompt_tokens, tokens_out=output_tokens)
             if prompt_tokens and ok:
                 state.estimator(self.pool.name).observe(self.parsed.prompt_chars, prompt_tokens)
             if ok:
