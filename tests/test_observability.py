@@ -124,6 +124,9 @@ async def test_one_line_and_one_span_per_request(proxy) -> None:
     assert 'capbalancer_pool_rejected_total{pool="m"} 0.0' in metrics
     assert 'capbalancer_pool_headroom_ratio{pool="m"}' in metrics
     assert 'capbalancer_pool_held_requests{pool="rr"} 0.0' in metrics
+    from capbalancer.server.pool_metrics import EXPORTED_NAMES
+
+    assert all(f"\n{name}" in metrics for name in EXPORTED_NAMES)  # the names the dashboard test trusts
 
 
 async def test_access_log_switches_off_live(proxy) -> None:
@@ -141,3 +144,25 @@ def test_serve_writes_json_lines_to_stdout() -> None:
             c.completions.create(model="m", prompt="hello", max_tokens=3)
         lines = [json.loads(ln) for ln in proxy.log().splitlines() if ln.startswith("{")]
     assert len(lines) == 3 and {ln["status"] for ln in lines} == {200} and {ln["tokens_out"] for ln in lines} == {3}
+
+
+def test_headroom_falls_as_a_pool_fills_and_goes_negative_with_held_requests() -> None:
+    """Pure: the scheduler on a virtual clock, one backend whose KV holds about 17 typical requests."""
+    from capbalancer.profiling.schema import Profile, StepTimeModel
+    from capbalancer.sched.headroom import pool_headroom
+    from capbalancer.sched.scheduler import Scheduler
+    from capbalancer.sched.types import BackendSpec, Demand, Hold, PoolSettings
+
+    prof = Profile(name="small", gpu="g", model="m", tp=1, engine="vllm", kv_capacity_tokens=10_000,
+                   step=StepTimeModel(0.01, 1e-4, 2e-4, 1e-7), max_num_seqs=256, max_num_batched_tokens=2048)
+    sched = Scheduler([PoolSettings(name="m", policy="capacity", default_max_tokens=100, hold_timeout_s=60.0)])
+    sched.add_backend(BackendSpec(backend_id="small", pool="m", engine="vllm", profile=prof), 0.0)
+    idle = pool_headroom(sched, "m", 0.0, typical_prompt_tokens=500)
+    assert idle.busy_seats == 0 and idle.requests == idle.seats > 10 and idle.ratio == 1.0
+    held = 0
+    for i in range(30):
+        d = Demand(request_id=f"r{i}", pool="m", prompt_tokens=500, max_tokens=100, arrival_s=0.0)
+        held += isinstance(sched.submit(d, 0.0), Hold)
+    full = pool_headroom(sched, "m", 0.0, typical_prompt_tokens=500)
+    assert held > 0 and full.held == held
+    assert full.requests < 0 and full.ratio < 0  # demand the pool cannot start: scale out

@@ -37,7 +37,11 @@ def make_tracer(provider: TracerProvider | None = None) -> Tracer:
     if provider is None:
         provider = trace.get_tracer_provider()
         if type(provider).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
-            provider = _otlp_provider()
+            try:
+                provider = _otlp_provider()
+            except ImportError:
+                raise TracingUnavailable("server.tracing with no tracer provider set up needs the OpenTelemetry "
+                                         "SDK: pip install 'capbalancer[otel]'") from None
             trace.set_tracer_provider(provider)
     return provider.get_tracer(TRACER_NAME)
 
