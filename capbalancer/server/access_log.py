@@ -59,7 +59,12 @@ class RequestRecord:
                 "retries": self.retries, "held_ms": None if self.held_ms is None else round(self.held_ms, 1),
                 "ttft_ms": None if first is None else round((first - started) * 1000.0, 1),
                 "duration_ms": round((now_s - started) * 1000.0, 1),
-                "tokens_in": self.tokens_in, "tokens_out": self.tokens_out}
+                "tokens_in": token_count(self.tokens_in), "tokens_out": token_count(self.tokens_out)}
+
+
+def token_count(value: Any) -> int | None:
+    """A token count as the engine reported it, if it is one (a broken engine's `usage` can hold anything)."""
+    return value if type(value) is int and 0 <= value < 1 << 53 else None
 
 
 def _iso(wall_s: float) -> str:
