@@ -14,7 +14,7 @@ percentile completions). Plans:
 
   B alone                 C absent: the GPU is B's
   static f                `weighted` with C's share f of the requests (0.05 .. 0.4): every split one could deploy
-  capacity (sum-of-steps) the scheduler as before this change: interference assumed 1.0, never judged
+  capacity, judging off   `policy_options: {judge_net_negative: 0}`: interference learned for predictions only
   capacity                the default: interference learned from TPOTs, C judged net-negative once learned
 
 The target (issue 14): capacity >= 0.95 of the best static plan, leaving C idle when that is the best.
@@ -62,7 +62,7 @@ def run_plan(task: tuple[str, float, int, int, int]) -> dict[str, Any]:
         f = float(plan.split()[1])
         instances = [dataclasses.replace(i, weight=(f if i.name == "C" else 1.0 - f)) for i in instances]
         policy = "weighted"
-    elif plan == "capacity (sum-of-steps)":
+    elif plan == "capacity, judging off":
         opts = dataclasses.replace(opts, policy_options={"judge_net_negative": 0})
     result = run_des(instances, workload, policy, opts)
     tok_s, req_s = steady_throughput(result.records)
@@ -82,7 +82,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args()
-    plans = ["B alone", *(f"static {f}" for f in SPLITS), "capacity (sum-of-steps)", "capacity"]
+    plans = ["B alone", *(f"static {f}" for f in SPLITS), "capacity, judging off", "capacity"]
     factors = [float(x) for x in args.interference.split(",") if x]
     tasks = [(p, k, args.n, args.users, args.seed) for k in factors for p in plans]
     started = time.perf_counter()
