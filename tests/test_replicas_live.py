@@ -52,7 +52,9 @@ def _run(engine_url: str, sharing: dict | None) -> tuple[float, float, int]:
     """N_REQUESTS spread over three proxies (one every SPACING_S): engine preemptions, the most requests on the
     engine at once, the most remote in-flight requests one proxy saw."""
     config = {"health": {"interval_s": 1.0},
-              "models": {"m": {"default": True, "backends": [{"url": engine_url, "name": "e", "profile": TINY_KV}]}}}
+              # Every request is held until served (no TTFT objective): the test counts what fills the engine.
+              "models": {"m": {"default": True, "policy_options": {"ttft_objective_factor": 0},
+                               "backends": [{"url": engine_url, "name": "e", "profile": TINY_KV}]}}}
     before = _preemptions(engine_url)
     proxies = [ProxyProcess({**config, **({"sharing": {**sharing, "replica_id": f"p{i}"}} if sharing else {})},
                             env={"CAPBALANCER_ADMIN_TOKEN": ADMIN_TOKEN}) for i in range(3)]
