@@ -211,7 +211,8 @@ class Scheduler:
         if demand.deadline_s is None:
             demand.deadline_s = now + settings.hold_timeout_s
         excluded = set(exclude)
-        candidates = [b for b in self._routable(pool) if b.backend_id not in excluded]
+        candidates = [b for b in self._routable(pool) if b.backend_id not in excluded
+                      and (demand.only_backends is None or b.backend_id in demand.only_backends)]
         if not candidates:
             pool.rejected_total += 1
             return Reject(503, "no healthy backend for this model", settings.retry_after_s)
@@ -466,9 +467,11 @@ class Scheduler:
                 break
             demand, held_at = head
             ctx = self._ctx(pool, demand, now)
-            choice = pool.policy.choose(demand, candidates, ctx)
+            allowed = candidates if demand.only_backends is None else [
+                b for b in candidates if b.backend_id in demand.only_backends]
+            choice = pool.policy.choose(demand, allowed, ctx) if allowed else None
             if choice is None:
-                if unservable is not None and unservable(demand, candidates, ctx):
+                if not allowed or (unservable is not None and unservable(demand, allowed, ctx)):
                     # Nothing can start it before its deadline: answer now rather than block the queue.
                     pool.hold.pop()
                     events.append(self._expire(demand, now, 503, "cannot be served before its deadline",

@@ -24,6 +24,8 @@ class Demand:
     # The prompt's chained block hashes (sched/prefix_hash.py): what a backend may already hold in its cache.
     prefix: PrefixKey = field(default_factory=PrefixKey)
     session_id: str | None = None  # x-session-id or the OpenAI `user` field: a soft affinity hint
+    # Only these backends may serve it (a LoRA adapter that only they hold); None: any of the pool's.
+    only_backends: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

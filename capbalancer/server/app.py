@@ -14,12 +14,11 @@ from aiohttp import web
 
 from capbalancer.config import BackendConfig, Config, ModelConfig, backend_spec
 from capbalancer.sched.scheduler import Scheduler
-from capbalancer.server import admin, proxy
+from capbalancer.server import admin, proxy, routes
 from capbalancer.server.driver import SchedulerDriver
 from capbalancer.server.errors import error_response
 from capbalancer.server.health import make_poller, poll_target
 from capbalancer.server.metrics import ProxyMetrics
-from capbalancer.server.parsing import OPENAI_PATHS, TGI_PATHS
 from capbalancer.server.proxy import STATE, ProxyState
 from capbalancer.server.relay import Upstream, response_headers
 
@@ -43,8 +42,7 @@ def build_app(state: ProxyState) -> web.Application:
     # Body size is enforced by the handler (an OpenAI-shaped 413), not by aiohttp's plain-text one.
     app = web.Application(client_max_size=1 << 62, middlewares=[_unexpected_errors])
     app[STATE] = state
-    for path in (*OPENAI_PATHS, *TGI_PATHS):
-        app.router.add_post(path, proxy.handle)
+    routes.add_routes(app)  # every engine route: see routes.py and docs/routes.md
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/info", tgi_info)
     app.router.add_get("/health", liveness)
@@ -84,6 +82,8 @@ async def _startup(app: web.Application) -> None:
     state.poller, state.poller_kind, state.make_target = make_poller(targets, state.driver, h.interval_s,
                                                                      h.timeout_s, state.driver.clock)
     await state.poller.start()
+    discovery = asyncio.get_running_loop().create_task(routes.discover_models(state))
+    state.background.add(discovery)
     for _, b in state.config.backends():
         if b.kv_events:
             _subscribe_kv_events(state, b)
@@ -222,6 +222,7 @@ async def list_models(request: web.Request) -> web.Response:
     data = [{"id": name, "object": "model", "created": 0, "owned_by": "capbalancer"}
             for m in config.models.values() if not m.match_any or len(match_any) == len(config.models)
             for name in (m.name, *m.aliases)]
+    data.extend(routes.adapter_cards(state))  # LoRA adapters the fleet holds, as vLLM lists them
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 
 

@@ -79,7 +79,7 @@ class SimCluster:
 
 def instance_for(spec: InstanceSpec, profile: Profile, seed: int = 0, gpu: SharedGpu | None = None) -> SimInstance:
     return SimInstance(profile, engine_kind=spec.engine, model=spec.model, time_scale=spec.time_scale, seed=seed,
-                       gpu=gpu)
+                       gpu=gpu, lora_modules=dict(spec.lora_modules))
 
 
 def fleet_base_dir(fleet: FleetDescription) -> Path | None:

@@ -55,10 +55,13 @@ async def _serve_until_signal(start) -> None:
               help="Serve every instance of this fleet description instead (each on its own port).")
 @click.option("--only", multiple=True, help="With --cluster: serve only these instance names.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds output lengths of EOS-ended requests.")
+@click.option("--lora-modules", multiple=True, metavar="NAME=PATH",
+              help="LoRA adapters to serve besides the base model, as vLLM's --lora-modules (repeatable).")
 @click.option("--max-concurrent-requests", type=int, default=None,
               help="TGI: answer 429 past this many requests in flight (TGI's default 128).")
 def sim(engine: str, profile_ref: str | None, host: str, port: int, model: str | None, time_scale: float,
-        cluster_file: str | None, only: tuple[str, ...], seed: int, max_concurrent_requests: int | None) -> None:
+        cluster_file: str | None, only: tuple[str, ...], seed: int, lora_modules: tuple[str, ...],
+        max_concurrent_requests: int | None) -> None:
     """Serve simulated vLLM/TGI/SGLang instances: the same APIs and /metrics as the real engines, with
     continuous batching, paged KV and preemption modelled from a GPU profile."""
     from capbalancer.fleet.description import FleetError, load_fleet
@@ -88,7 +91,8 @@ def sim(engine: str, profile_ref: str | None, host: str, port: int, model: str |
         async def start() -> SimCluster:
             cluster = SimCluster()
             inst = SimInstance(profile, engine_kind=engine, model=model or profile.model, time_scale=time_scale,
-                               seed=seed, max_concurrent_requests=max_concurrent_requests)
+                               seed=seed, max_concurrent_requests=max_concurrent_requests,
+                               lora_modules=dict(m.partition("=")[::2] for m in lora_modules))
             await cluster.add("sim", inst, host, port)
             return cluster
 

@@ -77,12 +77,14 @@ class OpenAIRoutes:
                                 "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
                                 "allow_fine_tuning": False, "organization": "*", "group": None,
                                 "is_blocking": False}]}
-        return web.json_response({"object": "list", "data": [card]}, dumps=lambda o: orjson.dumps(o).decode())
+        cards = [card] + [{**card, "id": name, "root": path, "parent": inst.model, "permission": card["permission"]}
+                          for name, path in inst.adapters.items()]
+        return web.json_response({"object": "list", "data": cards}, dumps=lambda o: orjson.dumps(o).decode())
 
     # --- common ----------------------------------------------------------------------------------
     def _check_model(self, body: dict[str, Any]) -> web.Response | None:
         model = body.get("model")
-        if model is not None and model != self.inst.model:
+        if model is not None and model != self.inst.model and model not in self.inst.adapters:
             return error_response(404, f"The model `{model}` does not exist. Valid aliases: {self.inst.model}.",
                                   "NotFoundError", "model")
         return None
