@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import resource
 import time
 from collections.abc import Callable
@@ -276,9 +277,11 @@ async def _drive_sessions(config: LoadtestConfig, counters: LiveCounters, semaph
             stop["why"] = stop["why"] or "duration"
         return bool(stop["why"])
 
-    async def run_session(sess: Any) -> None:
+    async def run_session(sess: Any, first_turn: int = 0, first_wait_s: float = 0.0) -> None:
         for k, spec in enumerate(sess.turns):
-            think_s = sess.think_times_s[k]
+            if k < first_turn:
+                continue
+            think_s = first_wait_s if k == first_turn and first_turn > 0 else sess.think_times_s[k]
             if think_s > 0:
                 left = (run_start + config.duration_s - time.perf_counter()) if config.duration_s else think_s
                 await asyncio.sleep(max(0.0, min(think_s, left)))
@@ -313,6 +316,13 @@ async def _drive_sessions(config: LoadtestConfig, counters: LiveCounters, semaph
             await asyncio.sleep(0.05)
         return stop["why"] or "workload"
     session_rate = config.request_rate_per_s / max(1.0, workload.mean_turns)  # type: ignore[attr-defined]
+    # Warm start: a session lasts many seconds (turns x (think time + answer)), so sessions starting at t=0 would
+    # send well below the rate for the first session-lifetime of the run. Sessions that "started" before t=0 are
+    # joined in progress instead, at the turn they would have reached (each turn taken as its think time plus
+    # WARM_TURN_S of answer), so the request rate is near its target from the start. Their first turn is sent
+    # with its whole context, which no engine holds yet: the cache starts cold, as on a fresh fleet.
+    for sess, first_turn, wait_s in _sessions_in_progress(sessions, session_rate, config.seed):
+        start(run_session(sess, first_turn, wait_s))
     for due_s in arrival_times_s(session_rate, config.burstiness, config.seed):
         delay = run_start + due_s - time.perf_counter()
         if delay > 0:
@@ -321,6 +331,28 @@ async def _drive_sessions(config: LoadtestConfig, counters: LiveCounters, semaph
             break
         start(run_session(next(sessions)))
     return stop["why"] or "workload"
+
+
+WARM_TURN_S = 3.0  # an answer's nominal duration when joining sessions in progress (warm start)
+
+
+def _sessions_in_progress(sessions: Any, session_rate_per_s: float, seed: int) -> list[tuple[Any, int, float]]:
+    """Sessions that started before t=0 (Poisson at the session rate, looking back 120 s) and would still be
+    running at t=0: each with the turn it would have reached and how long until that turn is due."""
+    rng = random.Random(f"warm-start-{seed}")
+    out: list[tuple[Any, int, float]] = []
+    age_s = 0.0
+    while True:
+        age_s += rng.expovariate(session_rate_per_s)
+        if age_s > 120.0 or len(out) >= 10_000:
+            return out
+        sess = next(sessions)
+        t = 0.0
+        for k in range(len(sess.turns)):
+            t += sess.think_times_s[k] + (WARM_TURN_S if k > 0 else 0.0)
+            if t >= age_s:
+                out.append((sess, k, t - age_s))
+                break
 
 
 async def _tick(progress: ProgressHook, counters: LiveCounters, interval_s: float) -> None:

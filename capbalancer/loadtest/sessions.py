@@ -125,7 +125,17 @@ class SessionWorkload(Workload):
             raise WorkloadError(f"{kind}: {exc}") from None
         if self.think_mean_s < 0 or self.max_context_tokens < 16 or self.tenants < 1:
             raise WorkloadError(f"{kind}: think >= 0, max_context >= 16 and tenants >= 1 required")
-        self.mean_turns = (self.turns.low + self.turns.high) / 2
+        # Sessions end early when the context would pass max_context, so the nominal range overstates the turns a
+        # session really has; the open loop divides the request rate by this to get the session start rate.
+        self.mean_turns = self._measured_mean_turns()
+
+    def _measured_mean_turns(self, samples: int = 200) -> float:
+        """The mean number of turns of `samples` sessions drawn from a generator of their own (the run's own
+        stream is not advanced)."""
+        rng = random.Random(f"mean-turns-{self.name}-{self.seed}")
+        tenant_prompts = [""] * self.tenants
+        total = sum(len(self._session(n, rng, tenant_prompts).turns) for n in range(samples))
+        return max(1.0, total / samples)
 
     # -- the sessions
     def sessions(self) -> Iterator[SessionSpec]:
