@@ -137,6 +137,7 @@ def test_every_route_answers_through_the_proxy(fleet: Proxy):
                                    {"model": "tgi-model", "messages": [{"role": "user", "content": "hi"}],
                                     "max_tokens": 2})
     assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"]  # TGI's Messages API
+    assert fleet.request("GET", "/ping")[0] == 200 and fleet.request("POST", "/ping", {})[0] == 200
     tok = json.loads(fleet.request("POST", "/tokenize", {"model": "chat", "prompt": "x" * 40})[2])
     assert tok["count"] == 10 and len(tok["tokens"]) == 10
 
@@ -197,3 +198,27 @@ def test_audio_multipart_passes_through_with_the_model_rewritten(fleet: Proxy):
     status, _, raw = fleet.request("POST", "/v1/audio/transcriptions", b"not multipart",
                                    {"Content-Type": "application/json"})
     assert status == 400
+
+
+def test_the_response_affinity_map_is_bounded_in_size_and_time():
+    from capbalancer.server.affinity import ObjectAffinity
+
+    m = ObjectAffinity(max_entries=3, ttl_s=10.0)
+    for i in range(5):
+        m.remember(f"resp_{i}", f"b{i}", now=float(i))
+    assert len(m) == 3 and m.backend_of("resp_0", 5.0) is None and m.backend_of("resp_4", 5.0) == "b4"
+    assert m.backend_of("resp_2", 12.5) is None and m.backend_of("resp_3", 12.5) == "b3"  # resp_2 expired at 12
+    m.remember("resp_3", "b9", now=13.0)  # re-created: newest again, with a fresh TTL
+    assert m.backend_of("resp_3", 22.0) == "b9" and m.backend_of("resp_4", 22.0) is None
+
+
+def test_streamed_responses_are_pinned_from_their_first_event(fleet: Proxy):
+    client = openai.OpenAI(base_url=fleet.url + "/v1", api_key="none", max_retries=0)
+    for i in range(4):
+        events = list(client.responses.create(model="chat", input=f"stream {i}", max_output_tokens=3, stream=True))
+        assert events[0].type == "response.created" and events[-1].type == "response.completed"
+        done = events[-1].response
+        deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert done.output_text == deltas and deltas
+        # Known to the proxy from the stream's first event: retrieved from the backend that streamed it.
+        assert client.responses.retrieve(done.id).output_text == deltas

@@ -47,6 +47,7 @@ def build_app(state: ProxyState) -> web.Application:
     app.router.add_get("/info", tgi_info)
     app.router.add_get("/health", liveness)
     app.router.add_get("/ready", readiness)
+    app.router.add_route("*", "/ping", readiness)  # vLLM's SageMaker health route (GET and POST)
     app.router.add_get("/metrics", own_metrics)
     admin.add_routes(app)
     app.on_startup.append(_startup)

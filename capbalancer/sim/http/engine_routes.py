@@ -132,31 +132,94 @@ class EngineRoutes:
         if not isinstance(max_out, int) or max_out < 1:
             return bad_request("max_output_tokens must be a positive integer", "max_output_tokens")
         if body.get("stream"):
-            return bad_request("the simulator's /v1/responses does not stream", "stream")
+            return await self._responses_stream(request, body, count_text_tokens(text), max_out)
         done = await self._run(count_text_tokens(text), max_out, body)
         if isinstance(done, web.Response):
             return done
-        rid = f"resp_{uuid.uuid4().hex}"
-        obj = {"id": rid, "object": "response", "created_at": int(time.time()), "model": self._model(body),
-               "status": "completed", "background": False, "error": None, "incomplete_details": None,
-               "instructions": body.get("instructions"), "max_output_tokens": max_out, "metadata": body.get("metadata"),
-               "parallel_tool_calls": True, "previous_response_id": body.get("previous_response_id"),
-               "reasoning": None, "service_tier": "auto", "store": body.get("store", True), "temperature": 1.0,
-               "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "top_p": 1.0,
-               "truncation": "disabled", "user": None,
-               "output": [{"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant",
-                           "status": "completed",
-                           "content": [{"type": "output_text", "text": tokens_text(0, done.generated),
-                                        "annotations": [], "logprobs": None}]}],
-               "usage": {"input_tokens": done.prompt_tokens, "output_tokens": done.generated,
-                         "total_tokens": done.prompt_tokens + done.generated,
-                         "input_tokens_details": {"cached_tokens": 0},
-                         "output_tokens_details": {"reasoning_tokens": 0}}}
+        return _json(self._store(self._response_object(body, max_out, f"resp_{uuid.uuid4().hex}",
+                                                       f"msg_{uuid.uuid4().hex}", done)))
+
+    def _response_object(self, body: dict[str, Any], max_out: int, rid: str, mid: str,
+                         done: RequestStream | None) -> dict[str, Any]:
+        """A Responses API object: completed with its output when `done`, else in progress and empty."""
+        generated = done.generated if done is not None else 0
+        prompt = done.prompt_tokens if done is not None else 0
+        return {"id": rid, "object": "response", "created_at": int(time.time()), "model": self._model(body),
+                "status": "completed" if done is not None else "in_progress", "background": False, "error": None,
+                "incomplete_details": None,
+                "instructions": body.get("instructions"), "max_output_tokens": max_out, "metadata": body.get("metadata"),
+                "parallel_tool_calls": True, "previous_response_id": body.get("previous_response_id"),
+                "reasoning": None, "service_tier": "auto", "store": body.get("store", True), "temperature": 1.0,
+                "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "top_p": 1.0,
+                "truncation": "disabled", "user": None,
+                "output": [] if done is None else [
+                    {"type": "message", "id": mid, "role": "assistant", "status": "completed",
+                     "content": [{"type": "output_text", "text": tokens_text(0, generated), "annotations": [],
+                                  "logprobs": None}]}],
+                "usage": None if done is None else {
+                    "input_tokens": prompt, "output_tokens": generated, "total_tokens": prompt + generated,
+                    "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}}
+
+    def _store(self, obj: dict[str, Any]) -> dict[str, Any]:
         if obj["store"]:
-            self.responses[rid] = obj
+            self.responses[obj["id"]] = obj
             while len(self.responses) > MAX_STORED_RESPONSES:
                 self.responses.popitem(last=False)
-        return _json(obj)
+        return obj
+
+    async def _responses_stream(self, request: web.Request, body: dict[str, Any], prompt_tokens: int,
+                                max_out: int) -> web.StreamResponse:
+        """The Responses API's typed SSE events (`event:` then `data:`), as vLLM's serving_responses sends:
+        created, in_progress, the message item and its text part, one delta per step, done events, completed."""
+        stream = self.api._submit({**body, "max_tokens": max_out}, prompt_tokens, max_out)
+        if isinstance(stream, web.Response):
+            return stream
+        rid, mid = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                                       "Cache-Control": "no-cache"})
+        seq = 0
+        finished = False
+
+        async def event(kind: str, payload: dict[str, Any]) -> None:
+            nonlocal seq
+            data = orjson.dumps({"type": kind, "sequence_number": seq, **payload})
+            seq += 1
+            await resp.write(b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n")
+
+        try:
+            await resp.prepare(request)
+            started = self._response_object(body, max_out, rid, mid, None)
+            await event("response.created", {"response": started})
+            await event("response.in_progress", {"response": started})
+            item = {"type": "message", "id": mid, "role": "assistant", "status": "in_progress", "content": []}
+            await event("response.output_item.added", {"output_index": 0, "item": item})
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            await event("response.content_part.added", {"item_id": mid, "output_index": 0, "content_index": 0,
+                                                        "part": part})
+            sent = 0
+            while not finished:
+                got = await stream.queue.get()
+                while got is not None and not stream.queue.empty():
+                    got = stream.queue.get_nowait()
+                finished = got is None
+                upto = stream.generated if finished else got
+                if upto > sent:
+                    await event("response.output_text.delta", {"item_id": mid, "output_index": 0, "content_index": 0,
+                                                               "delta": tokens_text(sent, upto), "logprobs": []})
+                    sent = upto
+            text = tokens_text(0, stream.generated)
+            await event("response.output_text.done", {"item_id": mid, "output_index": 0, "content_index": 0,
+                                                      "text": text, "logprobs": []})
+            await event("response.content_part.done", {"item_id": mid, "output_index": 0, "content_index": 0,
+                                                       "part": {**part, "text": text}})
+            final = self._store(self._response_object(body, max_out, rid, mid, stream))
+            await event("response.output_item.done", {"output_index": 0, "item": final["output"][0]})
+            await event("response.completed", {"response": final})
+            await resp.write_eof()
+        finally:
+            if not finished:
+                self.inst.abort(stream.request_id)
+        return resp
 
     def _stored(self, request: web.Request) -> dict[str, Any] | web.Response:
         rid = request.match_info["response_id"]
