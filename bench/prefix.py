@@ -12,12 +12,12 @@ meeting it per second, counted over the span of session starts, the same window 
 attainment over all requests, TTFT p50/p99, output throughput in that window against the no-cache ideal,
 and preemptions.
 
-The engine's prefix cache: until the simulator's own vLLM-style prefix cache is merged (branch prefix-sim),
-this runner keeps a ground-truth LRU of block hashes per engine (`EngineCache`) sized by the engine's free
-KV, and hands the engine only the uncached part of each prompt (prefill charged only for uncached tokens).
-The hit's KV blocks that leave the free pool are taken from the engine model's free blocks while the
-request runs, so admission, preemption and the reported KV usage stay honest. The scheduler sees what a live proxy sees: the request's block hashes and session, snapshots, and
-the engine's cumulative hit counter (as vllm:prefix_cache_hits_total).
+The engine's prefix cache is the simulator's own (capbalancer/sim/prefix_cache.py, vLLM-style: chained block
+hashes over token ids at the profile's block size, blocks shared by running requests, freed blocks cached and
+evicted LRU, prefill only for uncached tokens); the engine also caches each answer's blocks, so a turn hits the
+previous answer as well. The runner is capbalancer/sim/des_sessions.SessionRun (a closed loop per session). The
+scheduler sees what a live proxy sees: the request's block hashes and session, snapshots (which carry the
+engine's cumulative hit counter, vllm:prefix_cache_hits_total), progress and completions.
 """
 
 from __future__ import annotations
@@ -28,21 +28,15 @@ import math
 import random
 import sys
 import time
-from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 from capbalancer.loadtest.stats import Slo, summarize
 from capbalancer.profiling.library import resolve_profile
-from capbalancer.sched.prefix_hash import PrefixKey, token_block_hashes
-from capbalancer.sched.prefix_index import prefix_salt
-from capbalancer.sched.types import Demand, Hold, Route
-from capbalancer.sim import des
 from capbalancer.sim.des import DesInstance, DesOptions, instance_capacity
-from capbalancer.sim.engine import Finished, FirstToken, SimRequest
-from capbalancer.sim.workload import DesRequest
+from capbalancer.sim.des_sessions import DesSession, SessionRun, SessionTurn, token_key
+from capbalancer.sim.engine import Finished
 
 SLO = Slo(ttft_ms=2000.0, tpot_ms=100.0)
 POLICIES = ("capacity", "cache_aware", "llm_d", "least_kv", "round_robin")
@@ -151,235 +145,26 @@ def mean_lengths(kind: str, max_prompt: int) -> tuple[float, float, float]:
             len(turns) / len(sessions))
 
 
-# --- the engine's prefix cache (ground truth, until the simulator has its own) ---------------------------
+# --- the run: the simulator's own prefix cache in every engine (capbalancer/sim/prefix_cache.py) ----------
 
-class EngineCache:
-    """What one engine holds, as vLLM's automatic prefix caching does: every computed prompt block is cached;
-    blocks of running requests are pinned (in use, never evicted); freed ones stay cached in the free pool and
-    are evicted least recently used (a chain's tail first) when the engine needs the room."""
-
-    def __init__(self) -> None:
-        self.blocks: OrderedDict[int, int] = OrderedDict()  # hash -> running requests using it
-        self.pinned = 0  # blocks with a user
-
-    def hit_blocks(self, hashes: tuple[int, ...]) -> tuple[int, int]:
-        """(leading blocks cached, of those the ones no running request uses: they leave the free pool)."""
-        n = idle = 0
-        blocks = self.blocks
-        for h in hashes:
-            pins = blocks.get(h)
-            if pins is None:
-                break
-            n += 1
-            if pins == 0:
-                idle += 1
-        return n, idle
-
-    def use(self, hashes: tuple[int, ...], free_blocks: int) -> None:
-        """A request starts with these prompt blocks (hit or computed): pinned, most recent, head last."""
-        blocks = self.blocks
-        for h in reversed(hashes):
-            pins = blocks.pop(h, 0)
-            if pins == 0:
-                self.pinned += 1
-            blocks[h] = pins + 1
-        self.evict_to(free_blocks)
-
-    def release(self, hashes: tuple[int, ...], extra: tuple[int, ...], free_blocks: int) -> None:
-        """The request finished: its blocks become evictable; the answer's full blocks are cached too."""
-        blocks = self.blocks
-        for h in hashes:
-            pins = blocks.get(h)
-            if pins:
-                blocks[h] = pins - 1
-                if pins == 1:
-                    self.pinned -= 1
-        for h in reversed(extra):
-            if h not in blocks:
-                blocks[h] = 0
-        self.evict_to(free_blocks)
-
-    def evict_to(self, free_blocks: int) -> None:
-        """Unpinned cached blocks live in the engine's free KV: at most `free_blocks` of them."""
-        blocks = self.blocks
-        budget = len(blocks)
-        while len(blocks) - self.pinned > max(0, free_blocks) and budget > 0:
-            budget -= 1
-            h, pins = blocks.popitem(last=False)
-            if pins:
-                blocks[h] = pins
+def des_sessions(sessions: list[Session]) -> list[DesSession]:
+    """The bench's sessions as the DES runs them: the engines get token ids (prompt and answer), the scheduler the
+    prompt's 16-token block hashes, as a proxy with the model's tokenizer computes them."""
+    return [DesSession(s.start_s, s.session_id, [SessionTurn(t.prompt_ids, t.output_ids, t.think_s, max_tokens=512)
+                                                 for t in s.turns]) for s in sessions]
 
 
-class PrefixRun(des._Run):
-    def __init__(self, instances: list[DesInstance], sessions: list[Session], policy: str, opts: DesOptions,
-                 engine_cache: bool = True) -> None:
-        self.sessions = sessions
-        self.turn_of: list[tuple[int, int]] = []
-        requests: list[DesRequest] = []
-        for si, s in enumerate(sessions):
-            for ti, t in enumerate(s.turns):
-                requests.append(DesRequest(len(requests), s.start_s, len(t.prompt_ids), len(t.output_ids), 512))
-                self.turn_of.append((si, ti))
-        self.first_index = {}
-        i = 0
-        for si, s in enumerate(sessions):
-            self.first_index[si] = i
-            i += len(s.turns)
-        super().__init__(instances, requests, SimpleNamespace(model=POOL, concurrency=None), policy, opts)
-        self.salt = prefix_salt(POOL)
-        self.keys: dict[int, PrefixKey] = {}
-        self.engine_cache = engine_cache
-        self.caches = [EngineCache() for _ in instances]
-        self.hit_tokens = [0] * len(instances)
-        self.reserved: dict[int, tuple[int, int]] = {}  # request -> (engine, blocks held for its cache hit)
-        self.hit_idle_blocks: dict[int, int] = {}  # request -> blocks to take once it runs
-        self.query_tokens = [0] * len(instances)
-
-    def key(self, i: int) -> PrefixKey:
-        k = self.keys.get(i)
-        if k is None:
-            si, ti = self.turn_of[i]
-            k = self.keys[i] = token_block_hashes(self.sessions[si].turns[ti].prompt_ids, BLOCK_TOKENS, self.salt)
-        return k
-
-    def arrive(self, i: int, now: float) -> None:
-        r = self.requests[i]
-        self.arrival_s[i] = now
-        self.records[i].start_s = now
-        si, _ = self.turn_of[i]
-        demand = Demand(request_id=str(i), pool=POOL, prompt_tokens=r.prompt_tokens, max_tokens=r.max_tokens,
-                        arrival_s=now, stream=True, prefix=self.key(i), session_id=self.sessions[si].session_id)
-        decision = self.sched.submit(demand, now)
-        if isinstance(decision, Route):
-            self.start_on(i, self.index_of[decision.backend_id], now)
-        elif isinstance(decision, Hold):
-            self.ensure_tick()
-        else:
-            self.fail(i, decision.status, decision.reason, now)
-
-    def _capacity_blocks(self, k: int) -> int:
-        eng = self.engines[k]
-        return eng.free_blocks * eng.block_size // BLOCK_TOKENS
-
-    def start_on(self, i: int, k: int, now: float) -> None:
-        r = self.requests[i]
-        self.routed_to[i] = k
-        self.records[i].backend = self.instances[k].name
-        key = self.key(i)
-        hit = 0
-        eng = self.engines[k]
-        if self.engine_cache:
-            hit_blocks, idle_blocks = self.caches[k].hit_blocks(key.hashes)
-            hit = min(hit_blocks * BLOCK_TOKENS, r.prompt_tokens - 1)
-            # The engine model computes only the uncached part, so it never allocates the hit's KV: once the
-            # request runs, the blocks that left the free pool (cached, unused by any running request) are taken
-            # from the model's free blocks, and given back when it ends, so KV pressure stays honest.
-            self.hit_idle_blocks[i] = idle_blocks * BLOCK_TOKENS // eng.block_size
-            self.caches[k].use(key.hashes, self._capacity_blocks(k))
-        self.hit_tokens[k] += hit
-        self.query_tokens[k] += r.prompt_tokens
-        events = eng.add_request(SimRequest(str(i), r.prompt_tokens - hit, r.output_tokens, r.max_tokens, now), now)
-        if str(i) in eng.running:
-            self.reserve(i, k)
-        self.handle_engine_events(k, events)
-        self.reschedule(k)
-
-    def reserve(self, i: int, k: int) -> None:
-        need = self.hit_idle_blocks.pop(i, 0)
-        if need:
-            eng = self.engines[k]
-            take = min(eng.free_blocks, need)
-            eng.free_blocks -= take
-            self.reserved[i] = (k, take)
-
-    def reschedule(self, k: int) -> None:
-        eng = self.engines[k]
-        if eng.waiting and eng.next_event_s() is None:
-            # Nothing can run and nothing will free blocks (preempted requests keep their reservation): give
-            # this engine's reservations back rather than stall the simulation.
-            for i, (kk, take) in list(self.reserved.items()):
-                if kk == k:
-                    eng.free_blocks += take
-                    del self.reserved[i]
-        super().reschedule(k)
+class PrefixRun(SessionRun):
+    def __init__(self, instances: list[DesInstance], sessions: list[Session], policy: str, opts: DesOptions) -> None:
+        self.bench_sessions = sessions
+        super().__init__(instances, des_sessions(sessions), POOL, policy, opts, key_of=token_key)
 
     def handle_engine_events(self, k: int, events: list) -> None:
-        for ev in events:
-            if isinstance(ev, FirstToken) and int(ev.request_id) in self.hit_idle_blocks:
-                self.reserve(int(ev.request_id), k)
         super().handle_engine_events(k, events)
         for ev in events:
             if isinstance(ev, Finished):
                 i = int(ev.request_id)
                 self.records[i].prompt_tokens = self.requests[i].prompt_tokens
-                if self.engine_cache:  # the answer's blocks are cached too: the next turn starts with them
-                    si, ti = self.turn_of[i]
-                    t = self.sessions[si].turns[ti]
-                    key = self.key(i)
-                    full = token_block_hashes(t.prompt_ids + t.output_ids, BLOCK_TOKENS, self.salt)
-                    self.engines[k].free_blocks += self.reserved.pop(i, (k, 0))[1]
-                    self.caches[k].release(key.hashes, full.hashes[len(key.hashes):], self._capacity_blocks(k))
-                self.next_turn(i, ev.time_s)
-
-    def fail(self, i: int, status: int, reason: str, now: float) -> None:
-        super().fail(i, status, reason, now)
-        self.next_turn(i, now)
-
-    def next_turn(self, i: int, now: float) -> None:
-        si, ti = self.turn_of[i]
-        s = self.sessions[si]
-        if ti + 1 < len(s.turns):
-            self.push(now + s.turns[ti].think_s, des._ARRIVAL, i + 1)
-
-    def done(self, now: float) -> None:
-        self.resolved += 1
-        self.last_done_s = max(self.last_done_s, now)
-
-    def poll(self, now: float) -> None:
-        sched = self.sched
-        for k, eng in enumerate(self.engines):
-            self.handle_engine_events(k, eng.advance_to(now))
-            inst = self.instances[k]
-            self.handle_sched_events(sched.observe(inst.name, eng.snapshot(now, inst.engine), now), now)
-            sched.observe_prefix_hits(inst.name, self.hit_tokens[k], now)
-            epoch = eng.epoch
-            for req in eng.running.values():
-                generated = epoch - req.decode_offset if req.decoding else req.generated
-                if generated > 1:
-                    sched.on_progress(req.request_id, generated, now)
-            self.reschedule(k)
-
-    def run(self) -> float:
-        for si in range(len(self.sessions)):
-            self.push(self.sessions[si].start_s, des._ARRIVAL, self.first_index[si])
-        self.push(0.0, des._POLL)
-        heap = self.heap
-        n = len(self.requests)
-        now = 0.0
-        import heapq
-
-        while heap and self.resolved < n:
-            now, kind, _, a, b = heapq.heappop(heap)
-            self.events += 1
-            if kind == des._ENGINE:
-                if b != self.version[a]:
-                    continue
-                self.scheduled_at[a] = None
-                self.handle_engine_events(a, self.engines[a].advance_to(now))
-                self.reschedule(a)
-            elif kind == des._ARRIVAL:
-                self.arrive(a, now)
-            elif kind == des._TICK:
-                if self.tick_at is not None and now >= self.tick_at:
-                    self.tick_at = None
-                self.handle_sched_events(self.sched.tick(now), now)
-                self.ensure_tick()
-            else:
-                self.poll(now)
-                self.handle_sched_events(self.sched.tick(now), now)
-                self.ensure_tick()
-                self.push(now + self.opts.poll_interval_s, des._POLL)
-        return now
 
 
 def options(policy: str) -> DesOptions:
@@ -406,7 +191,8 @@ def run_one(args: tuple[str, str, str, float, int, float]) -> dict[str, Any]:
     wall = time.perf_counter() - started
     duration = max(run.last_done_s - min(run.arrival_s), 1e-9)
     s = summarize(run.records, duration, SLO)
-    queries, hits = sum(run.query_tokens), sum(run.hit_tokens)
+    caches = [e.prefix_cache for e in run.engines if e.prefix_cache is not None]
+    queries, hits = sum(c.queries_tokens_total for c in caches), sum(c.hits_tokens_total for c in caches)
     ideal_out = ideal * mean_out
     # Sessions are closed loops (a turn waits for the previous answer), so the run's length depends on the
     # policy; goodput and throughput are counted over the same window for all: the span of session starts.

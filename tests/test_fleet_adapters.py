@@ -32,14 +32,16 @@ def test_real_vllm_032_cpu_page_idle() -> None:
     # cache_config_info: kv_cache_size_tokens="2048" (16 blocks x 128)
     assert snap == EngineSnapshot(taken_at_s=12.5, engine="vllm", running=0, waiting=0, kv_usage_fraction=0.0,
                                   kv_capacity_tokens=2048, preemptions_total=0, prompt_tokens_total=86,
-                                  generation_tokens_total=56)
+                                  generation_tokens_total=56, prefix_cache_queries_tokens_total=86,
+                                  prefix_cache_hits_tokens_total=0)
 
 
 def test_real_vllm_032_cpu_page_under_kv_overload() -> None:
     snap = snapshot_from_metrics("vllm", page(REAL / "vllm-cpu-metrics-loaded.txt"), 3.0)
     assert snap == EngineSnapshot(taken_at_s=3.0, engine="vllm", running=6, waiting=6, kv_usage_fraction=1.0,
                                   kv_capacity_tokens=2048, preemptions_total=2, prompt_tokens_total=1886,
-                                  generation_tokens_total=2434)
+                                  generation_tokens_total=2434, prefix_cache_queries_tokens_total=1886,
+                                  prefix_cache_hits_tokens_total=1408)
     assert snap.kv_free_tokens == 0
 
 
@@ -48,7 +50,8 @@ def test_vllm_data_parallel_engines_are_summed() -> None:
     # engine 0: running 5, waiting 2, kv 0.75; engine 1: running 7, waiting 0, kv 0.25; 2048 tokens each
     assert snap == EngineSnapshot(taken_at_s=1.0, engine="vllm", running=12, waiting=2, kv_usage_fraction=0.5,
                                   kv_capacity_tokens=4096, preemptions_total=4, prompt_tokens_total=3000,
-                                  generation_tokens_total=12000)
+                                  generation_tokens_total=12000, prefix_cache_queries_tokens_total=3772,
+                                  prefix_cache_hits_tokens_total=2816)
 
 
 def test_vllm_unequal_engines_weight_usage_by_capacity() -> None:
@@ -201,3 +204,20 @@ def test_mutated_pages_give_a_snapshot_or_a_clear_error(engine: str, where: floa
     assert snap.engine == engine
     assert snap.kv_usage_fraction is None or 0.0 <= snap.kv_usage_fraction <= 1.0
     assert all(v is None or v >= 0 for v in (snap.running, snap.waiting, snap.kv_capacity_tokens))
+
+
+def test_prefix_cache_counters_vllm_old_names_and_sglang() -> None:
+    # vLLM before 0.9.2 named them gpu_prefix_cache_*; SGLang counts cached prompt tokens in its tokenizer collector
+    old = ('vllm:num_requests_running{model_name="m"} 1.0\n'
+           'vllm:gpu_prefix_cache_queries_total{model_name="m"} 500.0\n'
+           'vllm:gpu_prefix_cache_hits_total{model_name="m"} 320.0\n')
+    snap = snapshot_from_metrics("vllm", old, 0.0)
+    assert (snap.prefix_cache_queries_tokens_total, snap.prefix_cache_hits_tokens_total) == (500, 320)
+    sgl = ('sglang:num_running_reqs{model_name="m"} 1.0\n'
+           'sglang:prompt_tokens_total{model_name="m"} 900.0\n'
+           'sglang:cached_tokens_total{model_name="m"} 600.0\n')
+    snap = snapshot_from_metrics("sglang", sgl, 0.0)
+    assert (snap.prefix_cache_queries_tokens_total, snap.prefix_cache_hits_tokens_total) == (900, 600)
+    # a page without them: unknown, not zero
+    snap = snapshot_from_metrics("sglang", 'sglang:num_running_reqs{model_name="m"} 1.0\n', 0.0)
+    assert snap.prefix_cache_hits_tokens_total is None and snap.prefix_cache_queries_tokens_total is None

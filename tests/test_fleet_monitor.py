@@ -139,7 +139,8 @@ async def test_vllm_snapshot_values_and_send_time() -> None:
     snap = sink.snaps()[0]
     assert snap == EngineSnapshot(taken_at_s=snap.taken_at_s, engine="vllm", running=6, waiting=6,
                                   kv_usage_fraction=1.0, kv_capacity_tokens=2048, preemptions_total=2,
-                                  prompt_tokens_total=1886, generation_tokens_total=2434)
+                                  prompt_tokens_total=1886, generation_tokens_total=2434,
+                                  prefix_cache_queries_tokens_total=1886, prefix_cache_hits_tokens_total=1408)
     # The clock is read as the scrape is sent: each taken_at_s precedes the server's receipt of that scrape.
     arrivals = backend.hits["/metrics"]
     for s in sink.snaps()[:3]:

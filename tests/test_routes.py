@@ -21,6 +21,7 @@ from faults import Proxy
 from support import capbalancer, free_port, running
 
 from capbalancer.server.routes import ROUTES
+from capbalancer.sim import tokenizer
 
 SERVED = "meta-llama/Llama-3.1-8B-Instruct"
 PROFILE = "l4/llama-3.1-8b-tp1"
@@ -103,7 +104,7 @@ SAMPLES: dict[tuple[str, str], tuple[dict | None, dict[str, str]]] = {
     ("POST", "/generate_stream"): ({"inputs": "hello", "parameters": {"max_new_tokens": 3}}, TGI),
     ("POST", "/"): ({"inputs": "hello", "parameters": {"max_new_tokens": 3}}, TGI),
     ("POST", "/tokenize"): ({"model": "chat", "prompt": "count these tokens"}, {}),
-    ("POST", "/detokenize"): ({"model": "chat", "tokens": [1000, 1001, 1002]}, {}),
+    ("POST", "/detokenize"): ({"model": "chat", "tokens": tokenizer.encode("a few words")}, {}),
     ("GET", "/version"): (None, {}),
 }
 SEPARATE = {"/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel", "/v1/audio/transcriptions",

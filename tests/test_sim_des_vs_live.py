@@ -42,8 +42,9 @@ def test_des_and_live_proxy_give_the_same_per_request_results(tmp_path):
     with running(capbalancer("sim", "--cluster", str(fleet)), ready_url=f"http://127.0.0.1:{sim_ports[1]}/health"), \
             running(capbalancer("serve", "--config", str(proxy_cfg)), ready_url=f"{base}/health"):
 
-        async def one(s: aiohttp.ClientSession) -> dict:
-            body = {"model": "m", "prompt": "abcd" * PROMPT_TOKENS, "max_tokens": OUTPUT_TOKENS,
+        async def one(s: aiohttp.ClientSession, i: int) -> dict:
+            # distinct first tokens: the engines' prefix caches stay cold, as in the DES (no token ids there)
+            body = {"model": "m", "prompt": f"{i:04d}" + "abcd" * (PROMPT_TOKENS - 1), "max_tokens": OUTPUT_TOKENS,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
             started = time.monotonic()
             ttft = None
@@ -63,7 +64,7 @@ def test_des_and_live_proxy_give_the_same_per_request_results(tmp_path):
 
         async def main() -> list[dict]:
             async with aiohttp.ClientSession() as s:
-                return [await one(s) for _ in range(N)]
+                return [await one(s, i) for i in range(N)]
 
         live = asyncio.run(main())
 

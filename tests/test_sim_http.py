@@ -109,9 +109,10 @@ def test_kv_pressure_shows_in_metrics_and_every_request_finishes():
             stop = asyncio.Event()
             seen: dict[str, float] = {}
             poller = asyncio.create_task(_poll_metrics(base, stop, seen))
+            # distinct first tokens: no prefix is shared, each request needs its own KV
             results = await asyncio.gather(*[
-                client.completions.create(model="m", prompt="abcd" * 300, max_tokens=100,
-                                          extra_body={"ignore_eos": True}) for _ in range(12)])
+                client.completions.create(model="m", prompt=f"{i:04d}" + "abcd" * 299, max_tokens=100,
+                                          extra_body={"ignore_eos": True}) for i in range(12)])
             stop.set()
             await poller
             return results, seen
@@ -304,10 +305,14 @@ def test_http_front_timing_matches_the_engine_model():
     base = f"http://127.0.0.1:{port}"
     with running(sim_args("vllm", str(PROFILES / "slow-13b.yaml"), port, "--time-scale", str(scale)),
                  ready_url=f"{base}/health"):
+        sent = iter(range(100))
+
         async def one(s):
             started = time.monotonic()
             ttft = None
-            async with s.post(f"{base}/v1/completions", json={"model": "m", "prompt": "abcd" * 400, "max_tokens": 15,
+            # a distinct first token each time: no prefix-cache hit (the DES requests carry no token ids)
+            prompt = f"{next(sent):04d}" + "abcd" * 399
+            async with s.post(f"{base}/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 15,
                                                               "ignore_eos": True, "stream": True}) as r:
                 async for line in r.content:
                     if ttft is None and line.startswith(b"data: {"):

@@ -106,6 +106,11 @@ VLLM_PREEMPTIONS = "vllm:num_preemptions_total"
 VLLM_PROMPT_TOKENS = "vllm:prompt_tokens_total"
 VLLM_GENERATION_TOKENS = "vllm:generation_tokens_total"
 VLLM_CACHE_INFO = "vllm:cache_config_info"
+# Prefix caching, in tokens (vllm/v1/metrics/loggers.py; `vllm:gpu_prefix_cache_*` before 0.9.2).
+VLLM_PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
+VLLM_PREFIX_HITS = "vllm:prefix_cache_hits_total"
+VLLM_PREFIX_QUERIES_OLD = "vllm:gpu_prefix_cache_queries_total"
+VLLM_PREFIX_HITS_OLD = "vllm:gpu_prefix_cache_hits_total"
 
 
 def _vllm_engine_capacity(labels: dict[str, str]) -> int | None:
@@ -154,6 +159,10 @@ def _vllm(samples: Samples, taken_at_s: float, hints: CapacityHints) -> EngineSn
         preemptions_total=_count(_sum_values(samples.get(VLLM_PREEMPTIONS))),
         prompt_tokens_total=_count(_sum_values(samples.get(VLLM_PROMPT_TOKENS))),
         generation_tokens_total=_count(_sum_values(samples.get(VLLM_GENERATION_TOKENS))),
+        prefix_cache_queries_tokens_total=_count(_sum_values(
+            _first_present(samples, VLLM_PREFIX_QUERIES, VLLM_PREFIX_QUERIES_OLD))),
+        prefix_cache_hits_tokens_total=_count(_sum_values(
+            _first_present(samples, VLLM_PREFIX_HITS, VLLM_PREFIX_HITS_OLD))),
     )
 
 
@@ -203,6 +212,7 @@ SGL_MAX_TOKENS = "sglang:max_total_num_tokens"
 SGL_RETRACTED = "sglang:num_retracted_requests_total"
 SGL_PROMPT_TOKENS = "sglang:prompt_tokens_total"
 SGL_GENERATION_TOKENS = "sglang:generation_tokens_total"
+SGL_CACHED_TOKENS = "sglang:cached_tokens_total"  # prompt tokens found in the radix cache (tokenizer collector)
 
 
 def _per_dp_rank(series: list[Sample] | None) -> dict[str, float] | None:
@@ -246,15 +256,20 @@ def _sglang(samples: Samples, taken_at_s: float, hints: CapacityHints) -> Engine
         preemptions_total=_count(_sglang_sum(samples, SGL_RETRACTED)),
         prompt_tokens_total=_count(_sum_values(samples.get(SGL_PROMPT_TOKENS))),
         generation_tokens_total=_count(_sum_values(samples.get(SGL_GENERATION_TOKENS))),
+        prefix_cache_queries_tokens_total=(_count(_sum_values(samples.get(SGL_PROMPT_TOKENS)))
+                                           if samples.get(SGL_CACHED_TOKENS) else None),
+        prefix_cache_hits_tokens_total=_count(_sum_values(samples.get(SGL_CACHED_TOKENS))),
     )
 
 
 ENGINES: dict[str, Adapter] = {
     "vllm": Adapter("vllm", (VLLM_RUNNING, VLLM_WAITING, VLLM_KV_USAGE, VLLM_KV_USAGE_OLD, VLLM_PREEMPTIONS,
-                             VLLM_PROMPT_TOKENS, VLLM_GENERATION_TOKENS, VLLM_CACHE_INFO), _vllm),
+                             VLLM_PROMPT_TOKENS, VLLM_GENERATION_TOKENS, VLLM_CACHE_INFO, VLLM_PREFIX_QUERIES,
+                             VLLM_PREFIX_HITS, VLLM_PREFIX_QUERIES_OLD, VLLM_PREFIX_HITS_OLD), _vllm),
     "tgi": Adapter("tgi", (TGI_QUEUE, TGI_BATCH_SIZE, TGI_BATCH_MAX_TOKENS, TGI_MAX_TOTAL_TOKENS), _tgi),
     "sglang": Adapter("sglang", (SGL_RUNNING, SGL_QUEUE, SGL_TOKEN_USAGE, SGL_USED_TOKENS, SGL_MAX_TOKENS,
-                                 SGL_RETRACTED, SGL_PROMPT_TOKENS, SGL_GENERATION_TOKENS), _sglang),
+                                 SGL_RETRACTED, SGL_PROMPT_TOKENS, SGL_GENERATION_TOKENS, SGL_CACHED_TOKENS),
+                      _sglang),
 }
 
 

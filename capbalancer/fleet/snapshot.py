@@ -22,6 +22,10 @@ class EngineSnapshot:
     prompt_tokens_total: int | None = None  # cumulative prefill tokens (a counter)
     generation_tokens_total: int | None = None  # cumulative generated tokens (a counter)
     batch_tokens: int | None = None  # TGI: the running batch's token budget (inputs + max_new_tokens)
+    # Prefix caching (vllm:prefix_cache_queries_total / _hits_total; SGLang: sglang:cached_tokens_total and the
+    # prompt tokens): cumulative prompt tokens looked up and found cached. The prefix index learns from the hits.
+    prefix_cache_queries_tokens_total: int | None = None
+    prefix_cache_hits_tokens_total: int | None = None
 
     @property
     def kv_used_tokens(self) -> int | None:

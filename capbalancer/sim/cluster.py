@@ -77,9 +77,10 @@ class SimCluster:
         self.served.clear()
 
 
-def instance_for(spec: InstanceSpec, profile: Profile, seed: int = 0, gpu: SharedGpu | None = None) -> SimInstance:
+def instance_for(spec: InstanceSpec, profile: Profile, seed: int = 0, gpu: SharedGpu | None = None,
+                 enable_prefix_caching: bool = True) -> SimInstance:
     return SimInstance(profile, engine_kind=spec.engine, model=spec.model, time_scale=spec.time_scale, seed=seed,
-                       gpu=gpu, lora_modules=dict(spec.lora_modules))
+                       gpu=gpu, enable_prefix_caching=enable_prefix_caching, lora_modules=dict(spec.lora_modules))
 
 
 def fleet_base_dir(fleet: FleetDescription) -> Path | None:
@@ -88,7 +89,8 @@ def fleet_base_dir(fleet: FleetDescription) -> Path | None:
     return None
 
 
-async def serve_fleet(fleet: FleetDescription, names: Iterable[str] | None = None, seed: int = 0) -> SimCluster:
+async def serve_fleet(fleet: FleetDescription, names: Iterable[str] | None = None, seed: int = 0,
+                      enable_prefix_caching: bool = True) -> SimCluster:
     """Start every instance of `fleet` (or those named) on its own host:port; instances of one gpu_group
     share one simulated GPU (capbalancer/sim/gpu_share.py)."""
     wanted = set(names) if names is not None else None
@@ -107,7 +109,8 @@ async def serve_fleet(fleet: FleetDescription, names: Iterable[str] | None = Non
                 raise ValueError(f"{fleet.source}: instance {spec.name!r}: engine {spec.engine!r} cannot be simulated")
             profile = resolve_profile(spec.profile, base)
             gpu = gpus.get(spec.gpu_group) if spec.gpu_group is not None else None
-            await cluster.add(spec.name, instance_for(spec, profile, seed + k, gpu), spec.host, spec.port)
+            await cluster.add(spec.name, instance_for(spec, profile, seed + k, gpu, enable_prefix_caching), spec.host,
+                              spec.port)
     except BaseException:
         await cluster.stop()
         raise

@@ -59,9 +59,11 @@ async def _serve_until_signal(start) -> None:
               help="LoRA adapters to serve besides the base model, as vLLM's --lora-modules (repeatable).")
 @click.option("--max-concurrent-requests", type=int, default=None,
               help="TGI: answer 429 past this many requests in flight (TGI's default 128).")
+@click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True,
+              help="Automatic prefix caching, on by default as in vLLM (sim/prefix_cache.py).")
 def sim(engine: str, profile_ref: str | None, host: str, port: int, model: str | None, time_scale: float,
         cluster_file: str | None, only: tuple[str, ...], seed: int, lora_modules: tuple[str, ...],
-        max_concurrent_requests: int | None) -> None:
+        max_concurrent_requests: int | None, enable_prefix_caching: bool) -> None:
     """Serve simulated vLLM/TGI/SGLang instances: the same APIs and /metrics as the real engines, with
     continuous batching, paged KV and preemption modelled from a GPU profile."""
     from capbalancer.fleet.description import FleetError, load_fleet
@@ -79,7 +81,7 @@ def sim(engine: str, profile_ref: str | None, host: str, port: int, model: str |
             raise click.ClickException(str(exc)) from None
 
         async def start() -> SimCluster:
-            return await serve_fleet(fleet, names=only or None, seed=seed)
+            return await serve_fleet(fleet, names=only or None, seed=seed, enable_prefix_caching=enable_prefix_caching)
     else:
         if not profile_ref:
             raise click.UsageError("give --profile (or --cluster FILE)")
@@ -92,6 +94,7 @@ def sim(engine: str, profile_ref: str | None, host: str, port: int, model: str |
             cluster = SimCluster()
             inst = SimInstance(profile, engine_kind=engine, model=model or profile.model, time_scale=time_scale,
                                seed=seed, max_concurrent_requests=max_concurrent_requests,
+                               enable_prefix_caching=enable_prefix_caching,
                                lora_modules=dict(m.partition("=")[::2] for m in lora_modules))
             await cluster.add("sim", inst, host, port)
             return cluster
@@ -154,7 +157,8 @@ def _print_result(res) -> None:
     goodput = s.get("request_goodput")
     click.echo(f"   throughput {s['request_throughput']:.2f} req/s, {s['output_throughput']:.0f} output tok/s"
                + (f", goodput {goodput:.2f} req/s (SLO attainment {s['slo_attainment']:.1%})"
-                  if goodput is not None else ""))
+                  if goodput is not None else "")
+               + (f", prefix-cache hit rate {s['prefix_hit_rate']:.1%}" if "prefix_hit_rate" in s else ""))
     for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2el", "E2E ")):
         click.echo(f"   {label} ms  p50 {s[f'median_{name}_ms']:9.1f}  p90 {s[f'p90_{name}_ms']:9.1f}  "
                    f"p99 {s[f'p99_{name}_ms']:9.1f}")

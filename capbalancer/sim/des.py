@@ -342,9 +342,17 @@ def run_des(
     if seed is not None:
         wl = parse_workload({**_workload_keys(wl), "seed": seed})
     max_model_len = min(min(i.profile.max_model_len, i.profile.kv_capacity_tokens) for i in instances)
-    requests = generate_requests(wl, max_model_len)
     started = time.perf_counter()
-    run = _Run(instances, requests, wl, policy, opts)
+    if wl.shape is not None:
+        from capbalancer.sim.des_sessions import SessionRun, sessions_from_shape
+
+        sessions = sessions_from_shape(wl.shape, wl.n, wl.rate_per_s, wl.seed, wl.output, max_model_len)
+        models = list(dict.fromkeys(i.model for i in instances))
+        run: _Run = SessionRun(instances, sessions, wl.model or models[0], policy, opts)
+        requests = run.requests
+    else:
+        requests = generate_requests(wl, max_model_len)
+        run = _Run(instances, requests, wl, policy, opts)
     end_s = run.run()
     wall = time.perf_counter() - started
     first_s = min(run.arrival_s) if requests else 0.0
@@ -367,6 +375,11 @@ def run_des(
                                    for key, v in row.items()}
     summary["preemptions"] = sum(e.preemptions_total for e in run.engines)
     summary["held"] = sum(p.held_total for p in run.sched.pools.values())
+    if wl.shape is not None:
+        caches = [e.prefix_cache for e in run.engines if e.prefix_cache is not None]
+        queried = sum(c.queries_tokens_total for c in caches)
+        # the engines' own counters: prompt tokens found cached over prompt tokens looked up
+        summary["prefix_hit_rate"] = sum(c.hits_tokens_total for c in caches) / queried if queried else 0.0
     return DesResult(policy=policy, workload=wl.describe(), summary=summary, instances=per_instance,
                      records=run.records, sim_seconds=end_s, wall_seconds=wall, events=run.events)
 
@@ -374,7 +387,7 @@ def run_des(
 def _workload_keys(wl: DesWorkload) -> dict[str, Any]:
     return {"n": wl.n, "rate": wl.rate_per_s, "concurrency": wl.concurrency, "prompt": wl.prompt.describe(),
             "output": wl.output.describe(), "max_tokens": wl.max_tokens or "exact",
-            "burstiness": wl.burstiness, "seed": wl.seed, "model": wl.model}
+            "burstiness": wl.burstiness, "seed": wl.seed, "model": wl.model, "shape": wl.shape}
 
 
 def instance_capacity(profile: Profile, workload: DesWorkload | str | dict[str, Any], n: int = 2000,

@@ -8,7 +8,10 @@ discrete-event runner on a virtual clock. What it models, after vLLM's `v1/core/
 - a paged KV cache of `num_gpu_blocks` blocks of `block_size` tokens; a sequence takes a new block when
   its next token crosses a block boundary; when a decode cannot get one, the newest running request is
   preempted by recompute (its blocks freed, its progress reset, back at the head of the waiting queue);
-- step time from the profile's linear model (prefill tokens, decode sequences, context tokens).
+- step time from the profile's linear model (prefill tokens, decode sequences, context tokens);
+- automatic prefix caching (on by default, as in vLLM; sim/prefix_cache.py): a request that carries token ids
+  starts with the longest cached run of its prompt's blocks, shared with the running requests that use them,
+  and prefill is charged only for the tokens not cached.
 
 Speed: between composition changes (an arrival, a finish, the cache running out) a batch of pure decodes
 repeats identical steps, so the engine plans a run of K such steps at once: decode progress is kept
@@ -28,12 +31,13 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from capbalancer.fleet.snapshot import EngineSnapshot
 from capbalancer.profiling.schema import Profile, StepTimeModel
 from capbalancer.sim.gpu_share import GpuMember, SharedGpu
+from capbalancer.sim.prefix_cache import CacheHit, PrefixCache, block_hashes
 
 
 class RequestTooLong(ValueError):
@@ -70,9 +74,10 @@ class EngineConfig:
     max_model_len: int
     step: StepTimeModel
     gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True  # vLLM's default; --no-enable-prefix-caching turns it off
 
     @classmethod
-    def from_profile(cls, profile: Profile, **overrides: int) -> EngineConfig:
+    def from_profile(cls, profile: Profile, **overrides: int | bool) -> EngineConfig:
         cfg = dict(block_size=profile.block_size, num_gpu_blocks=profile.num_gpu_blocks,
                    max_num_seqs=profile.max_num_seqs, max_num_batched_tokens=profile.max_num_batched_tokens,
                    max_model_len=profile.max_model_len, step=profile.step,
@@ -105,6 +110,14 @@ class SimRequest:
     first_scheduled_s: float | None = None
     first_token_s: float | None = None
     finish_s: float | None = None
+    # Prefix caching: the prompt's token ids (None: the prompt is not cacheable, as for a length-only request),
+    # the ids the engine generates (their full blocks are cached at the end), and the chained block hashes.
+    token_ids: Sequence[int] | None = None
+    output_ids: Sequence[int] | None = None
+    block_hashes: tuple[int, ...] = ()
+    cache_refs: list[int] = field(default_factory=list)  # cached blocks it uses (each counted once, shared)
+    registered_blocks: int = 0  # leading blocks already looked at for registration in the cache
+    cached_tokens: int = 0  # prompt tokens found in the cache at its (last) admission
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +166,9 @@ class _Plan:
     own_step_s: float = 0.0
 
 
+_NO_HIT = CacheHit(0, 0)
+
+
 class EngineModel:
     def __init__(self, config: EngineConfig, *, per_token_events: bool = False, max_run_steps: int = 1 << 30):
         if config.max_num_batched_tokens < config.max_num_seqs:
@@ -189,7 +205,9 @@ class EngineModel:
         self.requests_finished_total = 0
         self.busy_seconds = 0.0
         self.steps_total = 0
+        self.prompt_tokens_cached_total = 0  # of prompt_tokens_total, found in the prefix cache
         self._gpu: GpuMember | None = None  # set by share_gpu: this engine's place on a shared GPU
+        self.prefix_cache = PrefixCache(bs) if config.enable_prefix_caching else None
 
     def share_gpu(self, gpu: SharedGpu, on_change: Callable[[float], None] | None = None) -> None:
         """Run on `gpu` with the other engines that joined it: each step of this engine then also waits for
@@ -223,6 +241,8 @@ class EngineModel:
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         req.output_tokens_target = max(1, min(req.output_tokens_target, req.max_tokens))
+        if self.prefix_cache is not None and req.token_ids is not None and not req.block_hashes:
+            req.block_hashes = block_hashes(req.token_ids, self.block_size)
         events = self.advance_to(now)
         req.arrival_s = now
         self.requests[req.request_id] = req
@@ -316,22 +336,41 @@ class EngineModel:
             taken_at_s=now, engine=engine, running=len(self.running), waiting=len(self.waiting),
             kv_usage_fraction=self.kv_usage_fraction(), kv_capacity_tokens=self.config.kv_capacity_tokens,
             preemptions_total=self.preemptions_total, prompt_tokens_total=self.prompt_tokens_total,
-            generation_tokens_total=self.generation_tokens_total)
+            generation_tokens_total=self.generation_tokens_total, **self._prefix_counters())
+
+    def _prefix_counters(self) -> dict[str, int]:
+        cache = self.prefix_cache
+        if cache is None:
+            return {"prefix_cache_queries_tokens_total": 0, "prefix_cache_hits_tokens_total": 0}
+        return {"prefix_cache_queries_tokens_total": cache.queries_tokens_total,
+                "prefix_cache_hits_tokens_total": cache.hits_tokens_total}
 
     def held_blocks_of(self, req: SimRequest) -> int:
-        """Blocks a running request holds at a step boundary (for the conservation check)."""
+        """Private blocks a running request holds at a step boundary (for the conservation check): the cached
+        blocks it uses are counted once, in the prefix cache."""
         if req.decoding:
             computed = req.prompt_tokens + self.generated_of(req) - 1
         else:
             computed = req.computed
-        return -(-computed // self.block_size)
+        return -(-computed // self.block_size) - len(req.cache_refs)
 
     def check_invariants(self) -> None:
         """KV blocks are conserved and the aggregates match the requests (tests call this each step)."""
         assert 0 <= self.free_blocks <= self.total_blocks, (self.free_blocks, self.total_blocks)
         plan_blocks = self._plan.blocks if self._plan is not None else 0
         held = sum(self.held_blocks_of(r) for r in self.running.values())
-        assert held + plan_blocks + self.free_blocks == self.total_blocks, (held, plan_blocks, self.free_blocks)
+        shared = 0
+        if self.prefix_cache is not None:
+            shared = self.prefix_cache.blocks_in_use
+            assert len(self.prefix_cache.lru) <= self.free_blocks, (len(self.prefix_cache.lru), self.free_blocks)
+            uses: dict[int, int] = {}
+            for r in self.running.values():
+                for h in r.cache_refs:
+                    uses[h] = uses.get(h, 0) + 1
+            assert all(self.prefix_cache.refs.get(h) == n for h, n in uses.items()), "cache reference counts"
+            assert len(uses) == shared, (len(uses), shared)
+        assert held + shared + plan_blocks + self.free_blocks == self.total_blocks, (
+            held, shared, plan_blocks, self.free_blocks)
         decoders = [r for r in self.running.values() if r.decoding]
         assert len(decoders) == self.decode_count
         assert len(self.running) <= self.config.max_num_seqs
@@ -417,8 +456,28 @@ class EngineModel:
         head = self.waiting[0]
         if head.arrival_s > self.clock_s:
             return False
-        chunk = min(head.prompt_tokens + head.generated, budget_left)
-        return -(-chunk // self.block_size) > self.free_blocks
+        hit, _chunk, need = self._admission(head, budget_left)
+        return need + hit.idle_blocks > self.free_blocks
+
+    def _admission(self, head: SimRequest, budget: int) -> tuple[CacheHit, int, int]:
+        """(prefix-cache hit, tokens to compute in this step, new blocks) of admitting `head` within `budget`."""
+        total = head.prompt_tokens + head.generated
+        cache = self.prefix_cache
+        bs = self.block_size
+        if cache is not None and head.block_hashes:
+            # vLLM recomputes at least the last token (it needs its logits): a hit stops one token short.
+            hit = cache.lookup(head.block_hashes, (total - 1) // bs)
+        else:
+            hit = _NO_HIT
+        start = hit.blocks * bs
+        chunk = min(total - start, budget)
+        return hit, chunk, -(-(start + chunk) // bs) - hit.blocks
+
+    def _take_blocks(self, n: int) -> None:
+        """n free blocks go to running requests; cached free blocks past what is left are evicted."""
+        self.free_blocks -= n
+        if self.prefix_cache is not None:
+            self.prefix_cache.evict_to(self.free_blocks)
 
     def _compose(self, now: float) -> _Plan | None:
         """Plan the step starting at clock_s (or, when the engine was idle, at the first arrival)."""
@@ -445,7 +504,7 @@ class EngineModel:
                     first = own + self._gpu.extra_step_seconds()
                 growth = cfg.step.context_seconds_per_token * n
                 blocks = self._blocks_over(self.epoch, steps)
-                self.free_blocks -= blocks
+                self._take_blocks(blocks)
                 plan = _Plan(start_s=start, steps=steps, decode_seqs=n, blocks=blocks, first_step_s=first,
                              ctx_growth_s=growth, epoch_at_start=self.epoch, own_step_s=own,
                              end_s=start + self._run_seconds(first, growth, steps))
@@ -474,7 +533,7 @@ class EngineModel:
             self._preempt(self._newest_running())
             preempted = True
         decode_blocks = self._phase_counts[need_phase]
-        self.free_blocks -= decode_blocks
+        self._take_blocks(decode_blocks)
         n = self.decode_count
         budget -= n
         blocks = decode_blocks
@@ -499,7 +558,7 @@ class EngineModel:
                 chunk = min(chunk, (have + self.free_blocks) * bs - req.computed)
                 extra = -(-(req.computed + chunk) // bs) - have if chunk > 0 else 0
             if chunk > 0:
-                self.free_blocks -= extra
+                self._take_blocks(extra)
                 blocks += extra
                 budget -= chunk
                 chunks.append((req, chunk))
@@ -511,17 +570,25 @@ class EngineModel:
                 head = self.waiting[0]
                 if head.arrival_s > start:
                     break
-                chunk = min(head.prompt_tokens + head.generated, budget)
-                need = -(-chunk // bs)
-                if need > self.free_blocks:
+                hit, chunk, need = self._admission(head, budget)
+                if need + hit.idle_blocks > self.free_blocks:
                     break
                 self.waiting.popleft()
-                head.computed = 0
+                head.computed = hit.blocks * bs
+                head.cached_tokens = head.computed
+                cache = self.prefix_cache
+                if cache is not None:
+                    cache.record(head.prompt_tokens + head.generated, head.computed)
+                    if hit.blocks:
+                        head.cache_refs = list(head.block_hashes[:hit.blocks])
+                        cache.acquire(head.cache_refs)
+                        self.free_blocks -= hit.idle_blocks  # cached free blocks back in use
+                    head.registered_blocks = hit.blocks
                 if head.first_scheduled_s is None:
                     head.first_scheduled_s = start
                 self.running[head.request_id] = head
                 self.prefilling.append(head)
-                self.free_blocks -= need
+                self._take_blocks(need)
                 blocks += need
                 budget -= chunk
                 chunks.append((head, chunk))
@@ -562,8 +629,42 @@ class EngineModel:
         else:
             computed = req.computed
             self.prefilling.remove(req)
-        self.free_blocks += -(-computed // self.block_size)
+        self._free_request_blocks(req, computed)
         del self.running[req.request_id]
+
+    def _free_request_blocks(self, req: SimRequest, computed: int) -> None:
+        """A request leaves the batch with `computed` tokens of KV: its full blocks stay cached (prompt and
+        generated tokens alike, as vLLM hashes every full block), the rest are plain free blocks."""
+        logical = -(-computed // self.block_size)
+        cache = self.prefix_cache
+        if cache is None:
+            self.free_blocks += logical
+            return
+        self._register_blocks(req, computed // self.block_size, with_output=True)
+        refs = req.cache_refs
+        self.free_blocks += logical - len(refs) + cache.release(refs)
+        req.cache_refs = []
+        req.registered_blocks = 0
+
+    def _register_blocks(self, req: SimRequest, full_blocks: int, with_output: bool = False) -> None:
+        """The request's first `full_blocks` blocks are computed: each gets its hash in the cache (a block
+        another request registered first stays a private copy)."""
+        cache = self.prefix_cache
+        start = req.registered_blocks
+        if cache is None or full_blocks <= start:
+            return
+        hashes = req.block_hashes
+        if full_blocks > len(hashes) and with_output and req.token_ids is not None and req.output_ids is not None:
+            # Blocks past the prompt hold generated tokens: hash the prompt and the output together.
+            bs = self.block_size
+            ids = list(req.token_ids[:req.prompt_tokens]) + list(req.output_ids[:full_blocks * bs - req.prompt_tokens])
+            hashes = block_hashes(ids, bs)
+        upto = min(full_blocks, len(hashes))
+        refs = req.cache_refs
+        for j in range(start, upto):
+            if cache.register(hashes[j]):
+                refs.append(hashes[j])
+        req.registered_blocks = max(start, upto)
 
     def _join_decode(self, req: SimRequest) -> None:
         req.decoding = True
@@ -620,12 +721,15 @@ class EngineModel:
             if req.request_id not in self.running:  # preempted or dropped since
                 continue
             req.computed += chunk
+            if req.block_hashes:
+                self._register_blocks(req, req.computed // self.block_size)
             if req.computed < req.prompt_tokens + req.generated:
                 continue
             self.prefilling.remove(req)
             if not req.prompt_counted:
                 req.prompt_counted = True
                 self.prompt_tokens_total += req.prompt_tokens
+                self.prompt_tokens_cached_total += min(req.cached_tokens, req.prompt_tokens)
             req.generated += 1
             self.generation_tokens_total += 1
             if req.first_token_s is None:
@@ -655,7 +759,7 @@ class EngineModel:
 
     def _finish_prefilled(self, req: SimRequest, now: float, events: list[EngineEvent]) -> None:
         # Not in the decode set and no longer in `prefilling`: free its blocks directly.
-        self.free_blocks += -(-req.computed // self.block_size)
+        self._free_request_blocks(req, req.computed)
         del self.running[req.request_id]
         req.finish_s = now
         if not req.aborted:

@@ -14,6 +14,11 @@ Keys (the YAML form is a mapping with the same keys):
                and the scheduler only knows the bound N)
   seed         seeds lengths and arrivals (default 0)
   model        the model pool requests go to (default: the fleet's first model)
+  shape        sessions that reuse prefixes instead of independent requests: multi-turn, shared-prompt or
+               agentic, with loadtest's options after ':' (`shape=multi-turn:turns=2-4`); prompts are
+               the loadtest's text, tokenized by the simulator's tokenizer; `rate` is requests per second
+               (sessions start at rate / mean turns), `output` the answer length, `n` the requests
+               (capbalancer/sim/des_sessions.py)
 
 Lengths are clipped so that prompt + output fits the smallest max_model_len of the fleet.
 """
@@ -47,12 +52,14 @@ class DesWorkload:
     burstiness: float = 1.0
     seed: int = 0
     model: str | None = None
+    shape: str | None = None  # a session workload (sim/des_sessions.py); None: independent requests
 
     def describe(self) -> dict[str, Any]:
         return {"n": self.n, "rate": self.rate_per_s if math.isfinite(self.rate_per_s) else "inf",
                 "concurrency": self.concurrency, "prompt": self.prompt.describe(),
                 "output": self.output.describe(), "max_tokens": self.max_tokens or "exact",
-                "burstiness": self.burstiness, "seed": self.seed, "model": self.model}
+                "burstiness": self.burstiness, "seed": self.seed, "model": self.model,
+                **({"shape": self.shape} if self.shape else {})}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +71,7 @@ class DesRequest:
     max_tokens: int  # what the request asks for (the scheduler's bound)
 
 
-_KEYS = {"n", "rate", "concurrency", "prompt", "output", "max_tokens", "burstiness", "seed", "model"}
+_KEYS = {"n", "rate", "concurrency", "prompt", "output", "max_tokens", "burstiness", "seed", "model", "shape"}
 
 
 def parse_workload(spec: str | dict[str, Any], seed: int | None = None) -> DesWorkload:
@@ -107,6 +114,7 @@ def parse_workload(spec: str | dict[str, Any], seed: int | None = None) -> DesWo
             burstiness=float(data.get("burstiness", 1.0)),
             seed=int(data.get("seed", 0)),
             model=str(data["model"]) if data.get("model") else None,
+            shape=str(data["shape"]) if data.get("shape") not in (None, "", "none") else None,
         )
     except (TypeError, ValueError) as exc:
         raise WorkloadSpecError(f"{where}: {exc}") from None
@@ -118,6 +126,10 @@ def parse_workload(spec: str | dict[str, Any], seed: int | None = None) -> DesWo
         raise WorkloadSpecError(f"{where}: concurrency must be >= 1")
     if wl.max_tokens is not None and wl.max_tokens < 1:
         raise WorkloadSpecError(f"{where}: max_tokens must be >= 1 or exact")
+    if wl.shape is not None:
+        if wl.concurrency is not None:
+            raise WorkloadSpecError(f"{where}: shape sessions pace themselves; give rate, not concurrency")
+        _check_shape(wl.shape, where)
     if seed is not None:
         wl = replace(wl, seed=seed)
     return wl
@@ -136,3 +148,16 @@ def generate_requests(wl: DesWorkload, max_model_len: int) -> list[DesRequest]:
         output = min(output, max_tokens)
         out.append(DesRequest(i, next(arrivals), prompt, output, max_tokens))
     return out
+
+
+def _check_shape(shape: str, where: str) -> None:
+    from capbalancer.loadtest.sessions import SESSION_KINDS, SessionWorkload, parse_workload_spec
+    from capbalancer.loadtest.workloads import WorkloadError
+
+    kind, options = parse_workload_spec(shape)
+    if kind not in SESSION_KINDS:
+        raise WorkloadSpecError(f"{where}: shape {kind!r}: one of {', '.join(SESSION_KINDS)}")
+    try:
+        SessionWorkload(kind, options, parse_length(DEFAULT_OUTPUT_LEN))
+    except WorkloadError as exc:
+        raise WorkloadSpecError(f"{where}: shape: {exc}") from None

@@ -114,6 +114,8 @@ def launch(python: Path, model_dir: Path, port: int, spec: ServerSpec, log_dir: 
         "VLLM_RPC_BASE_PATH": str(scratch), "VLLM_CACHE_ROOT": str(scratch / "vllm-cache"),
         "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"), "TMPDIR": str(scratch),
         "HF_HOME": str(scratch / "hf"),
+        # Dev routes, for POST /reset_prefix_cache: benches empty the prefix caches between runs.
+        "VLLM_SERVER_DEV_MODE": "1",
     }
     args = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", SERVED_MODEL, "--host", "127.0.0.1", "--port", str(port),

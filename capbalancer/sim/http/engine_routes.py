@@ -1,5 +1,5 @@
 """The vLLM OpenAI server's routes beyond completions and chat, minimal but shaped as vLLM answers them:
-/v1/responses (create, retrieve, cancel), /v1/messages (Anthropic), /tokenize, /detokenize, /v1/embeddings,
+/v1/responses (create, retrieve, cancel), /v1/messages (Anthropic), /v1/embeddings,
 /pooling, /classify, /score and /v1/score, /rerank, /v1/rerank and /v2/rerank, /v1/audio/transcriptions and
 /translations (multipart), /invocations (SageMaker: dispatched on the body's shape), and LoRA adapters
 (/v1/load_lora_adapter, /v1/unload_lora_adapter). Field names follow vllm/entrypoints/openai/protocol.py and
@@ -21,9 +21,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from capbalancer.sim import tokenizer
 from capbalancer.sim.http.instance import RequestStream
 from capbalancer.sim.http.openai_api import (
-    CHAT_TOKENS_PER_MESSAGE,
     OpenAIRoutes,
     bad_request,
     count_text_tokens,
@@ -71,8 +71,6 @@ class EngineRoutes:
         r.add_get("/v1/responses/{response_id}", self.responses_retrieve)
         r.add_post("/v1/responses/{response_id}/cancel", self.responses_cancel)
         r.add_post("/v1/messages", self.messages)
-        r.add_post("/tokenize", self.tokenize)
-        r.add_post("/detokenize", self.detokenize)
         r.add_post("/v1/embeddings", self.embeddings)
         r.add_post("/pooling", self.pooling)
         r.add_post("/classify", self.classify)
@@ -250,8 +248,7 @@ class EngineRoutes:
         max_tokens = body.get("max_tokens")
         if not isinstance(messages, list) or not isinstance(max_tokens, int) or max_tokens < 1:
             return bad_request("messages (a list) and max_tokens (a positive integer) are required")
-        tokens = 1 + sum(CHAT_TOKENS_PER_MESSAGE + count_text_tokens(str(m.get("content", "")))
-                         for m in messages if isinstance(m, dict))
+        tokens = count_text_tokens(tokenizer.render_chat([m for m in messages if isinstance(m, dict)]))
         done = await self._run(tokens, max_tokens, body)
         if isinstance(done, web.Response):
             return done
@@ -260,30 +257,6 @@ class EngineRoutes:
                       "stop_reason": "max_tokens" if done.finish_reason == "length" else "end_turn",
                       "stop_sequence": None,
                       "usage": {"input_tokens": done.prompt_tokens, "output_tokens": done.generated}})
-
-    # --- tokenizer routes --------------------------------------------------------------------------
-    async def tokenize(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        if isinstance(body, web.Response):
-            return body
-        if isinstance(body.get("messages"), list):
-            text = " ".join(str(m.get("content", "")) for m in body["messages"] if isinstance(m, dict))
-        elif isinstance(body.get("prompt"), str):
-            text = body["prompt"]
-        else:
-            return bad_request("prompt (a string) or messages is required", "prompt")
-        count = count_text_tokens(text)
-        return _json({"count": count, "max_model_len": self.inst.engine.max_model_len,
-                      "tokens": [1000 + i % 24 for i in range(count)], "token_strs": None})
-
-    async def detokenize(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        if isinstance(body, web.Response):
-            return body
-        tokens = body.get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
-            return bad_request("tokens must be a list of token ids", "tokens")
-        return _json({"prompt": tokens_text(0, len(tokens))})
 
     # --- pooling routes ----------------------------------------------------------------------------
     async def embeddings(self, request: web.Request) -> web.Response:

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from capbalancer.profiling.schema import Profile
+from capbalancer.sim import tokenizer
 from capbalancer.sim.engine import (
     EngineConfig,
     EngineEvent,
@@ -40,6 +41,8 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+# The generated words' token ids (one token per word), cached with the prompt when a request ends.
+_WORD_IDS = tuple(tokenizer.encode(w)[0] for w in tokenizer.WORDS)
 
 
 @dataclass(slots=True)
@@ -81,7 +84,7 @@ class SimInstance:
     def __init__(self, profile: Profile, *, engine_kind: str = "vllm", model: str = "sim",
                  time_scale: float = 1.0, seed: int = 0, eos_mean_tokens: float = 200.0,
                  max_concurrent_requests: int | None = None, gpu: SharedGpu | None = None,
-                 lora_modules: dict[str, str] | None = None) -> None:
+                 enable_prefix_caching: bool = True, lora_modules: dict[str, str] | None = None) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         self.profile = profile
@@ -93,7 +96,8 @@ class SimInstance:
         # LoRA adapters served besides the base model (name -> path), as vLLM's --lora-modules; /v1/models
         # lists them with the base model as `parent`, and load/unload change them at run time.
         self.adapters: dict[str, str] = dict(lora_modules or {})
-        self.engine = EngineModel(EngineConfig.from_profile(profile), per_token_events=True)
+        self.engine = EngineModel(EngineConfig.from_profile(profile, enable_prefix_caching=enable_prefix_caching),
+                                  per_token_events=True)
         self.metrics = InstanceMetrics()
         self._seed = seed
         self._counter = itertools.count()
@@ -144,15 +148,20 @@ class SimInstance:
         self.engine.check_fits(prompt_tokens, max_tokens)
 
     def submit(self, prompt_tokens: int, max_tokens: int, *, ignore_eos: bool = False,
-               seed: int | None = None) -> RequestStream:
-        """Queue a request now; raises RequestTooLong (vLLM's 400) when it does not fit."""
+               seed: int | None = None, token_ids: list[int] | None = None) -> RequestStream:
+        """Queue a request now; raises RequestTooLong (vLLM's 400) when it does not fit. With `token_ids` the
+        prompt can hit the engine's prefix cache, and the answer's tokens are cached after it."""
         n = next(self._counter)
         request_id = uuid.uuid4().hex
         draw_seed = seed if seed is not None else (self._seed << 32) + n
         target = output_length(max_tokens, ignore_eos, draw_seed, self.eos_mean_tokens)
         now = self.model_now()
         stream = RequestStream(request_id, prompt_tokens, max_tokens, arrival_real_s=self.real_now())
-        events = self.engine.add_request(SimRequest(request_id, prompt_tokens, target, max_tokens, now), now)
+        output_ids = None
+        if token_ids is not None and self.engine.prefix_cache is not None:
+            output_ids = [_WORD_IDS[i % len(_WORD_IDS)] for i in range(target)]
+        events = self.engine.add_request(SimRequest(request_id, prompt_tokens, target, max_tokens, now,
+                                                    token_ids=token_ids, output_ids=output_ids), now)
         self._streams[request_id] = stream
         self.metrics.requests_received += 1
         self._dispatch(events)

@@ -3,8 +3,10 @@ completions (stream and not, `usage`, `stream_options.include_usage`), /v1/model
 bodies (`{"error": {"message", "type", "param", "code"}}`). Field for field as a real vLLM 0.32 answers
 (captured in tests/data/real/vllm-cpu-*.json|sse; vllm/entrypoints/openai/protocol.py defines them).
 
-Prompt tokens are counted at 4 characters per token (what `capbalancer loadtest`'s synthetic prompts and
-the proxy's default estimate assume); generated text is one four-character word per token.
+Prompts are tokenized by the simulator's tokenizer (sim/tokenizer.py: 4 bytes per token, what `capbalancer
+loadtest`'s synthetic prompts and the proxy's default estimate assume), so the engine's prefix cache sees token
+ids; chat messages go through its chat template. Generated text is one four-character word per token.
+`/tokenize` and `/detokenize` answer as vLLM's do.
 """
 
 from __future__ import annotations
@@ -18,16 +20,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from capbalancer.sim import tokenizer
 from capbalancer.sim.engine import RequestTooLong
 from capbalancer.sim.http.instance import RequestStream, SimInstance
 
-_WORDS = (" the", " and", " for", " are", " but", " not", " you", " all", " any", " can", " had", " her",
-          " was", " one", " our", " out", " day", " get", " has", " him", " his", " how", " man", " new")
-CHAT_TOKENS_PER_MESSAGE = 4  # role markers and separators of a typical chat template
+_WORDS = tokenizer.WORDS
 
 
 def count_text_tokens(text: str) -> int:
-    return max(1, round(len(text) / 4))
+    return tokenizer.count_tokens(text)
 
 
 def token_text(index: int) -> str:
@@ -68,6 +69,39 @@ class OpenAIRoutes:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+
+    # --- /tokenize, /detokenize (vLLM's serving_tokenization) ------------------------------------
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        if (err := self._check_model(body)) is not None:
+            return err
+        if isinstance(body.get("messages"), list):
+            ids = tokenizer.encode(tokenizer.render_chat(body["messages"],
+                                                         bool(body.get("add_generation_prompt", True))))
+        elif isinstance(body.get("prompt"), str):
+            ids = tokenizer.encode(body["prompt"])
+        else:
+            return bad_request("give a prompt string or messages", "prompt")
+        return web.json_response({"count": len(ids), "max_model_len": self.inst.engine.max_model_len,
+                                  "tokens": ids, "token_strs": None})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        if (err := self._check_model(body)) is not None:
+            return err
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            return bad_request("tokens must be a list of token ids", "tokens")
+        try:
+            return web.json_response({"prompt": tokenizer.decode(ids)})
+        except ValueError as exc:
+            return bad_request(str(exc), "tokens")
 
     async def models(self, request: web.Request) -> web.Response:
         inst = self.inst
@@ -98,8 +132,8 @@ class OpenAIRoutes:
             return bad_request(f"max_tokens must be at least 1, got {value}.", "max_tokens")
         return value
 
-    def _submit(self, body: dict[str, Any], prompt_tokens: int,
-                default_max_tokens: int | None) -> RequestStream | web.Response:
+    def _submit(self, body: dict[str, Any], prompt_tokens: int, default_max_tokens: int | None,
+                token_ids: list[int] | None = None) -> RequestStream | web.Response:
         """The request's max_tokens checked, then the request into the engine; a 400 for either."""
         max_tokens = self._max_tokens(body, prompt_tokens, default_max_tokens)
         if isinstance(max_tokens, web.Response):
@@ -107,14 +141,15 @@ class OpenAIRoutes:
         seed = body.get("seed")
         try:
             return self.inst.submit(prompt_tokens, max_tokens, ignore_eos=bool(body.get("ignore_eos", False)),
-                                    seed=seed if isinstance(seed, int) else None)
+                                    seed=seed if isinstance(seed, int) else None, token_ids=token_ids)
         except RequestTooLong as exc:
             return bad_request(str(exc), exc.param)
 
-    def _submit_all(self, body: dict[str, Any], prompt_tokens: int,
-                    default_max_tokens: int | None) -> list[RequestStream] | web.Response:
+    def _submit_all(self, body: dict[str, Any], prompt_tokens: int, default_max_tokens: int | None,
+                    token_ids: list[int] | None = None) -> list[RequestStream] | web.Response:
         """`max(n, best_of)` sequences of one prompt, each its own request in the engine, as vLLM's v1 fans
-        a request out into child requests (each with the whole prompt: no prefix cache in the simulator)."""
+        a request out into child requests (the children after the first find the prompt in the prefix cache
+        when it is on)."""
         counts = []
         for key in ("n", "best_of"):
             value = body.get(key)
@@ -125,7 +160,7 @@ class OpenAIRoutes:
         streams: list[RequestStream] = []
         for i in range(max(counts)):
             child = body if i == 0 else {**body, "seed": seed + i if isinstance(seed, int) else None}
-            stream = self._submit(child, prompt_tokens, default_max_tokens)
+            stream = self._submit(child, prompt_tokens, default_max_tokens, token_ids)
             if isinstance(stream, web.Response):
                 for s in streams:
                     self.inst.abort(s.request_id)
@@ -260,12 +295,15 @@ class OpenAIRoutes:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
+            token_ids = tokenizer.encode(prompt) or None
             prompt_tokens = count_text_tokens(prompt)
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            token_ids = prompt
             prompt_tokens = len(prompt)
         else:
             return bad_request("prompt must be a string or a list of token ids (one prompt per request)", "prompt")
-        streams = self._submit_all(body, prompt_tokens, 16)  # max_tokens: OpenAI's and vLLM's default
+        # max_tokens: OpenAI's and vLLM's default for completions
+        streams = self._submit_all(body, prompt_tokens, 16, token_ids)
         if isinstance(streams, web.Response):
             return streams
         stream = streams[0]
@@ -310,16 +348,12 @@ class OpenAIRoutes:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return bad_request("messages must be a non-empty list", "messages")
-        prompt_tokens = 1  # beginning of sequence
-        for m in messages:
-            if not isinstance(m, dict):
-                return bad_request("each message must be an object", "messages")
-            content = m.get("content") or ""
-            if isinstance(content, list):  # content parts: count the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            prompt_tokens += CHAT_TOKENS_PER_MESSAGE + (count_text_tokens(content) if content else 0)
-        # max_tokens: vLLM's is up to the context when unset
-        streams = self._submit_all({k: v for k, v in body.items() if k != "best_of"}, prompt_tokens, None)
+        if not all(isinstance(m, dict) for m in messages):
+            return bad_request("each message must be an object", "messages")
+        token_ids = tokenizer.encode(tokenizer.render_chat(messages))
+        # max_tokens: vLLM's is up to the context when unset; chat has no best_of
+        streams = self._submit_all({k: v for k, v in body.items() if k != "best_of"}, len(token_ids), None,
+                                   token_ids)
         if isinstance(streams, web.Response):
             return streams
         stream = streams[0]

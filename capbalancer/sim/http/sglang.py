@@ -30,6 +30,22 @@ from capbalancer.sim.http.openai_api import (
 SGLANG_DEFAULT_MAX_NEW_TOKENS = 128  # SamplingParams.max_new_tokens in sglang/srt/sampling/sampling_params.py
 
 
+class _HitRate:
+    """SGLang's `cache_hit_rate` is the hit rate of its recent prefill batches: here, cached over queried prompt
+    tokens since the previous scrape (kept when nothing was queried since)."""
+
+    def __init__(self) -> None:
+        self.last = (0, 0)
+        self.value = 0.0
+
+    def update(self, queries: int, hits: int) -> float:
+        dq, dh = queries - self.last[0], hits - self.last[1]
+        if dq > 0:
+            self.value = dh / dq
+        self.last = (queries, hits)
+        return self.value
+
+
 class _Throughput:
     """Generation tokens/s since the previous scrape (SGLang logs it per interval)."""
 
@@ -45,7 +61,7 @@ class _Throughput:
         return self.value
 
 
-def render_sglang_metrics(inst: SimInstance, throughput: _Throughput) -> str:
+def render_sglang_metrics(inst: SimInstance, throughput: _Throughput, hit_rate: _HitRate | None = None) -> str:
     eng = inst.engine
     m = inst.metrics
     labels = {"model_name": inst.model, "engine_type": "unified", "tp_rank": "0", "pp_rank": "0"}
@@ -62,11 +78,16 @@ def render_sglang_metrics(inst: SimInstance, throughput: _Throughput) -> str:
              throughput.update(eng.generation_tokens_total, inst.real_now()), labels)
     x.metric("sglang:num_queue_reqs", "gauge", "The number of requests in the waiting queue.",
              len(eng.waiting), labels)
-    x.metric("sglang:cache_hit_rate", "gauge", "The prefix cache hit rate.", 0.0, labels)
+    cache = eng.prefix_cache
+    queries, hits = (cache.queries_tokens_total, cache.hits_tokens_total) if cache else (0, 0)
+    x.metric("sglang:cache_hit_rate", "gauge", "The prefix cache hit rate.",
+             (hit_rate or _HitRate()).update(queries, hits), labels)
     x.metric("sglang:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
              eng.prompt_tokens_total, labels)
     x.metric("sglang:generation_tokens_total", "counter", "Number of generation tokens processed.",
              eng.generation_tokens_total, labels)
+    x.metric("sglang:cached_tokens_total", "counter", "Number of cached prompt tokens.",
+             eng.prompt_tokens_cached_total, labels)
     x.metric("sglang:num_requests_total", "counter", "Number of requests processed.",
              sum(m.success_by_reason.values()) + m.requests_failed, labels)
     x.metric("sglang:num_retracted_requests_total", "counter", "Total number of retracted requests.",
@@ -85,6 +106,7 @@ def build_sglang_app(inst: SimInstance) -> web.Application:
     api.add_to(app)
     EngineRoutes(api).add_to(app)
     throughput = _Throughput()
+    hit_rate = _HitRate()
 
     async def generate(request: web.Request) -> web.StreamResponse:
         # SGLang's native API: {"text" | "input_ids", "sampling_params": {...}, "stream"}; the answer is
@@ -152,7 +174,7 @@ def build_sglang_app(inst: SimInstance) -> web.Application:
                                    "num_tokens": eng.used_blocks * eng.block_size}])
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(text=render_sglang_metrics(inst, throughput), content_type="text/plain",
+        return web.Response(text=render_sglang_metrics(inst, throughput, hit_rate), content_type="text/plain",
                             charset="utf-8")
 
     app.router.add_get("/health", health)

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from capbalancer.sim import tokenizer
 from capbalancer.sim.engine import RequestTooLong
 from capbalancer.sim.http.instance import (
     ITL_BUCKETS,
@@ -140,8 +141,11 @@ def build_tgi_app(inst: SimInstance, max_concurrent_requests: int = DEFAULT_MAX_
         prompt_tokens, max_new, params = parsed
         seed = params.get("seed")
         # TGI has no ignore_eos; the simulator honours it as an extension so benchmarks can fix lengths.
+        # TGI 3 caches prefixes (on by default with its flashinfer/flashdecoding attention) but exports no
+        # prefix-cache series: the cache runs, /metrics says nothing of it.
         stream = inst.submit(prompt_tokens, max_new, ignore_eos=bool(params.get("ignore_eos", False)),
-                             seed=seed if isinstance(seed, int) else None)
+                             seed=seed if isinstance(seed, int) else None,
+                             token_ids=tokenizer.encode(body["inputs"]) or None)
         state.in_flight += 1
         started = time.monotonic()
         first_token_at: float | None = None

@@ -36,16 +36,35 @@ def render_vllm_metrics(inst: SimInstance) -> str:
     x.sample("vllm:num_requests_waiting_by_reason", 0, {**labels, "reason": "deferred"})
     x.metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
              eng.kv_usage_fraction(), labels)
+    cache = eng.prefix_cache
+    # Counted when a request is scheduled (re-counted after a preemption), in tokens; 0 with caching off.
     x.metric("vllm:prefix_cache_queries_total", "counter",
-             "Prefix cache queries, in terms of number of queried tokens.", eng.prompt_tokens_total, labels)
+             "Prefix cache queries, in terms of number of queried tokens.",
+             cache.queries_tokens_total if cache else 0, labels)
     x.metric("vllm:prefix_cache_hits_total", "counter",
-             "Prefix cache hits, in terms of number of cached tokens.", 0, labels)
+             "Prefix cache hits, in terms of number of cached tokens.", cache.hits_tokens_total if cache else 0,
+             labels)
     x.metric("vllm:num_preemptions_total", "counter", "Cumulative number of preemption from the engine.",
              eng.preemptions_total, labels)
     x.metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
              eng.prompt_tokens_total, labels)
     x.metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
              eng.generation_tokens_total, labels)
+    # Of prompt_tokens_total (counted once per request, when its prefill completes): computed vs found cached.
+    cached = eng.prompt_tokens_cached_total
+    x.header("vllm:prompt_tokens_by_source_total", "counter", "Number of prompt tokens by source.")
+    for source, value in (("external_kv_transfer", 0), ("local_cache_hit", cached),
+                          ("local_compute", eng.prompt_tokens_total - cached)):
+        x.sample("vllm:prompt_tokens_by_source_total", value, {**labels, "source": source})
+    x.metric("vllm:prompt_tokens_cached_total", "counter", "Number of cached prompt tokens (local + external).",
+             cached, labels)
+    x.header("vllm:prompt_tokens_cached_by_source_total", "counter",
+             "Prefix-cache hit tokens by the cache tier that supplied them: device (local HBM), host (offloaded to "
+             "DRAM), disk, p2p (transferred from another vLLM instance) or external_unspecified. Counted at "
+             "admission; sums to vllm:prefix_cache_hits + vllm:external_prefix_cache_hits.")
+    for source in ("device", "disk", "external_unspecified", "host", "p2p"):
+        x.sample("vllm:prompt_tokens_cached_by_source_total", cached if source == "device" else 0,
+                 {**labels, "source": source})
     x.header("vllm:request_success_total", "counter", "Count of successfully processed requests.")
     for reason in ("stop", "length", "abort", "error"):
         count = m.requests_failed if reason == "abort" else m.success_by_reason.get(reason, 0)
@@ -68,7 +87,8 @@ def render_vllm_metrics(inst: SimInstance) -> str:
                 "Histogram of time spent in DECODE phase for request.", m.decode_time, labels)
     cfg = eng.config
     info = {
-        "block_size": str(cfg.block_size), "cache_dtype": "auto", "enable_prefix_caching": "False", "engine": "0",
+        "block_size": str(cfg.block_size), "cache_dtype": "auto", "enable_prefix_caching": str(cache is not None),
+        "engine": "0",
         "gpu_memory_utilization": str(cfg.gpu_memory_utilization), "kv_cache_size_tokens": str(cfg.kv_capacity_tokens),
         "kv_cache_max_concurrency": f"{cfg.kv_capacity_tokens / max(1, eng.max_model_len):.1f}",
         "num_cpu_blocks": "None", "num_gpu_blocks": str(cfg.num_gpu_blocks), "num_gpu_blocks_override": "None",
@@ -98,8 +118,18 @@ def build_vllm_app(inst: SimInstance, with_metrics: bool = True) -> web.Applicat
         # The step loop keeps the engine's state current; a scrape only reads it.
         return web.Response(text=render_vllm_metrics(inst), content_type="text/plain", charset="utf-8")
 
+    async def reset_prefix_cache(request: web.Request) -> web.Response:
+        # vLLM serves it with VLLM_SERVER_DEV_MODE=1: drop every cached free block (refused while in use).
+        cache = inst.engine.prefix_cache
+        if cache is not None and not cache.reset():
+            return web.json_response({"error": {"message": "Failed to reset prefix cache: blocks in use",
+                                                "type": "InternalServerError", "param": None, "code": 500}},
+                                     status=500)
+        return web.Response(status=200)
+
     app.router.add_get("/health", health)
     if with_metrics:
+        app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
         app.router.add_get("/ping", health)
         app.router.add_get("/version", version)
         app.router.add_get("/load", load)

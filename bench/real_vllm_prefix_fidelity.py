@@ -1,0 +1,211 @@
+"""Prefix-cache fidelity of the simulator against a REAL vLLM (CPU build, prefix caching on, its default).
+
+    .venv/bin/python bench/real_vllm_prefix_fidelity.py [--url URL] [--profile FILE] [--json out.json]
+
+Two parts, each run on the real server and on `capbalancer sim --engine vllm` with the same profile (KV geometry
+and block size of the real instance: 128-token blocks on the CPU build):
+
+1. probe: one request at a time, cold prompts of several lengths (distinct first words) and each repeated at once
+   (a hit of every full block but the last token's). TTFT real vs sim separates the per-request overhead from
+   the per-token prefill cost, the two things the profile's step model must get right for hits to pay off.
+2. replay: the same multi-turn sessions (`capbalancer loadtest --workload multi-turn`, a closed loop of users,
+   the same seed) on both; hit rate from each engine's own counters (vllm:prefix_cache_hits_total over
+   vllm:prefix_cache_queries_total, before/after), TTFT from the load test.
+
+Targets (issue 13): hit rate and TTFT within 10%. The real engine tokenizes with its BPE (a synthetic word is one
+token), the simulator at 4 bytes a token: prompts have about the same token counts, not the same ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import openai
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from capbalancer.profiling.schema import load_profile, save_profile  # noqa: E402
+from tests.real_engine.load import cache_config, scrape  # noqa: E402
+from tests.real_engine.server import SERVED_MODEL  # noqa: E402
+from tests.real_engine.sim_server import sim_server  # noqa: E402
+from tests.support import capbalancer  # noqa: E402
+
+MEASURED = REPO / "tests" / "data" / "real" / "tiny-llama-cpu-measured.yaml"
+PROBE_LENGTHS = (100, 300, 600, 900)  # prompt tokens (the real server's max_model_len is 1024)
+WORDS = ("the", "and", "for", "are", "but", "not", "you", "all", "any", "can", "had", "her", "was", "one")
+MULTI_TURN = "multi-turn:turns=3-6:user=lognormal:mean=60:sigma=0.6:max=200:system=40:think=0.2:max_context=900"
+
+
+@dataclass
+class Probe:
+    target: str
+    prompt_tokens: int
+    cold_ttft_ms: float
+    warm_ttft_ms: float
+
+
+@dataclass
+class Replay:
+    target: str
+    requests: int
+    hit_rate: float
+    queried_tokens: int
+    hit_tokens: int
+    median_ttft_ms: float
+    mean_ttft_ms: float
+    p90_ttft_ms: float
+    median_tpot_ms: float
+
+
+def prompt_of(tokens: int, tag: int) -> str:
+    # a distinct first word per prompt: nothing shared with any other prompt of the run
+    return f"w{tag:05d} " + " ".join(WORDS[(tag + i) % len(WORDS)] for i in range(tokens - 1))
+
+
+async def _ttft(client: openai.AsyncOpenAI, prompt: str) -> float:
+    started = time.monotonic()
+    stream = await client.completions.create(model=SERVED_MODEL, prompt=prompt, max_tokens=2, stream=True,
+                                             extra_body={"ignore_eos": True})
+    first = None
+    async for chunk in stream:
+        if first is None and chunk.choices:
+            first = time.monotonic() - started
+    return (first or 0.0) * 1000
+
+
+def probe(url: str, target: str, repeats: int = 3, tag0: int = 0) -> list[Probe]:
+    async def main() -> list[Probe]:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        await _ttft(client, prompt_of(20, 99_999 - tag0))  # warm-up: first-call costs are not compared
+        out = []
+        tag = tag0
+        for n in PROBE_LENGTHS:
+            cold, warm = [], []
+            for _ in range(repeats):
+                tag += 1
+                p = prompt_of(n, tag)
+                cold.append(await _ttft(client, p))
+                warm.append(await _ttft(client, p))
+            out.append(Probe(target, n, statistics.median(cold), statistics.median(warm)))
+        await client.close()
+        return out
+
+    return asyncio.run(main())
+
+
+def replay(url: str, target: str, tmp: Path, requests: int, users: int, seed: int) -> Replay:
+    before = scrape(url)
+    report = tmp / f"replay-{target}.json"
+    proc = subprocess.run(capbalancer("loadtest", url, "--workload", MULTI_TURN, "--request-rate", "inf",
+                                      "--max-concurrency", str(users), "--num-requests", str(requests),
+                                      "--output-len", "24", "--ignore-eos", "--seed", str(seed), "--quiet",
+                                      "--model", SERVED_MODEL, "--json", str(report)),
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"loadtest on {target} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    after = scrape(url)
+    q = int(after["vllm:prefix_cache_queries_total"] - before["vllm:prefix_cache_queries_total"])
+    h = int(after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"])
+    s = json.loads(report.read_text())["summary"]
+    return Replay(target, s["completed"], h / q if q else 0.0, q, h, s["median_ttft_ms"], s["mean_ttft_ms"],
+                  s["p90_ttft_ms"], s["median_tpot_ms"])
+
+
+@contextlib.contextmanager
+def real_server(url: str | None) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    from tests.real_engine.install import ensure_installed
+    from tests.real_engine.make_model import ensure_model
+    from tests.real_engine.server import ServerSpec, usable_cpus, vllm_servers
+    from tests.support import free_port
+
+    python = ensure_installed()
+    with vllm_servers(python, ensure_model(python), [ServerSpec(name="large", cpu=usable_cpus()[0])],
+                      [free_port()]) as servers:
+        yield servers[0].url
+
+
+def sim_profile(url: str, source: Path, out: Path) -> Path:
+    """The step model of `source`, with the real instance's KV size and block size."""
+    cfg = cache_config(url)
+    prof = load_profile(source)
+    prof = replace(prof, name="cpu-1core/tiny-llama-prefix", kv_capacity_tokens=int(cfg["kv_cache_size_tokens"]),
+                   block_size=int(cfg["block_size"]), engine_flags={})
+    save_profile(prof, out)
+    return out
+
+
+def _ratio(sim: float, real: float) -> str:
+    return f"{sim / real:.2f}" if real else "n/a"
+
+
+def markdown(probes: list[Probe], replays: list[Replay]) -> str:
+    rows = ["| prompt tokens | cold TTFT ms real / sim (sim/real) | repeated TTFT ms real / sim (sim/real) |",
+            "|---:|---|---|"]
+    by = {(p.target, p.prompt_tokens): p for p in probes}
+    for n in PROBE_LENGTHS:
+        r, s = by[("real", n)], by[("sim", n)]
+        rows.append(f"| {n} | {r.cold_ttft_ms:.1f} / {s.cold_ttft_ms:.1f} ({_ratio(s.cold_ttft_ms, r.cold_ttft_ms)}) "
+                    f"| {r.warm_ttft_ms:.1f} / {s.warm_ttft_ms:.1f} ({_ratio(s.warm_ttft_ms, r.warm_ttft_ms)}) |")
+    rows += ["", "| multi-turn replay | requests | hit rate (hit / queried tokens) | TTFT ms median / mean / p90 "
+             "| TPOT ms median |", "|---|---:|---|---|---|"]
+    for r in replays:
+        rows.append(f"| {r.target} | {r.requests} | {r.hit_rate:.3f} ({r.hit_tokens}/{r.queried_tokens}) | "
+                    f"{r.median_ttft_ms:.1f} / {r.mean_ttft_ms:.1f} / {r.p90_ttft_ms:.1f} | {r.median_tpot_ms:.1f} |")
+    rr = {r.target: r for r in replays}
+    if "real" in rr and "sim" in rr:
+        real, sim = rr["real"], rr["sim"]
+        rows.append(f"\nsim/real: hit rate {_ratio(sim.hit_rate, real.hit_rate)}, median TTFT "
+                    f"{_ratio(sim.median_ttft_ms, real.median_ttft_ms)}, mean TTFT "
+                    f"{_ratio(sim.mean_ttft_ms, real.mean_ttft_ms)}")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running real vLLM (default: start one)")
+    parser.add_argument("--profile", type=Path, default=MEASURED, help="step model for the sim")
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--users", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--skip-probe", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    started = time.monotonic()
+    probes: list[Probe] = []
+    replays: list[Replay] = []
+    with real_server(args.url) as url, tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        prof = sim_profile(url, args.profile, tmp / "sim.yaml")
+        if not args.skip_probe:
+            probes += probe(url, "real")
+        replays.append(replay(url, "real", tmp, args.requests, args.users, args.seed))
+        with sim_server(prof) as sim_url:
+            if not args.skip_probe:
+                probes += probe(sim_url, "sim")
+            replays.append(replay(sim_url, "sim", tmp, args.requests, args.users, args.seed))
+    print(f"profile {args.profile.name}: {load_profile(args.profile).step}")
+    print(markdown(probes, replays) if probes else markdown([], replays).split("\n\n", 1)[-1])
+    print(f"({time.monotonic() - started:.0f} s)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"probes": [asdict(p) for p in probes],
+                                         "replays": [asdict(r) for r in replays]}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
