@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' capbalancer/__init__.py)
 
-.PHONY: run test test-real lint bench demo clean
+.PHONY: run test test-real lint bench demo clean image k8s-tools
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,9 +16,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/capbalancer serve --host 127.0.0.1 --port 8000
+	$(VENV)/bin/capbalancer serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) k8s-tools
 	$(PY) -m pytest -q -p no:randomly --durations=15
 
 test-real: $(STAMP)
@@ -29,3 +32,16 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The proxy's container image, under the name the Kubernetes output uses (capbalancer:<version>).
+image:
+	docker build -t capbalancer:$(VERSION) .
+
+# kubectl renders the Kubernetes output in the tests (`kubectl kustomize`). If none is installed, Debian's
+# package (kubernetes-client) is: as root directly, else through sudo; without either the tests that need
+# it are skipped, and this says why.
+k8s-tools:
+	@command -v kubectl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else SUDO=none; fi; \
+	  if [ "$$SUDO" != none ] && $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq kubernetes-client; then :; \
+	  else echo "k8s-tools: could not install kubectl (Debian package kubernetes-client); Kubernetes render tests will be skipped"; fi; }

@@ -26,6 +26,7 @@ def profile_sim(tmp_path, engine: str, *extra: str, time_scale: float = 2.0) -> 
                                           str(time_scale), "--out", str(out), *extra),
                               capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "looks time-scaled" not in proc.stderr  # --time-scale given: the times are divided by it
     return proc, load_profile(out)
 
 

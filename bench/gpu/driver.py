@@ -580,6 +580,8 @@ class Bench:
                 name, [(n, self.wl(**wls[tag], concurrency=per, duration=dur)) for n in names]))
 
         def best_direct(tag: str) -> float:
+            if tag in self.a.base_rates:  # measured in an earlier call or lease (--base-rates)
+                return self.a.base_rates[tag]
             return max(self.base_rate_of(f"direct_{tag}_{''.join(n)}") for n in (["A", "B", "C"], ["A"]))
 
         def poisson(tag: str, pol: str, frac: float) -> tuple[str, float, callable]:
@@ -688,7 +690,11 @@ class Bench:
             self.write_rooflines()
             if not self.done("start") or not all(healthy(i["url"]) for i in self.instances):
                 self.start_instances()
-            for name, est, fn in self.plan():
+            plan = self.plan()
+            if self.a.jobs:  # a short rerun of chosen jobs on a fresh machine (e.g. after a fix), in the given order
+                by_name = {j[0]: j for j in plan}
+                plan = [by_name[n] for n in self.a.jobs if n in by_name]
+            for name, est, fn in plan:
                 if self.done(name):
                     continue
                 if not self.fits(est):
@@ -828,6 +834,11 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true", help="prefix plan: skip profiling (use "
                     "--fallback-profile, e.g. a profile measured on the same GPU and model)")
     ap.add_argument("--mt-output-len", default="lognormal:mean=150:sigma=0.6:max=300")
+    ap.add_argument("--jobs", type=lambda v: [x for x in v.split(",") if x], default=[],
+                    help="run only these jobs of the plan, in this order (instances are started as needed)")
+    ap.add_argument("--base-rates", type=lambda v: {k: float(x) for k, x in (p.split("=") for p in v.split(",") if p)},
+                    default={}, help="prefix plan: best static request rate per workload (mt=48.97,sp=52.45,...) "
+                    "instead of the direct runs' results")
     a = ap.parse_args()
     if a.plan == "prefix":
         if a.vllm_extra == "--no-enable-prefix-caching":

@@ -104,8 +104,9 @@ def tables(results: dict[str, dict]) -> str:
         lines.append("")
     groups = [("Overhead at concurrency 1 (direct vs through capbalancer)", lambda n: n.startswith("overhead")),
               ("Direct single-instance runs", lambda n: n.startswith("direct")),
-              ("Saturating closed loop through capbalancer", lambda n: n.startswith("sat_")),
-              ("Poisson arrivals through capbalancer", lambda n: n.startswith("poisson"))]
+              ("Saturating closed loop through capbalancer", lambda n: n.startswith("sat_") or "_sat_" in n),
+              # the prefix plan's jobs are named <workload>_poisson<F>_<policy> (mt_, sp_, nofix_)
+              ("Poisson arrivals through capbalancer", lambda n: n.startswith("poisson") or "_poisson" in n)]
     for title, pred in groups:
         names = sorted(n for n in results if pred(n) and "runs" in results[n])
         if not names:

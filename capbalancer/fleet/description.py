@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from capbalancer.fleet.formats import cluster_given_for_fleet, looks_like_cluster
 from capbalancer.profiling.schema import ENGINE_KINDS
 from capbalancer.yamlfile import read_yaml
 
@@ -82,6 +83,8 @@ class FleetDescription:
 def parse_fleet(data: Any, where: str = "<fleet>") -> FleetDescription:
     if not isinstance(data, dict):
         raise FleetError(f"{where}: a fleet description is a mapping with an 'instances' list")
+    if looks_like_cluster(data):
+        raise FleetError(cluster_given_for_fleet(where))
     default_model = data.get("model")
     rows = data.get("instances")
     if not isinstance(rows, list) or not rows:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from capbalancer.loadtest.runner import LoadtestResult
-from capbalancer.loadtest.stats import LATENCY_METRICS, throughput_timeline
+from capbalancer.loadtest.stats import LATENCY_METRICS, latency_samples, throughput_timeline
 
 SCHEMA = "capbalancer.loadtest/1"
 
@@ -138,15 +138,24 @@ def format_report(result: LoadtestResult) -> str:
     titles = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
               "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
     pcts = result.config.get("percentiles", [])
+    # The JSON keeps vllm's 0 for a metric with no samples (a fixed shape); printed, that would read as a
+    # measured 0.00 ms, so a metric nothing measured shows "-".
+    measured = {m: bool(v) for m, v in latency_samples(result.records).items()}
+    if s["completed"] == 0:
+        lines.append("No request succeeded: no latency was measured.")
     for metric in LATENCY_METRICS:
         lines.append(f"{titles[metric]:-^{width}}")
-        row(f"Mean {metric.upper()} (ms):", s[f"mean_{metric}_ms"])
-        row(f"Median {metric.upper()} (ms):", s[f"median_{metric}_ms"])
+
+        def stat(key: str, metric: str = metric) -> Any:
+            return s[key] if measured[metric] else None
+
+        row(f"Mean {metric.upper()} (ms):", stat(f"mean_{metric}_ms"))
+        row(f"Median {metric.upper()} (ms):", stat(f"median_{metric}_ms"))
         for p in pcts:
             if p == 50:
                 continue  # the median, printed above
             label = int(p) if float(p).is_integer() else p
-            row(f"P{label} {metric.upper()} (ms):", s[f"p{label}_{metric}_ms"])
+            row(f"P{label} {metric.upper()} (ms):", stat(f"p{label}_{metric}_ms"))
     if result.errors:
         lines.append(f"{'Errors':-^{width}}")
         for kind, count in result.errors.items():

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from capbalancer.fleet.formats import fleet_given_for_cluster, looks_like_fleet
 from capbalancer.profiling.specs import SpecBook, SpecError
 from capbalancer.yamlfile import read_yaml
 
@@ -62,6 +63,8 @@ def _positive_int(value: Any, where: str) -> int:
 def parse_cluster(data: Any, specs: SpecBook, where: str = "<cluster>") -> Cluster:
     if not isinstance(data, dict):
         raise ClusterError(f"{where}: a cluster file is a mapping with a 'machines' list")
+    if looks_like_fleet(data):
+        raise ClusterError(fleet_given_for_cluster(where))
     unknown = sorted(set(data) - {"model", "workload", "machines"})
     if unknown:
         raise ClusterError(f"{where}: {unknown[0]}: unknown key")

@@ -113,7 +113,8 @@ def plan(cluster_path: str, model: str | None, objective: str, slo: str | None, 
 @click.option("--engine", type=click.Choice(["vllm", "tgi", "sim"]), default="vllm", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--model-path", default=None, help="weights path or HF id the engines load (default: the model's hf_id)")
-@click.option("--image", default=None, help="container image for --target kubernetes")
+@click.option("--image", default=None, help="the engines' container image for --target kubernetes (the proxy runs "
+              "capbalancer:<version>, built by `make image`; a kustomize overlay can point it at a registry)")
 @click.option("--proxy-port", type=int, default=8080, show_default=True)
 @click.option("--time-scale", type=float, default=1.0, show_default=True,
               help="--engine sim: run the simulated GPUs this many times slower (for small hosts)")

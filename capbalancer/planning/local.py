@@ -1,4 +1,5 @@
-"""`deploy --target local`: start a plan's instances on this host, wait for health, stop them on a signal.
+"""`deploy --target local`: start a plan's instances and the proxy in front of them on this host, wait for
+health (the proxy: /ready), stop them all on a signal.
 
 With --engine sim each instance is a `capbalancer sim` process serving the instance's profile (how this is
 tested without GPUs); with vllm or tgi the same command lines as the launch scripts run here. Every process
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -92,6 +94,49 @@ def stop_all(instances: list[LocalInstance], grace_s: float = STOP_GRACE_S) -> N
             li.proc.wait(timeout=5)
 
 
+ENGINE_INSTALL_HINT = {
+    "vllm": "pip install vllm (on a host with the plan's GPUs)",
+    "tgi": "install text-generation-inference (or run its container)",
+}
+
+
+def missing_engine(engine: str, argv: list[str]) -> str | None:
+    """One line saying the engine cannot be started here, or None."""
+    if engine == "sim" or shutil.which(argv[0]) is not None:
+        return None
+    return (f"cannot start the {engine} instances: `{argv[0]}` is not installed here "
+            f"({ENGINE_INSTALL_HINT.get(engine, 'install it')}); to try the plan without GPUs, "
+            f"use --engine sim")
+
+
+def start_proxy(out_dir: Path, proxy_port: int, log_path: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "capbalancer.cli", "serve", "--config", str(out_dir / "capbalancer.yaml"),
+            "--host", "127.0.0.1", "--port", str(proxy_port)]
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/ready", timeout=1.0) as resp:
+            return resp.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
 def _tail(path: Path, chars: int = 2000) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]
@@ -102,7 +147,20 @@ def _tail(path: Path, chars: int = 2000) -> str:
 def run_local(plan: PlanFile, out_dir: Path, engine: str, time_scale: float = 1.0, base_port: int | None = None,
               proxy_port: int = 8080, ready_timeout_s: float = 120.0, exit_when_ready: bool = False,
               echo: Callable[[str], None] = print) -> int:
-    """Returns the exit status: 0 after a clean stop, 1 when an instance failed."""
+    """Returns the exit status: 0 after a clean stop, 1 when an instance or the proxy failed, 2 when the
+    engine is not installed here."""
+    from capbalancer.server.preflight import port_problem
+
+    if plan.instances:
+        probe, _ = command_for(plan.instances[0], engine, 0, "", plan.model, time_scale)
+        problem = missing_engine(engine, probe)
+        if problem is not None:
+            echo(problem)
+            return 2
+    problem = port_problem("127.0.0.1", proxy_port)
+    if problem is not None:
+        echo(f"the proxy cannot start: {problem.replace('--port N (make run PORT=N)', '--proxy-port N')}")
+        return 1
     # Written once everything is healthy: a stale one from an earlier run must not look like readiness.
     (out_dir / "local-instances.yaml").unlink(missing_ok=True)
     ports = ([base_port + i for i in range(len(plan.instances))] if base_port is not None
@@ -122,6 +180,8 @@ def run_local(plan: PlanFile, out_dir: Path, engine: str, time_scale: float = 1.
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     started: list[LocalInstance] = []
+    proxy: subprocess.Popen | None = None
+    proxy_url = f"http://127.0.0.1:{proxy_port}"
     try:
         for inst in plan.instances:
             port = port_of[inst.name]
@@ -148,13 +208,31 @@ def run_local(plan: PlanFile, out_dir: Path, engine: str, time_scale: float = 1.
                 echo(f"not healthy after {ready_timeout_s:g}s: {', '.join(li.inst.name for li in pending)}")
                 return 1
             time.sleep(0.1)
+        echo(f"all {len(started)} instances healthy; fleet: {fleet}; starting the proxy")
+        proxy_log = logs / "proxy.log"
+        proxy = start_proxy(out_dir, proxy_port, proxy_log)
+        while not ready(proxy_url):
+            if stop_requested:
+                echo("interrupted while starting; stopping")
+                return 0
+            if proxy.poll() is not None:
+                echo(f"the proxy exited with {proxy.returncode} before it was ready:\n{_tail(proxy_log)}")
+                return 1
+            if time.monotonic() > deadline:
+                echo(f"the proxy was not ready after {ready_timeout_s:g}s (log: {proxy_log})")
+                return 1
+            time.sleep(0.1)
         write_yaml(out_dir / "local-instances.yaml",
-                   {"instances": [{"name": li.inst.name, "url": li.url, "pid": li.proc.pid} for li in started]})
-        echo(f"all {len(started)} instances healthy; fleet: {fleet}, proxy config: {out_dir / 'capbalancer.yaml'}")
+                   {"proxy": {"url": proxy_url, "pid": proxy.pid},
+                    "instances": [{"name": li.inst.name, "url": li.url, "pid": li.proc.pid} for li in started]})
+        echo(f"proxy ready at {proxy_url} (OpenAI API at {proxy_url}/v1; config {out_dir / 'capbalancer.yaml'})")
         if exit_when_ready:
             return 0
         echo("running; Ctrl-C or SIGTERM stops them")
         while not stop_requested:
+            if proxy.poll() is not None:
+                echo(f"the proxy exited with {proxy.returncode}:\n{_tail(proxy_log)}")
+                return 1
             for li in started:
                 if li.proc.poll() is not None:
                     echo(f"{li.inst.name} exited with {li.proc.returncode}:\n{_tail(li.log_path)}")
@@ -163,6 +241,9 @@ def run_local(plan: PlanFile, out_dir: Path, engine: str, time_scale: float = 1.
         echo("stopping")
         return 0
     finally:
+        if proxy is not None:
+            stop_process(proxy)
+            echo("stopped the proxy")
         stop_all(started)
         for s, handler in previous.items():
             signal.signal(s, handler)

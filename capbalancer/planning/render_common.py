@@ -18,8 +18,9 @@ import yaml
 
 from capbalancer.planning.plan import PlanFile, PlannedInstance
 from capbalancer.profiling.schema import save_profile
+from capbalancer.shipped import shipped_dir
 
-DEPLOY_DIR = Path(__file__).resolve().parent.parent.parent / "deploy"
+DEPLOY_DIR = shipped_dir("deploy")
 DASHBOARD_PATH = DEPLOY_DIR / "grafana" / "capbalancer-dashboard.json"
 
 FLEET_ENGINE = {"vllm": "vllm", "tgi": "tgi", "sim": "vllm"}  # the simulator speaks vLLM's API by default
@@ -89,8 +90,11 @@ def prometheus_dict(fleet: dict[str, Any], proxy_target: str) -> dict[str, Any]:
         "scrape_configs": [
             {"job_name": "capbalancer", "metrics_path": "/metrics", "static_configs": [{"targets": [proxy_target]}]},
             {"job_name": "engines", "metrics_path": "/metrics",
-             "static_configs": [{"targets": [f"{r['host']}:{r['port']}" for r in fleet["instances"]],
-                                 "labels": {"model": fleet["model"]}}]},
+             # One group per instance: its `backend` label (the proxy's name for it) lets the dashboard's
+             # model and backend variables filter the engines' own series too.
+             "static_configs": [{"targets": [f"{r['host']}:{r['port']}"],
+                                 "labels": {"model": fleet["model"], "backend": r["name"]}}
+                                for r in fleet["instances"]]},
         ],
     }
 

@@ -3,7 +3,8 @@
 GPUs are requested as `nvidia.com/gpu: <tp>` and the node chosen by the GPU feature discovery label
 `nvidia.com/gpu.product`, so an instance lands on the GPU type it was planned for (not necessarily on the
 same machine as in the plan: any node of that type gives the same prediction, up to its interconnect).
-Readiness is the engine's /health.
+Readiness is the engine's /health, the proxy's /ready (a routable backend). The files form a kustomize
+base with staging and production overlays (render_kustomize.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 
 from capbalancer.planning.plan import PlanFile, PlannedInstance
 from capbalancer.planning.render_common import dns_name, proxy_config_dict
+from capbalancer.planning.render_kustomize import PROXY_IMAGE, write_kustomize
 from capbalancer.planning.render_scripts import tgi_args, vllm_args
 from capbalancer.profiling.specs import load_specs
 
@@ -39,7 +41,6 @@ def dump_all(docs: list[dict[str, Any]]) -> str:
 
 
 ENGINE_IMAGES = {"vllm": "vllm/vllm-openai:latest", "tgi": "ghcr.io/huggingface/text-generation-inference:latest"}
-PROXY_IMAGE = "capbalancer:latest"
 CONTAINER_PORT = 8000
 
 
@@ -134,8 +135,14 @@ def proxy_manifests(plan: PlanFile, engine: str, proxy_port: int) -> list[dict[s
                                   "args": ["serve", "--config", "/etc/capbalancer/config/capbalancer.yaml",
                                            "--port", str(proxy_port)],
                                   "ports": [{"name": "http", "containerPort": proxy_port}],
-                                  "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
+                                  # Ready once a backend is routable; alive while the process answers.
+                                  "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"},
                                                      "periodSeconds": 5},
+                                  "livenessProbe": {"httpGet": {"path": "/health", "port": "http"},
+                                                    "periodSeconds": 15, "failureThreshold": 4},
+                                  "securityContext": {"runAsNonRoot": True, "runAsUser": 10001,
+                                                      "allowPrivilegeEscalation": False,
+                                                      "readOnlyRootFilesystem": True},
                                   "volumeMounts": mounts}],
                                   "volumes": volumes}}},
     })
@@ -151,15 +158,16 @@ def write_manifests(plan: PlanFile, out_dir: Path, engine: str, model_path: str 
         raise ValueError(f"Kubernetes manifests are for vllm or tgi, not {engine!r}")
     model_ref = model_path or load_specs().model(plan.model).hf_id
     k8s_dir = out_dir / "kubernetes"
-    k8s_dir.mkdir(parents=True, exist_ok=True)
+    base_dir = k8s_dir / "base"
+    base_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for inst in plan.instances:
-        path = k8s_dir / f"{dns_name(inst.name)}.yaml"
+        path = base_dir / f"{dns_name(inst.name)}.yaml"
         path.write_text(f"# {inst.name}: TP{inst.tp} on {inst.gpu}, planned on machine {inst.machine}\n"
                         + dump_all(instance_manifests(plan, inst, engine, model_ref, image)))
         written.append(path)
-    path = k8s_dir / "capbalancer.yaml"
+    path = base_dir / "capbalancer.yaml"
     path.write_text("# The capbalancer proxy in front of the plan's instances.\n"
                     + dump_all(proxy_manifests(plan, engine, proxy_port)))
     written.append(path)
-    return written
+    return written + write_kustomize(k8s_dir, written)

@@ -112,6 +112,14 @@ def profile(url: str | None, engine: str, gpu: str | None, model: str | None, tp
         click.echo(f"roofline estimate for comparison: fixed {e.fixed_seconds * 1e3:.3f} ms, prefill "
                    f"{e.prefill_seconds_per_token * 1e6:.2f} us/token, decode {e.decode_seconds_per_seq * 1e6:.2f} us/seq, "
                    f"context {e.context_seconds_per_token * 1e9:.2f} ns/token, KV {estimate_profile.kv_capacity_tokens:,}")
+        from capbalancer.profiling.scaled import apparent_time_scale
+
+        k = apparent_time_scale(fit.step, e)
+        if k is not None:
+            click.secho(f"WARNING: every measured cost is ~{k:.1f}x the roofline estimate for {estimate_profile.name}: "
+                        f"this engine looks time-scaled (a `capbalancer sim --time-scale {k:.0f}`?). If so, profile "
+                        f"it with --time-scale {k:.0f}; as written, the profile describes a GPU {k:.1f}x slower.",
+                        fg="yellow", bold=True, err=True)
     if fit.poor:
         click.secho(f"WARNING: POOR FIT (R^2 {fit.quality.r_squared:.3f}, worst step off by "
                     f"{fit.quality.max_relative_error:.0%}): the linear step model does not describe this engine "

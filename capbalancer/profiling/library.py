@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 
 from capbalancer.profiling.schema import Profile, ProfileError, load_profile
+from capbalancer.shipped import shipped_dir
 
-SHIPPED_PROFILES_DIR = Path(__file__).resolve().parent.parent.parent / "profiles"
+SHIPPED_PROFILES_DIR = shipped_dir("profiles")
 
 
 def profile_search_path(base_dir: Path | None = None) -> list[Path]:

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from capbalancer.config import BackendConfig, Config, ModelConfig, backend_spec
 from capbalancer.sched.scheduler import Scheduler
-from capbalancer.server import admin, proxy, routes
+from capbalancer.server import admin, observe, proxy, routes
 from capbalancer.server.driver import SchedulerDriver
 from capbalancer.server.errors import error_response
 from capbalancer.server.health import make_poller, poll_target
@@ -42,6 +42,7 @@ def build_app(state: ProxyState) -> web.Application:
     # Body size is enforced by the handler (an OpenAI-shaped 413), not by aiohttp's plain-text one.
     app = web.Application(client_max_size=1 << 62, middlewares=[_unexpected_errors])
     app[STATE] = state
+    observe.install(app, state)
     routes.add_routes(app)  # every engine route: see routes.py and docs/routes.md
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/info", tgi_info)

@@ -66,6 +66,12 @@ def serve(config_path: str | None, host: str | None, port: int | None, backends:
             config = None
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    from capbalancer.server.preflight import port_problem
+
+    listen = config.server if config is not None else Config().server
+    problem = port_problem(host or listen.host, port if port is not None else listen.port)
+    if problem is not None:  # before the embedded cluster or any client session starts
+        raise click.ClickException(problem)
 
     async def main() -> None:
         if config is not None:
@@ -99,11 +105,14 @@ def serve(config_path: str | None, host: str | None, port: int | None, backends:
 @click.command("check-config")
 @click.argument("path", type=click.Path(dir_okay=False))
 def check_config(path: str) -> None:
-    """Validate a config file without starting anything; print a summary or the error (exit 1)."""
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
+    """Validate a config file without starting anything; print a summary, or every error (exit 1)."""
+    from capbalancer.config_check import check_config_file
+
+    config, errors = check_config_file(path)
+    if errors or config is None:
+        for exc in errors:
+            click.echo(f"error: {exc}", err=True)
+        click.echo(f"{len(errors)} error(s)", err=True)
         sys.exit(1)
     click.echo(config.summary())
     click.echo("ok")

@@ -23,6 +23,7 @@ from capbalancer.config import ClientKey, Config, ModelConfig
 from capbalancer.fleet.models import AdapterIndex
 from capbalancer.sched.estimates import PromptTokenEstimator
 from capbalancer.sched.types import Demand, Dispatch, Expire, Hold, Reject
+from capbalancer.server import access_log
 from capbalancer.server.affinity import ObjectAffinity
 from capbalancer.server.clients import ClientAuth
 from capbalancer.server.driver import SchedulerDriver
@@ -198,6 +199,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         parsed = parse_route(request.path, raw, request.headers.get("Content-Type", ""))
         pool, only_backends = resolve_pool(state, parsed.model or request.headers.get(MODEL_HEADER))
         pool_name = pool.name
+        access_log.note(request, request_id=request_id, model=parsed.model, pool=pool.name)
         if client is not None:
             auth.check_model(client, pool.name)
         demand = build_demand(state, request, pool, parsed, client)
@@ -245,6 +247,7 @@ class Forward:
             else:
                 backend = decision.backend_id
             tried.append(backend)
+            access_log.note(self.request, backend=backend, retries=len(tried) - 1, held_ms=self.held_s * 1000.0)
             upstream = state.upstreams.get(backend)
             if upstream is None:  # removed by a reload between decision and now
                 state.driver.finish(demand.request_id, ok=False)
@@ -405,6 +408,7 @@ class Forward:
             if demand.api == "embeddings":
                 output_tokens = 0
             driver.finish(demand.request_id, output_tokens=output_tokens, prompt_tokens=prompt_tokens, ok=ok)
+            access_log.note(request, tokens_in=prompt_tokens or demand.prompt_tokens, tokens_out=output_tokens)
             if prompt_tokens and ok:
                 state.estimator(self.pool.name).observe(self.parsed.prompt_chars, prompt_tokens)
             if ok:

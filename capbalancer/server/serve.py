@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from capbalancer.config import Config
+from capbalancer.server import access_log
 from capbalancer.server.admin import reload_config
 from capbalancer.server.app import build_app, build_state
 from capbalancer.server.http_errors import json_http_errors
@@ -32,6 +33,7 @@ async def serve(config: Config, *, config_path: str | None = None,
                 on_exit: Callable[[], Awaitable[None]] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting and let in-flight requests finish (drain_timeout_s)."""
     settings = config.server
+    access_log.install_handler()  # used while server.access_log is on (a reload may switch it)
     state = build_state(config, config_path)
     app = build_app(state)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=settings.drain_timeout_s,
@@ -45,7 +47,13 @@ async def serve(config: Config, *, config_path: str | None = None,
     await runner.setup()
     json_http_errors(runner.server)
     site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:  # taken since the pre-flight check: close what was opened, then say so (the caller does)
+        await runner.cleanup()
+        if on_exit is not None:
+            await on_exit()
+        raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

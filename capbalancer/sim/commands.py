@@ -105,16 +105,21 @@ def sim(engine: str, profile_ref: str | None, host: str, port: int, model: str |
         raise click.ClickException(str(exc)) from None
 
 
+DEFAULT_DES_SLO = "ttft=2000,tpot=100"  # bench/RESULTS.md's SLO
+DEFAULT_LOAD_FRACTION = 0.8  # of the fleet's ideal throughput, when the workload names no rate
+
+
 @click.command(name="des")
 @click.option("--cluster", "cluster_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Fleet description (the same file `sim --cluster` serves).")
-@click.option("--workload", default="rate=10,n=1000", show_default=True,
-              help="k=v,... spec or YAML file (see capbalancer/sim/workload.py).")
-@click.option("--policy", default="round_robin", show_default=True,
+@click.option("--workload", default="n=1000", show_default=True,
+              help="k=v,... spec or YAML file (see capbalancer/sim/workload.py). Without rate= or concurrency=, "
+                   "the rate is 80%% of the fleet's ideal throughput (each instance saturated alone, summed).")
+@click.option("--policy", default="round_robin,capacity", show_default=True,
               help="Routing policy; several, comma-separated, are compared on the same workload.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
 @click.option("--seed", type=int, default=None, help="Override the workload's seed.")
-@click.option("--slo", default=None, help="Goodput SLO in ms, e.g. ttft=2000,tpot=100.")
+@click.option("--slo", default=DEFAULT_DES_SLO, show_default=True, help="Goodput SLO in ms (the verdict's criterion).")
 @click.option("--poll-interval", type=float, default=0.5, show_default=True,
               help="Seconds between snapshots delivered to the scheduler.")
 @click.option("--hold-timeout", type=float, default=30.0, show_default=True,
@@ -138,15 +143,39 @@ def des(cluster_file: str, workload: str, policy: str, json_out: str | None, see
         wl = parse_workload(workload, seed=seed)
         opts = DesOptions(poll_interval_s=poll_interval, hold_timeout_s=hold_timeout,
                           slo=parse_slo(slo) if slo else None)
+        load_text, wl = _size_rate(instances, wl, workload)
+        click.echo(f"workload: {load_text} ({wl.n} requests)")
         results = [run_des(instances, wl, p.strip(), opts) for p in policy.split(",") if p.strip()]
     except (FleetError, ProfileError, WorkloadSpecError, UnknownPolicy, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     for res in results:
         _print_result(res)
+    from capbalancer.sim.verdict import verdict
+
+    click.echo(verdict(results, slo or "none", load_text.split(" (set rate")[0]))
     if json_out:
         payload = [r.to_dict(with_records=records) for r in results]
         Path(json_out).write_text(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
         click.echo(f"wrote {json_out}")
+
+
+def _size_rate(instances, wl, spec: str):  # -> (description, workload)
+    """Give a workload without rate= or concurrency= a rate this fleet can carry: DEFAULT_LOAD_FRACTION of
+    its ideal throughput (rate=10 on a small fleet would only show a queue growing without end)."""
+    import dataclasses
+    import math
+
+    from capbalancer.sim.des import ideal_throughput
+
+    keys = {part.split("=", 1)[0].strip() for part in spec.split(",")} if "=" in spec else set()
+    ideal = ideal_throughput(instances, wl, n=min(wl.n, 500))["request_throughput"]
+    if wl.concurrency is not None:
+        return f"closed loop, {wl.concurrency} in flight (fleet ideal {ideal:.2f} req/s)", wl
+    if "rate" in keys or not math.isinf(wl.rate_per_s):
+        return f"rate {wl.rate_per_s:g} req/s = {wl.rate_per_s / ideal:.0%} of the fleet's ideal {ideal:.2f}", wl
+    rate = round(DEFAULT_LOAD_FRACTION * ideal, 3)
+    return (f"rate {rate:g} req/s = {DEFAULT_LOAD_FRACTION:.0%} of the fleet's ideal {ideal:.2f} "
+            f"(set rate=R to change)", dataclasses.replace(wl, rate_per_s=rate))
 
 
 def _print_result(res) -> None:

