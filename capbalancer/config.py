@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from capbalancer.fleet.description import FleetDescription, FleetError, load_fleet
 from capbalancer.profiling.schema import ENGINE_KINDS, Profile, ProfileError
+from capbalancer.sched.outlier import OutlierSettings
 from capbalancer.sched.types import BackendSpec, HealthSettings, PoolSettings
 from capbalancer.yamlfile import read_yaml
 
@@ -144,6 +145,7 @@ class Config:
     source: str = "<config>"  # the file it came from ("" when built from --backend)
     fleet: str | None = None
     clients: tuple[ClientKey, ...] = ()  # empty: no client authentication
+    outlier: OutlierSettings = OutlierSettings()  # ejection of failing backends (sched/outlier.py)
 
     @property
     def default_model(self) -> str:
@@ -420,7 +422,7 @@ def _model(name: str, r: _Reader, base_timeouts: Timeouts, base_dir: Path | None
                        hold_timeout_s=hold.number("timeout_s", 30.0), backends=backends, tokenizer=tokenizer)
 
 
-_TOP_KEYS = ("server", "timeouts", "health", "retries", "fleet", "models", "admin", "clients")
+_TOP_KEYS = ("server", "timeouts", "health", "retries", "fleet", "models", "admin", "clients", "outlier")
 _CLIENT_KEYS = ("name", "key", "key_env", "priority", "rate_limit_rps", "rate_limit_burst", "models")
 _SERVER_KEYS = ("host", "port", "max_body_bytes", "max_header_bytes", "drain_timeout_s", "body_read_timeout_s",
                 "idle_timeout_s", "admin_token_env", "access_log", "tracing")
@@ -477,7 +479,29 @@ def parse_config(data: Any, where: str = "<config>", base_dir: Path | None = Non
 
     _check_models(top, models)
     return Config(server=server, timeouts=timeouts, health=health, retries=retries, models=models,
-                  source=where, fleet=fleet_ref, clients=_clients(top, models))
+                  source=where, fleet=fleet_ref, clients=_clients(top, models), outlier=_outlier(top))
+
+
+def _outlier(top: _Reader) -> OutlierSettings:
+    o = top.child("outlier", ("consecutive_failures", "base_ejection_s", "max_ejection_s", "max_ejected_fraction",
+                              "first_token_timeout_min_s", "first_token_timeout_factor", "first_token_timeout_max_s"))
+    d = OutlierSettings()
+    settings = OutlierSettings(
+        consecutive_failures=o.integer("consecutive_failures", d.consecutive_failures, minimum=0),
+        base_ejection_s=o.number("base_ejection_s", d.base_ejection_s),
+        max_ejection_s=o.number("max_ejection_s", d.max_ejection_s),
+        max_ejected_fraction=o.number("max_ejected_fraction", d.max_ejected_fraction, positive=False),
+        first_token_timeout_min_s=o.number("first_token_timeout_min_s", d.first_token_timeout_min_s),
+        first_token_timeout_factor=o.number("first_token_timeout_factor", d.first_token_timeout_factor),
+        first_token_timeout_max_s=o.number("first_token_timeout_max_s", d.first_token_timeout_max_s))
+    if settings.max_ejected_fraction > 1:
+        o.fail("max_ejected_fraction", f"must be between 0 and 1, got {settings.max_ejected_fraction:g}")
+    if settings.max_ejection_s < settings.base_ejection_s:
+        o.fail("max_ejection_s", f"must be >= base_ejection_s ({settings.base_ejection_s:g})")
+    if settings.first_token_timeout_max_s < settings.first_token_timeout_min_s:
+        o.fail("first_token_timeout_max_s", f"must be >= first_token_timeout_min_s "
+               f"({settings.first_token_timeout_min_s:g})")
+    return settings
 
 
 def _clients(top: _Reader, models: Mapping[str, ModelConfig]) -> tuple[ClientKey, ...]:

@@ -170,7 +170,8 @@ async def test_stall_mid_stream_hits_idle_timeout_and_total_timeout():
 
 async def test_error_before_first_byte_retried_on_another_backend():
     with fault_backends(2) as (bad, good):
-        with Proxy([bad, good], overrides=FAST_HEALTH) as proxy:
+        # Outlier ejection off: this test is about retries (ejection would keep the bad one out after 5).
+        with Proxy([bad, good], overrides={**FAST_HEALTH, "outlier": {"consecutive_failures": 0}}) as proxy:
             c = client(proxy)
             for status in (500, 503, 429):
                 bad.set(api="status", status=status, retry_after="1")

@@ -13,7 +13,7 @@ def profile(name, step_scale=1.0, kv_tokens=200_000):
         name=name, gpu=name, model="m", tp=1, engine="vllm", kv_capacity_tokens=kv_tokens,
         step=StepTimeModel(fixed_seconds=0.010 * step_scale, prefill_seconds_per_token=0.0001 * step_scale,
                            decode_seconds_per_seq=0.0002 * step_scale, context_seconds_per_token=1e-7 * step_scale),
-        max_num_seqs=256, max_num_batched_tokens=2048,
+        max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=kv_tokens,
     )
 
 

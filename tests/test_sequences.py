@@ -67,3 +67,22 @@ def test_the_simulator_generates_every_sequence_through_the_proxy():
                   if line.startswith("data:") and "[DONE]" not in line]
         assert status == 200 and {c["index"] for e in events for c in e["choices"]} == {0, 1}
         assert events[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_a_context_length_check_sees_one_sequence_not_their_sum():
+    from capbalancer.profiling.schema import Profile, StepTimeModel
+    from capbalancer.sched.scheduler import Scheduler
+    from capbalancer.sched.types import BackendSpec, Demand, PoolSettings, Reject
+
+    profile = Profile(name="p", gpu="g", model="m", tp=1, engine="vllm", kv_capacity_tokens=65536,
+                      step=StepTimeModel(0.01, 1e-5, 1e-4, 1e-8), max_model_len=4096)
+    sched = Scheduler([PoolSettings(name="m")])
+    sched.add_backend(BackendSpec(backend_id="b0", pool="m", profile=profile), 0.0)
+
+    def demand(i: int, sequences: int, max_tokens: int) -> Demand:
+        return Demand(request_id=f"r{i}", pool="m", prompt_tokens=3000, max_tokens=max_tokens * sequences,
+                      arrival_s=0.0, sequences=sequences)
+
+    # 4 x 1000 output tokens: each sequence (3000 + 1000) fits the 4096 context; their sum would not.
+    assert not isinstance(sched.submit(demand(1, 4, 1000), 0.0), Reject)
+    assert sched.submit(demand(2, 4, 1200), 0.0).status == 400  # one sequence alone is too long

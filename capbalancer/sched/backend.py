@@ -43,6 +43,7 @@ class InflightRequest:
     # held by other requests running there (no new KV either). Fixed at dispatch.
     cached_prompt_tokens: int = 0
     shared_kv_tokens: int = 0
+    overdue: bool = False  # its first token did not come in time (Scheduler.check_first_tokens): counted once
 
     @property
     def kv_tokens(self) -> int:
@@ -257,6 +258,17 @@ class BackendState:
     def kv_external_tokens(self, now: float, settings: HealthSettings) -> int:
         """KV the engine holds that is not ours (other clients, other proxies): never negative."""
         return max(0, self.kv_used_estimate(now, settings) - self.own_kv_tokens)
+
+    def max_request_tokens(self) -> int | None:
+        """The longest request (prompt + max_tokens) this backend can ever take: its max model length, and
+        never more than its whole KV cache. None: unknown (no profile, no snapshot), so never refused."""
+        limits = []
+        if self.spec.profile is not None:
+            limits.append(self.spec.profile.max_model_len)
+        kv = self.kv_capacity_tokens()
+        if kv is not None:
+            limits.append(kv)
+        return min(limits) if limits else None
 
     def kv_capacity_tokens(self) -> int | None:
         snap = self.snapshot

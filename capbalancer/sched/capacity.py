@@ -304,6 +304,15 @@ class CapacityModel:
         if base_tpot > 0:
             state.tpot_correction.add(_clip(observed_tpot / base_tpot))
 
+    def record_overdue(self, state: BackendState, req: InflightRequest, now: float) -> None:
+        """A request still without its first token long after it was predicted: the backend is slower than the
+        model says by at least this much, now, although nothing has completed there to say so."""
+        waited_s = now - req.dispatched_at_s
+        state.observed_ttft_s.add(waited_s)  # a lower bound: it has not even started
+        base = req.predicted_ttft_base_s
+        if base is not None and base > 0:
+            state.ttft_correction.add(_clip(waited_s / base))
+
     def predict(self, state: BackendState, demand: Demand, expected_output_tokens: int, now: float) -> Estimate:
         return self.estimate(state, demand, expected_output_tokens, now)
 

@@ -16,6 +16,7 @@ the status and Retry-After given).
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from capbalancer.sched.backend import BackendState, Health, InflightRequest
 from capbalancer.sched.capacity import CapacityModel
 from capbalancer.sched.estimates import OutputLengthEstimator
 from capbalancer.sched.hold import HoldQueue
+from capbalancer.sched.outlier import OutlierDetector, OutlierSettings
 from capbalancer.sched.policies import Policy, PolicyContext, make_policy
 from capbalancer.sched.prefix_index import PrefixIndex, PrefixSettings
 from capbalancer.sched.types import (
@@ -73,8 +75,14 @@ class Scheduler:
         health: HealthSettings | None = None,
         seed: int = 0,
         prefix: PrefixSettings | None = None,
+        outlier: OutlierSettings | None = None,
     ) -> None:
         self.health = health or HealthSettings()
+        # Backends failing real requests (5xx, timeouts, no first token) leave their pool for a while, whatever
+        # the policy: health polls do not see an engine that answers /health and nothing else.
+        self.outlier = OutlierDetector(outlier or OutlierSettings())
+        # (due time, request id): requests whose first token is overdue then (`check_first_tokens`).
+        self._first_token_due: list[tuple[float, str]] = []
         # Which prompt prefixes each backend probably holds (DESIGN invariant 7): fed on dispatch and finish,
         # and by KV events where an engine publishes them; the cost model counts what it predicts cached.
         self.prefix = PrefixIndex(prefix or PrefixSettings())
@@ -211,7 +219,11 @@ class Scheduler:
         if demand.deadline_s is None:
             demand.deadline_s = now + settings.hold_timeout_s
         excluded = set(exclude)
-        candidates = [b for b in self._routable(pool) if b.backend_id not in excluded
+        too_long = self._never_servable(pool, demand)
+        if too_long is not None:
+            pool.rejected_total += 1
+            return too_long
+        candidates = [b for b in self._routable(pool, now) if b.backend_id not in excluded
                       and (demand.only_backends is None or b.backend_id in demand.only_backends)]
         if not candidates:
             pool.rejected_total += 1
@@ -263,8 +275,13 @@ class Scheduler:
         output_tokens: int | None = None,
         prompt_tokens: int | None = None,
         ok: bool = True,
+        fault: bool | None = None,
     ) -> list[Event]:
-        """The request ended on its backend (complete, failed or aborted): release its accounting."""
+        """The request ended on its backend (complete, failed or aborted): release its accounting.
+
+        `fault`: True when the backend failed it (5xx, timeout, connection), False when the backend answered
+        (even a 4xx), None when that says nothing about the backend (the client left): outlier evidence.
+        """
         backend_id = self._request_backend.pop(request_id, None)
         if backend_id is None:
             return self.cancel(request_id, now)
@@ -283,6 +300,10 @@ class Scheduler:
         if prompt_tokens is not None:
             req.prompt_tokens = prompt_tokens
         pool = self.pools.get(state.spec.pool)
+        if fault is True and not req.overdue:  # an overdue request was counted when its timer ran out
+            self._outlier_failure(state, now, "request failed")
+        elif fault is False:
+            self.outlier.on_success(backend_id, now)
         if ok:
             state.completed += 1
             self._record_costs(state, req, now)
@@ -322,6 +343,32 @@ class Scheduler:
     def next_wakeup_s(self) -> float | None:
         deadlines = [d for p in self.pools.values() if (d := p.hold.next_deadline_s()) is not None]
         return min(deadlines) if deadlines else None
+
+    def check_first_tokens(self, now: float) -> list[Event]:
+        """Requests whose first token (a plain response: whole answer) is overdue count against their backend
+        now: as a slow observation for calibration, so a hung engine looks slow at once although nothing ever
+        completes there, and as one failure for outlier ejection. The live driver calls this at
+        `next_first_token_due_s`; a simulation whose engines cannot hang need not."""
+        due = self._first_token_due
+        while due and due[0][0] <= now:
+            _, request_id = heapq.heappop(due)
+            found = self._inflight_with_backend(request_id)
+            if found is None:
+                continue
+            state, req = found
+            if req.first_token_at_s is not None or req.overdue:
+                continue
+            req.overdue = True
+            self.capacity.record_overdue(state, req, now)
+            if state.backend_id in self.backends:
+                self._outlier_failure(state, now, "no first token in time")
+        return []
+
+    def next_first_token_due_s(self) -> float | None:
+        due = self._first_token_due
+        while due and due[0][1] not in self._request_backend:
+            heapq.heappop(due)  # finished in time: nothing to check
+        return due[0][0] if due else None
 
     # --- views ---------------------------------------------------------------------------------
     def expected_output_tokens(self, pool_name: str, max_tokens: int) -> int:
@@ -364,6 +411,7 @@ class Scheduler:
                 "gpu_group": b.spec.gpu_group,
                 "shares_gpu_with": [s.backend_id for s in b.gpu_siblings],
                 "health": b.health.value,
+                "outlier": self.outlier.describe(backend_id, now),
                 "draining": b.draining,
                 "last_failure": b.last_failure_reason or None,
                 "snapshot_age_s": None if snap is None else round(now - snap.taken_at_s, 3),
@@ -400,8 +448,14 @@ class Scheduler:
         req = state.inflight.get(request_id)
         return (state, req) if req is not None else None
 
-    def _routable(self, pool: PoolState) -> list[BackendState]:
-        return [b for bid in pool.backend_ids if (b := self.backends[bid]).routable()]
+    def _routable(self, pool: PoolState, now: float | None = None) -> list[BackendState]:
+        routable = [b for bid in pool.backend_ids if (b := self.backends[bid]).routable()]
+        if now is None or not self.outlier.records:
+            return routable
+        outlier = self.outlier
+        kept = [b for b in routable if not outlier.blocks(b.backend_id, now, len(b.inflight))]
+        # Never eject the whole pool (the rest may be down by health polls): then every one is a candidate.
+        return kept if kept else routable
 
     def _ctx(self, pool: PoolState, demand: Demand, now: float) -> PolicyContext:
         return PolicyContext(now=now, health=self.health,
@@ -429,6 +483,12 @@ class Scheduler:
         self._index_dispatch(backend, demand, cached, now)
         backend.add_inflight(req)
         self._request_backend[demand.request_id] = backend.backend_id
+        # A stream must show its first token within a few predicted TTFTs; a plain response (no first token
+        # is seen before the end) its whole answer within a few predicted end-to-end times.
+        o = self.outlier.settings
+        timeout_s = (o.first_token_timeout_s(estimate.ttft_s) if demand.stream
+                     else max(o.first_token_timeout_min_s, o.first_token_timeout_factor * estimate.e2e_s))
+        heapq.heappush(self._first_token_due, (now + timeout_s, demand.request_id))
 
     def _index_dispatch(self, backend: BackendState, demand: Demand, cached_tokens: int, now: float) -> None:
         """The prompt's blocks are on `backend` now. Its cache holds what its KV can keep besides the KV that
@@ -457,7 +517,7 @@ class Scheduler:
             pool.release_window_count = 0
             return []
         events: list[Event] = []
-        candidates = self._routable(pool)
+        candidates = self._routable(pool, now)
         if not candidates:
             return self._expire_if_unservable(pool_name, now)
         unservable = getattr(pool.policy, "unservable", None)
@@ -521,6 +581,7 @@ class Scheduler:
         if state.inflight:
             self._retired[backend_id] = state
         self.prefix.remove_backend(backend_id)
+        self.outlier.forget(backend_id)
         self._link_gpu_groups()
 
     def _link_gpu_groups(self) -> None:
@@ -533,6 +594,33 @@ class Scheduler:
         for members in groups.values():
             for state in members:
                 state.gpu_siblings = [m for m in members if m is not state]
+
+    def _outlier_failure(self, state: BackendState, now: float, reason: str) -> None:
+        pool = self.pools.get(state.spec.pool)
+        if pool is None:
+            return
+        self.outlier.on_failure(state.backend_id, now, pool.backend_ids, reason)
+
+    def _never_servable(self, pool: PoolState, demand: Demand) -> Reject | None:
+        """400 at once for a request longer than every backend of its pool can ever hold (max model length or
+        KV capacity): holding it would only block the queue until a backend is idle, and then the engine says
+        no anyway. Estimated prompt sizes get a margin, so an estimate never refuses what would have fitted."""
+        if demand.api == "embeddings":
+            return None
+        prompt = demand.prompt_tokens if demand.prompt_tokens_exact else int(demand.prompt_tokens * 0.8)
+        # One sequence of an n > 1 request is what must fit in the context.
+        needed = prompt + (demand.max_tokens // max(1, demand.sequences) if demand.max_tokens_explicit else 1)
+        longest = 0
+        for bid in pool.backend_ids:
+            limit = self.backends[bid].max_request_tokens()
+            if limit is None or needed <= limit:
+                return None
+            longest = max(longest, limit)
+        if not pool.backend_ids:
+            return None
+        return Reject(400, f"this model's maximum context length is {longest} tokens; the request needs about "
+                      f"{needed} ({demand.prompt_tokens} in the prompt, max_tokens {demand.max_tokens})",
+                      0.0, code="context_length_exceeded")
 
     def _record_costs(self, state: BackendState, req: InflightRequest, now: float) -> None:
         self.capacity.record_completion(state, req, now)

@@ -24,8 +24,13 @@ class Demand:
     # The prompt's chained block hashes (sched/prefix_hash.py): what a backend may already hold in its cache.
     prefix: PrefixKey = field(default_factory=PrefixKey)
     session_id: str | None = None  # x-session-id or the OpenAI `user` field: a soft affinity hint
+    # Whether prompt_tokens was counted (a tokenizer) or estimated from characters, and whether max_tokens was
+    # the request's own or the pool's default: a request is refused as too long only on what it really asks.
+    prompt_tokens_exact: bool = True
+    max_tokens_explicit: bool = True
     # Only these backends may serve it (a LoRA adapter that only they hold); None: any of the pool's.
     only_backends: frozenset[str] | None = None
+    sequences: int = 1  # n / best_of: max_tokens bounds them all; each alone needs max_tokens / sequences
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +46,10 @@ class Hold:
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    status: int  # 429 (queue full / over a rate) or 503 (no backend can serve, deadline passed)
+    status: int  # 429 (queue full / over a rate), 503 (no backend can serve, deadline passed), 400 (too long)
     reason: str
     retry_after_s: float
+    code: str = ""  # the OpenAI error code, where one says more than the status (context_length_exceeded)
 
 
 Decision = Route | Hold | Reject

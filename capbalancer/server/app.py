@@ -28,7 +28,7 @@ log = logging.getLogger("capbalancer.server")
 def build_state(config: Config, config_path: str | None = None,
                 clock: Callable[[], float] = time.monotonic) -> ProxyState:
     scheduler = Scheduler(pools=[m.pool_settings() for m in config.models.values()],
-                          health=config.health.to_scheduler())
+                          health=config.health.to_scheduler(), outlier=config.outlier)
     metrics = ProxyMetrics()
     driver = SchedulerDriver(scheduler, metrics, clock)
     for model, b in config.backends():
@@ -159,6 +159,9 @@ def apply_config(state: ProxyState, new: Config) -> list[str]:
                     if getattr(new.server, k) != getattr(old.server, k)]
     if new.health != old.health:
         restart_only.append("health")
+    if new.outlier != old.outlier:
+        state.driver.scheduler.outlier.settings = new.outlier
+        changes.append("outlier settings changed")
     if restart_only:
         changes.append(f"{', '.join(restart_only)} changed: takes effect on restart only")
     sched = state.driver.scheduler

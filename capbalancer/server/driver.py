@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from capbalancer.fleet.snapshot import EngineSnapshot
 from capbalancer.sched.backend import Health
 from capbalancer.sched.scheduler import Scheduler
-from capbalancer.sched.types import BackendSpec, Decision, Demand, Dispatch, Event, Expire, Hold
+from capbalancer.sched.types import BackendSpec, Decision, Demand, Dispatch, Event, Expire, Hold, Reject
 from capbalancer.server.metrics import ProxyMetrics
 
 log = logging.getLogger("capbalancer.driver")
@@ -56,6 +56,8 @@ class SchedulerDriver:
             self._waiters[demand.request_id] = asyncio.get_running_loop().create_future()
             self.metrics.held.set(self.scheduler.held_count())
             self._wake.set()
+        elif not isinstance(decision, Reject) and not self._wake.is_set():
+            self._wake.set()  # a request in flight: its first-token timer needs the timer task
         return decision
 
     async def wait_released(self, request_id: str) -> Dispatch | Expire:
@@ -73,9 +75,9 @@ class SchedulerDriver:
             raise
 
     def finish(self, request_id: str, *, output_tokens: int | None = None, prompt_tokens: int | None = None,
-               ok: bool = True) -> None:
+               ok: bool = True, fault: bool | None = None) -> None:
         self._handle(self.scheduler.finish(request_id, self.clock(), output_tokens=output_tokens,
-                                           prompt_tokens=prompt_tokens, ok=ok))
+                                           prompt_tokens=prompt_tokens, ok=ok, fault=fault))
 
     def cancel(self, request_id: str) -> None:
         self._handle(self.scheduler.cancel(request_id, self.clock()))
@@ -148,15 +150,21 @@ class SchedulerDriver:
     async def _run_timer(self) -> None:
         while True:
             try:
-                if self.scheduler.held_count() == 0:
+                first_token_due = self.scheduler.next_first_token_due_s()
+                if self.scheduler.held_count() == 0 and first_token_due is None:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
                 now = self.clock()
                 wake_at = self.scheduler.next_wakeup_s()
+                if first_token_due is not None:
+                    wake_at = first_token_due if wake_at is None else min(wake_at, first_token_due)
                 delay = HELD_TICK_S if wake_at is None else min(HELD_TICK_S, max(0.0, wake_at - now))
                 await asyncio.sleep(delay)
-                self._handle(self.scheduler.tick(self.clock()))
+                now = self.clock()
+                self._handle(self.scheduler.check_first_tokens(now))
+                if self.scheduler.held_count():
+                    self._handle(self.scheduler.tick(now))
             except asyncio.CancelledError:
                 raise
             except Exception:  # the timer must outlive a bug in one tick, or held requests hang

@@ -8,6 +8,7 @@ view of each backend's load never leaks.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import time
@@ -177,6 +178,9 @@ def build_demand(state: ProxyState, request: web.Request, pool: ModelConfig, par
         api=parsed.api,
         prefix=prefix_key(parsed, pool.name, pool.aliases),
         session_id=session_of(request.headers.get("x-session-id"), parsed),
+        prompt_tokens_exact=parsed.token_ids is not None,
+        max_tokens_explicit=parsed.max_tokens is not None,
+        sequences=parsed.sequences,
     )
 
 
@@ -211,6 +215,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return from_exception(exc, {"x-request-id": request_id})
 
 
+def _proxy_out_of_fds(exc: BaseException) -> bool:
+    os_error = getattr(exc, "os_error", None) or exc
+    return isinstance(os_error, OSError) and os_error.errno in (errno.EMFILE, errno.ENFILE)
+
+
 class Forward:
     """The attempts of one request (first try, then retries on other backends)."""
 
@@ -234,7 +243,8 @@ class Forward:
         while True:
             decision = state.driver.submit(demand, tried)
             if isinstance(decision, Reject):
-                return self._final_error(last, decision.status, decision.reason, decision.retry_after_s)
+                return self._final_error(last, decision.status, decision.reason, decision.retry_after_s,
+                                         decision.code)
             if isinstance(decision, Hold):
                 held_at = time.monotonic()
                 released = await state.driver.wait_released(demand.request_id)
@@ -269,12 +279,15 @@ class Forward:
             last = outcome
 
     def _final_error(self, last: UpstreamError | web.Response | None, status: int, reason: str,
-                     retry_after_s: float) -> web.StreamResponse:
+                     retry_after_s: float, code: str = "") -> web.StreamResponse:
         if last is not None:  # the previous attempt's answer says more than "nothing else can serve"
             return self._deliver(last, "-")
         self.state.metrics.count(self.pool.name, "-", status)
-        return error_response(status, reason, retry_after_s=retry_after_s, code="no_capacity" if status == 429
-                              else "unavailable", headers=self._headers(None))
+        if status < 500 and status != 429:  # the request itself is wrong: retrying it later will not help
+            return error_response(status, reason, code=code or "invalid_request", param="messages"
+                                  if code == "context_length_exceeded" else None, headers=self._headers(None))
+        return error_response(status, reason, retry_after_s=retry_after_s, code=code or ("no_capacity"
+                              if status == 429 else "unavailable"), headers=self._headers(None))
 
     def _deliver(self, outcome: UpstreamError | web.Response, backend: str) -> web.Response:
         if isinstance(outcome, UpstreamError):
@@ -305,6 +318,8 @@ class Forward:
         reuse_connection = False
         sresp: web.StreamResponse | None = None
         phase = "first byte"
+        # Outlier evidence (sched/outlier.py): True the backend failed, False it answered, None no telling.
+        fault: bool | None = None
         try:
             try:
                 async with asyncio.timeout_at(min(t_start + timeouts.first_byte_s, total_deadline)) as timer:
@@ -318,7 +333,9 @@ class Forward:
                                      request.headers.get("Content-Type", ""), up.name))
                     except (UpstreamHTTPError, OSError) as exc:
                         err = classify_upstream_error(exc, timeouts)
-                        if err.backend_down:
+                        # Out of file descriptors is the proxy's own fault, never the backend's.
+                        fault = not _proxy_out_of_fds(exc)
+                        if err.backend_down and fault:
                             driver.report_failure(up.name, err.code)
                         return err
                     status = upstream_resp.status
@@ -333,6 +350,7 @@ class Forward:
                             usage_from_body(body, usage)
                             remember_created(state, request.path, up.name, body, driver.clock())
                         ok = status < 400
+                        fault = status >= 500
                         metrics.count(self.pool.name, up.name, status)
                         return web.Response(status=status, body=body, headers=headers)
                     # A stream: wait for its first bytes before answering, so that a first-byte timeout
@@ -367,9 +385,11 @@ class Forward:
                     timer.reschedule(None)
                 reuse_connection = True
                 ok = True
+                fault = False
                 await sresp.write_eof()
                 return sresp
             except TimeoutError:
+                fault = True
                 if phase == "first byte":
                     elapsed = loop.time() - t_start
                     which = "total" if elapsed >= timeouts.total_s - 1e-3 else "first-byte"
@@ -385,6 +405,7 @@ class Forward:
                 transport = request.transport
                 if sresp is not None and sresp.prepared and (transport is None or transport.is_closing()):
                     return sresp  # the client left (a write to it failed): nothing more to tell it
+                fault = True
                 if sresp is None or not sresp.prepared:
                     return UpstreamError(502, f"backend {up.name} failed mid-response: {type(exc).__name__}",
                                          retryable=False, backend_down=False, code="backend_error")
@@ -407,7 +428,8 @@ class Forward:
                 output_tokens, prompt_tokens = usage.completion_tokens, usage.prompt_tokens
             if demand.api == "embeddings":
                 output_tokens = 0
-            driver.finish(demand.request_id, output_tokens=output_tokens, prompt_tokens=prompt_tokens, ok=ok)
+            driver.finish(demand.request_id, output_tokens=output_tokens, prompt_tokens=prompt_tokens, ok=ok,
+                          fault=fault)
             access_log.note(request, tokens_in=prompt_tokens or demand.prompt_tokens, tokens_out=output_tokens)
             if prompt_tokens and ok:
                 state.estimator(self.pool.name).observe(self.parsed.prompt_chars, prompt_tokens)
