@@ -55,6 +55,18 @@ class ServerSettings:
     admin_token_env: str = "CAPBALANCER_ADMIN_TOKEN"  # the admin API is off unless this variable is set
     access_log: bool = True  # one JSON line per request on stdout (server/access_log.py)
     tracing: bool = False  # OpenTelemetry spans (extra `otel`; server/tracing.py)
+    # Bounds on what a backend or an admin caller can make the proxy hold in memory (issue 14). A streamed
+    # response is relayed chunk by chunk with backpressure and needs no body limit.
+    max_upstream_body_bytes: int = 64 * 1024 * 1024  # a non-streamed answer (or an error body) beyond: 502
+    max_upstream_header_bytes: int = 64 * 1024  # an answer's status line and headers together
+    max_upstream_headers: int = 100
+    max_admin_body_bytes: int = 1024 * 1024
+    # Client connections open at once; one more is answered 503 + Retry-After at once (never left in the
+    # kernel's backlog). 0: derived from the process's file-descriptor limit (see capbalancer.server.frontdoor).
+    max_connections: int = 0
+    # Accept connections on a thread of their own that answers /health and /ready itself: probes stay fast
+    # while the event loop is saturated, and the backlog is drained whatever the loop is doing.
+    accept_thread: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +199,7 @@ class Config:
             lines.append(f"  model {m.name}{flags}: policy={m.policy}{alias} backends={len(m.backends)}")
             for b in m.backends:
                 prof = f" profile={b.profile.name}" if b.profile is not None else ""
-                key = " api_key=(set)" if (b.api_key or b.api_key_env) else ""
+                key = " api_key=(set)" if b.resolved_api_key() else ""
                 gpu = f" gpu_group={b.gpu_group}" if b.gpu_group is not None else ""
                 weight = f" weight={b.weight:g}" if b.weight is not None else ""
                 lines.append(f"    {b.name}: {b.url} engine={b.engine}{weight}{prof}{gpu}{key}")
@@ -341,6 +353,9 @@ def _backend(r: _Reader, base_timeouts: Timeouts, base_dir: Path | None) -> Back
     api_key = r.string("api_key", None)
     if api_key_env and api_key:
         r.fail("api_key", "set either api_key or api_key_env, not both")
+    if api_key_env and not os.environ.get(api_key_env):
+        # Unset would silently send no key (or, in passthrough mode, the client's): refuse the file instead.
+        r.fail("api_key_env", f"environment variable {api_key_env} is not set (or empty)")
     return BackendConfig(url=url, name=name, engine=engine, profile_ref=profile_ref, profile=profile,
                          api_key_env=api_key_env, api_key=api_key,
                          api_key_mode=r.choice("api_key_mode", "replace", API_KEY_MODES),
@@ -425,7 +440,9 @@ def _model(name: str, r: _Reader, base_timeouts: Timeouts, base_dir: Path | None
 _TOP_KEYS = ("server", "timeouts", "health", "retries", "fleet", "models", "admin", "clients", "outlier")
 _CLIENT_KEYS = ("name", "key", "key_env", "priority", "rate_limit_rps", "rate_limit_burst", "models")
 _SERVER_KEYS = ("host", "port", "max_body_bytes", "max_header_bytes", "drain_timeout_s", "body_read_timeout_s",
-                "idle_timeout_s", "admin_token_env", "access_log", "tracing")
+                "idle_timeout_s", "admin_token_env", "access_log", "tracing", "max_upstream_body_bytes",
+                "max_upstream_header_bytes", "max_upstream_headers", "max_admin_body_bytes", "max_connections",
+                "accept_thread")
 
 
 def parse_config(data: Any, where: str = "<config>", base_dir: Path | None = None) -> Config:
@@ -440,6 +457,12 @@ def parse_config(data: Any, where: str = "<config>", base_dir: Path | None = Non
                             body_read_timeout_s=s.number("body_read_timeout_s", 30.0),
                             idle_timeout_s=s.number("idle_timeout_s", 30.0),
                             admin_token_env=token_env,
+                            max_upstream_body_bytes=s.integer("max_upstream_body_bytes", 64 * 1024 * 1024, minimum=1024),
+                            max_upstream_header_bytes=s.integer("max_upstream_header_bytes", 64 * 1024, minimum=1024),
+                            max_upstream_headers=s.integer("max_upstream_headers", 100, minimum=8),
+                            max_admin_body_bytes=s.integer("max_admin_body_bytes", 1024 * 1024, minimum=1024),
+                            max_connections=s.integer("max_connections", 0, minimum=0),
+                            accept_thread=s.boolean("accept_thread", True),
                             access_log=s.boolean("access_log", True), tracing=s.boolean("tracing", False))
     if server.tracing:
         try:
@@ -554,6 +577,9 @@ def merge_fleet(models: dict[str, ModelConfig], fleet: FleetDescription, timeout
                 # A simulated instance slowed by time_scale really is that much slower: the scheduler
                 # must predict its real latencies, not the modelled GPU's.
                 profile = replace(profile, step=profile.step.scaled(inst.time_scale))
+        if inst.api_key_env and not os.environ.get(inst.api_key_env):
+            raise ConfigError(f"{fleet.source}: instances[{i}].api_key_env: environment variable "
+                              f"{inst.api_key_env} is not set (or empty)")
         pool = out.get(inst.model)
         if pool is None:
             pool = ModelConfig(name=inst.model, policy=default_policy())

@@ -41,6 +41,7 @@ from capbalancer.fleet.detect import (
 )
 from capbalancer.fleet.promtext import ParseError
 from capbalancer.fleet.snapshot import EngineSnapshot
+from capbalancer.server.limits import is_fd_exhaustion
 
 __all__ = ["PollTarget", "MonitorSink", "FleetMonitor", "MAX_BODY_BYTES"]
 
@@ -68,6 +69,10 @@ class MonitorSink(Protocol):
 
 class _Failed(Exception):
     """A request that got no HTTP answer (refused, reset, timed out, too large)."""
+
+
+class _ProxyOverloaded(_Failed):
+    """The proxy itself is out of file descriptors: no news about the backend, good or bad (issue 14)."""
 
 
 @dataclass(slots=True)
@@ -200,6 +205,8 @@ class FleetMonitor:
             try:
                 ok, reason = await self._probe_health(state)
                 self._report_health(state, ok, reason)
+            except _ProxyOverloaded:
+                ok = bool(state.last_health_ok)  # the proxy's own fd exhaustion never marks a backend down
             finally:
                 if not health_ok.done():
                     health_ok.set_result(ok)
@@ -286,6 +293,8 @@ class FleetMonitor:
         except asyncio.TimeoutError:
             raise _Failed(f"timed out after {self._timeout_s:g}s") from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
+            if is_fd_exhaustion(exc):
+                raise _ProxyOverloaded(f"{type(exc).__name__}: {exc}"[:200]) from None
             raise _Failed(f"{type(exc).__name__}: {exc}"[:200]) from None
 
     async def _get_or_fail(self, state: _TargetState, path: str) -> _Response | _Failed:
@@ -298,6 +307,8 @@ class FleetMonitor:
         path = state.health_path
         try:
             resp = await self._get(state, path)
+        except _ProxyOverloaded:
+            raise
         except _Failed as exc:
             return False, f"{path} failed: {exc}"
         if resp.status == 404 and path == "/health":

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from capbalancer.config import BackendConfig, Config, ConfigError, load_config, parse_backend
 from capbalancer.server.errors import ProxyError, error_response, from_exception
-from capbalancer.server.proxy import STATE, ProxyState
+from capbalancer.server.proxy import STATE, ProxyState, read_body
 
 log = logging.getLogger("capbalancer.admin")
 
@@ -95,7 +95,8 @@ async def add(state: ProxyState, request: web.Request) -> web.Response:
     from capbalancer.server.app import add_backend
 
     try:
-        body = orjson.loads(await request.read())
+        settings = state.config.server  # bounded: an admin token is no licence to fill the proxy's memory
+        body = orjson.loads(await read_body(request, settings.max_admin_body_bytes, settings.body_read_timeout_s))
     except orjson.JSONDecodeError:
         raise ProxyError(400, "body must be JSON: {url, name, model, engine, profile, weight, gpu_group}") from None
     if not isinstance(body, dict):

@@ -11,16 +11,18 @@ from collections.abc import Callable
 import aiohttp
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
-from capbalancer.config import BackendConfig, Config, ModelConfig, backend_spec
+from capbalancer.config import BackendConfig, ClientKey, Config, ModelConfig, backend_spec
 from capbalancer.sched.scheduler import Scheduler
 from capbalancer.server import admin, observe, proxy, routes
 from capbalancer.server.driver import SchedulerDriver
-from capbalancer.server.errors import error_response
+from capbalancer.server.errors import ProxyError, error_response, from_exception
 from capbalancer.server.health import make_poller, poll_target
 from capbalancer.server.metrics import ProxyMetrics
 from capbalancer.server.proxy import STATE, ProxyState
 from capbalancer.server.relay import Upstream, response_headers
+from capbalancer.server.upstream_http import ResponseTooLarge
 
 log = logging.getLogger("capbalancer.server")
 
@@ -77,7 +79,7 @@ async def _unexpected_errors(request: web.Request, handler: Callable) -> web.Str
 async def _startup(app: web.Application) -> None:
     state = app[STATE]
     for _, b in state.config.backends():
-        state.upstreams[b.name] = Upstream.create(b)
+        state.upstreams[b.name] = Upstream.create(b, state.config.server)
     state.driver.start()
     targets = [poll_target(b) for _, b in state.config.backends()]
     h = state.config.health
@@ -115,7 +117,7 @@ async def _cleanup(app: web.Application) -> None:
 # --- changing the fleet at run time ---------------------------------------------------------------------
 
 def add_backend(state: ProxyState, model: ModelConfig, b: BackendConfig) -> None:
-    state.upstreams[b.name] = Upstream.create(b)
+    state.upstreams[b.name] = Upstream.create(b, state.config.server)
     state.driver.add_backend(backend_spec(b, model.name))
     if state.poller is not None and state.make_target is not None:
         state.poller.add_target(state.make_target(poll_target(b)))
@@ -197,17 +199,33 @@ def apply_config(state: ProxyState, new: Config) -> list[str]:
 
 # --- routes that are not proxied per request --------------------------------------------------------------
 
+LIVE_BODY = b'{"status":"ok"}'
+
+
 async def liveness(request: web.Request) -> web.Response:
-    return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+    return web.Response(body=LIVE_BODY, content_type="application/json")
+
+
+def readiness_answer(state: ProxyState) -> tuple[int, bytes]:
+    """/ready's status and body. Only reads: the front door's thread calls it too (server/frontdoor.py)."""
+    routable = [bid for bid, b in list(state.driver.scheduler.backends.items()) if b.routable()]
+    ready = bool(routable) and not state.draining
+    body = orjson.dumps({"status": "ready" if ready else "unavailable", "routable_backends": routable})
+    return (200 if ready else 503), body
+
+
+def probe_answer(state: ProxyState, path: str) -> tuple[int, bytes] | None:
+    if path == "/health":
+        return 200, LIVE_BODY
+    if path == "/ready":
+        return readiness_answer(state)
+    return None
 
 
 async def readiness(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    routable = [bid for bid, b in state.driver.scheduler.backends.items() if b.routable()]
-    ready = bool(routable) and not state.draining
-    body = orjson.dumps({"status": "ready" if ready else "unavailable", "routable_backends": routable})
-    return web.Response(status=200 if ready else 503, body=body, content_type="application/json",
-                        headers=None if ready else {"Retry-After": "1"})
+    status, body = readiness_answer(request.app[STATE])
+    return web.Response(status=status, body=body, content_type="application/json",
+                        headers=None if status == 200 else {"Retry-After": "1"})
 
 
 async def own_metrics(request: web.Request) -> web.Response:
@@ -215,10 +233,24 @@ async def own_metrics(request: web.Request) -> web.Response:
     return web.Response(body=state.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
+def _client_of(state: ProxyState, request: web.Request) -> ClientKey | None:
+    """With client keys configured, every route that reveals or reaches the fleet needs one (issue 14)."""
+    auth = state.client_auth()
+    return auth.authenticate(request.headers.get("Authorization")) if auth.enabled else None
+
+
+def _allowed(client: ClientKey | None, pool: str) -> bool:
+    return client is None or not client.models or pool in client.models
+
+
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     config = state.config
-    match_any = [m for m in config.models.values() if m.match_any]
+    try:
+        client = _client_of(state, request)
+    except ProxyError as exc:
+        return from_exception(exc)
+    match_any = [m for m in config.models.values() if m.match_any and _allowed(client, m.name)]
     if match_any:
         # Pools from `--backend URL` serve whatever their engines serve: ask one of them.
         passed = await _pass_through_get(state, match_any[0], "/v1/models", request)
@@ -226,6 +258,7 @@ async def list_models(request: web.Request) -> web.Response:
             return passed
     data = [{"id": name, "object": "model", "created": 0, "owned_by": "capbalancer"}
             for m in config.models.values() if not m.match_any or len(match_any) == len(config.models)
+            if _allowed(client, m.name)
             for name in (m.name, *m.aliases)]
     data.extend(routes.adapter_cards(state))  # LoRA adapters the fleet holds, as vLLM lists them
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
@@ -234,6 +267,12 @@ async def list_models(request: web.Request) -> web.Response:
 async def tgi_info(request: web.Request) -> web.Response:
     state = request.app[STATE]
     pool = state.config.models[state.config.default_model]
+    try:
+        client = _client_of(state, request)
+        if client is not None:
+            state.client_auth().check_model(client, pool.name)
+    except ProxyError as exc:
+        return from_exception(exc)
     passed = await _pass_through_get(state, pool, "/info", request)
     if passed is None:
         return error_response(503, "no healthy backend answered /info", retry_after_s=1.0, code="unavailable")
@@ -250,12 +289,26 @@ async def _pass_through_get(state: ProxyState, pool: ModelConfig, path: str,
             continue
         try:
             async with asyncio.timeout(b.timeouts.first_byte_s):
-                async with up.session.get(up.base_url + path, headers=up.request_headers(
-                        request.headers, proxy.request_id_of(request))) as resp:
-                    body = await resp.read()
+                headers = up.request_header_list(request.headers, proxy.request_id_of(request),
+                                                 drop_client_auth=bool(state.config.clients))
+                async with up.session.get(up.base_url + path, headers=CIMultiDict(headers)) as resp:
+                    body = await _read_bounded(resp, state.config.server.max_upstream_body_bytes)
                     headers = response_headers(resp.headers)
                     headers[proxy.BACKEND_HEADER] = b.name
                     return web.Response(status=resp.status, body=body, headers=headers)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError, ResponseTooLarge) as exc:
             log.info("GET %s from %s failed: %s", path, b.name, type(exc).__name__)
     return None
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ResponseTooLarge(f"body of {resp.content_length} bytes")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise ResponseTooLarge(f"body over {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)

@@ -46,17 +46,21 @@ def _check_policy(policy: str | None) -> None:
               help="A backend base URL (repeatable): serve them as one pool without a config file.")
 @click.option("--policy", default=None, help="Routing policy for every pool (round_robin, least_requests, capacity, ...).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--loop", "loop_choice", default="uvloop", type=click.Choice(["uvloop", "asyncio"]),
+              help="Event loop (uvloop when installed, else asyncio). bench/overload.py measures both.")
 def serve(config_path: str | None, host: str | None, port: int | None, backends: tuple[str, ...],
-          policy: str | None, log_level: str) -> None:
+          policy: str | None, log_level: str, loop_choice: str) -> None:
     """Run the proxy in front of a fleet (or, with no --config/--backend, an embedded simulated one)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _check_policy(policy)
     if config_path and backends:
         raise click.UsageError("give either --config or --backend, not both")
+    from capbalancer.server.limits import raise_fd_limit
     from capbalancer.server.serve import install_uvloop
     from capbalancer.server.serve import serve as run_server
 
-    loop_kind = install_uvloop()
+    loop_kind = install_uvloop() if loop_choice == "uvloop" else "asyncio"
+    fd_soft, fd_hard = raise_fd_limit()  # the default 1024 is what starved accept under overload (issue 14)
     try:
         if config_path:
             config = _override(load_config(config_path), host, port, policy)
@@ -74,6 +78,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, backends:
         raise click.ClickException(problem)
 
     async def main() -> None:
+        log.info("file descriptors: limit %d (hard %d)", fd_soft, fd_hard)
         if config is not None:
             log.info("event loop: %s; %s", loop_kind, config.summary().replace("\n", "\n    "))
             await run_server(config, config_path=config_path)

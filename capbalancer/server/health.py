@@ -19,8 +19,10 @@ from typing import Any, Protocol
 import aiohttp
 
 from capbalancer.config import BackendConfig
+from capbalancer.server.limits import is_fd_exhaustion
 
 log = logging.getLogger("capbalancer.health")
+_OURS = "proxy out of file descriptors"
 
 
 class HealthSink(Protocol):
@@ -75,7 +77,7 @@ class HealthPoller:
             if targets:
                 results = await asyncio.gather(*(self._probe(t) for t in targets))
                 for target, (ok, reason) in zip(targets, results, strict=True):
-                    if target.backend_id in self._targets:
+                    if target.backend_id in self._targets and reason != _OURS:
                         try:
                             self._sink.on_health(target.backend_id, ok, reason)
                         except Exception:
@@ -93,6 +95,8 @@ class HealthPoller:
         except asyncio.TimeoutError:
             return False, f"/health timed out after {self._timeout_s:g}s"
         except (aiohttp.ClientError, OSError) as exc:
+            if is_fd_exhaustion(exc):  # the proxy's own overload: no news about the backend
+                return False, _OURS
             return False, f"/health failed: {type(exc).__name__}"
 
 

@@ -17,12 +17,16 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from capbalancer.server.errors import error_body
+from capbalancer.server.halfclose import on_eof
 
 log = logging.getLogger("capbalancer.server")
 
 
 class _JsonErrorRequestHandler(RequestHandler):
     __slots__ = ()
+
+    def eof_received(self) -> bool:  # type: ignore[override]
+        return on_eof(self)  # a half-closed client still gets its answer (server/halfclose.py)
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

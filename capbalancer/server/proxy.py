@@ -11,6 +11,7 @@ import asyncio
 import errno
 import itertools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from capbalancer.server.relay import (
     usage_from_body,
 )
 from capbalancer.server.route_parsing import parse_route
-from capbalancer.server.upstream_http import UpstreamHTTPError, UpstreamResponse
+from capbalancer.server.upstream_http import ResponseTooLarge, UpstreamHTTPError, UpstreamResponse
 
 log = logging.getLogger("capbalancer.proxy")
 
@@ -53,6 +54,7 @@ HELD_HEADER = "x-capbalancer-held-ms"
 MODEL_HEADER = "x-capbalancer-model"  # the pool of a request whose body names no model (TGI, SGLang native)
 PROGRESS_EVERY_TOKENS = 16  # scheduler progress updates while streaming: often enough, cheap enough
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_HEADER_NUMBER = 1e9  # priority and deadline (ms, ~11 days) headers beyond this are refused: 400
 
 
 @dataclass
@@ -149,9 +151,17 @@ def _header_number(request: web.Request, name: str) -> float | None:
     if raw is None:
         return None
     try:
-        return float(int(raw)) if name == PRIORITY_HEADER else float(raw)
-    except ValueError:
+        # Length first: int() of a long digit string costs time, and float() of a huge int overflows.
+        if len(raw) > 64:
+            value = math.inf
+        else:
+            value = float(int(raw)) if name == PRIORITY_HEADER else float(raw)
+    except (ValueError, OverflowError):
         raise ProxyError(400, f"header {name} must be a number, got {raw[:40]!r}", param=name) from None
+    if not abs(value) <= MAX_HEADER_NUMBER:  # inf and nan too
+        raise ProxyError(400, f"header {name} must be a number within ±{MAX_HEADER_NUMBER:g}, got {raw[:40]!r}",
+                         param=name)
+    return value
 
 
 def build_demand(state: ProxyState, request: web.Request, pool: ModelConfig, parsed: ParsedRequest,
@@ -292,7 +302,7 @@ class Forward:
     def _deliver(self, outcome: UpstreamError | web.Response, backend: str) -> web.Response:
         if isinstance(outcome, UpstreamError):
             return error_response(outcome.status, outcome.message, code=outcome.code, headers=self._headers(
-                backend if backend != "-" else None))
+                backend if backend != "-" else None), retry_after_s=outcome.retry_after_s)
         return outcome
 
     def _headers(self, backend: str | None) -> dict[str, str]:
@@ -342,7 +352,10 @@ class Forward:
                     headers = response_headers(upstream_resp.headers)
                     headers.update(self._headers(up.name))
                     if status >= 400 or not self.parsed.stream:
-                        body = await upstream_resp.read()
+                        try:
+                            body = await upstream_resp.read(state.config.server.max_upstream_body_bytes)
+                        except ResponseTooLarge as exc:  # never held whole: 502, the connection closed
+                            return classify_upstream_error(exc, timeouts)
                         reuse_connection = True
                         metrics.observe_ttfb(up.name, time.monotonic() - self.started)
                         usage = Usage()

@@ -12,11 +12,13 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-from capbalancer.config import BackendConfig, Timeouts
+from capbalancer.config import BackendConfig, ServerSettings, Timeouts
+from capbalancer.server.limits import is_fd_exhaustion
 from capbalancer.server.upstream_http import (
     ConnectError,
     ConnectTimeout,
     ProtocolError,
+    ResponseTooLarge,
     ServerDisconnected,
     UpstreamHTTPError,
     UpstreamPool,
@@ -37,13 +39,15 @@ _REQUEST_SKIP = HOP_BY_HOP | frozenset(("x-request-id",))
 class UpstreamError(Exception):
     """The attempt failed before its response began. `retryable`: the request never reached the engine."""
 
-    def __init__(self, status: int, message: str, *, retryable: bool, backend_down: bool, code: str) -> None:
+    def __init__(self, status: int, message: str, *, retryable: bool, backend_down: bool, code: str,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.retryable = retryable
         self.backend_down = backend_down  # the scheduler should mark the backend down now
         self.code = code
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(slots=True)
@@ -63,7 +67,7 @@ class Upstream:
     api_key_mode: str  # replace | passthrough
 
     @classmethod
-    def create(cls, b: BackendConfig) -> Upstream:
+    def create(cls, b: BackendConfig, server: ServerSettings | None = None) -> Upstream:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0, ttl_dns_cache=300,
                                          enable_cleanup_closed=False)
         # The request's own timeouts are enforced by the relay (first byte, idle gap, total); the
@@ -72,7 +76,9 @@ class Upstream:
         session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
                                         cookie_jar=aiohttp.DummyCookieJar(), raise_for_status=False)
-        pool = UpstreamPool(b.url, connect_timeout_s=b.timeouts.connect_s, max_idle=256)
+        limits = server or ServerSettings()
+        pool = UpstreamPool(b.url, connect_timeout_s=b.timeouts.connect_s, max_idle=256,
+                            max_header_bytes=limits.max_upstream_header_bytes, max_headers=limits.max_upstream_headers)
         return cls(name=b.name, base_url=b.url, session=session, pool=pool, timeouts=b.timeouts,
                    api_key=b.resolved_api_key(), api_key_mode=b.api_key_mode)
 
@@ -126,6 +132,14 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 def classify_upstream_error(exc: BaseException, timeouts: Timeouts) -> UpstreamError:
     """Turn a failure before any response byte into what we answer and whether to retry elsewhere."""
+    if is_fd_exhaustion(exc):
+        # The proxy is out of descriptors: its own overload, not the backend's fault (never marks it down);
+        # another backend would fail the same way, so no retry either.
+        return UpstreamError(503, "the proxy is overloaded (out of file descriptors); retry later",
+                             retryable=False, backend_down=False, code="proxy_overloaded", retry_after_s=1.0)
+    if isinstance(exc, ResponseTooLarge):
+        return UpstreamError(502, f"backend response too large: {exc}", retryable=False, backend_down=False,
+                             code="backend_response_too_large")
     if isinstance(exc, ConnectError):
         return UpstreamError(502, f"backend unreachable: {exc.os_error.strerror or exc.os_error}",
                              retryable=True, backend_down=True, code="backend_unreachable")

@@ -30,7 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from capbalancer.config import ModelConfig
 from capbalancer.fleet.models import parse_model_list
-from capbalancer.server import proxy
+from capbalancer.server import access_log, proxy
 from capbalancer.server.errors import ProxyError, error_response, from_exception
 from capbalancer.server.model_routing import body_for, resolve_pool
 from capbalancer.server.proxy import BACKEND_HEADER, MODEL_HEADER, STATE, ProxyState, read_body, request_id_of
@@ -106,7 +106,7 @@ async def send_direct(state: ProxyState, request: web.Request, up: Upstream, bod
             resp = await up.pool.request(request.method, request.raw_path, up.request_header_list(
                 request.headers, request_id, drop_client_auth=bool(state.config.clients)), body)
             try:
-                data = await resp.read()
+                data = await resp.read(state.config.server.max_upstream_body_bytes)
             except BaseException:
                 resp.close()
                 raise
@@ -163,6 +163,7 @@ async def handle_light(request: web.Request) -> web.StreamResponse:
         raw, client = await _admitted_body(state, request)
         parsed = parse_route(request.path, raw, request.headers.get("Content-Type", ""))
         pool, only = resolve_pool(state, parsed.model or request.headers.get(MODEL_HEADER))
+        access_log.note(request, request_id=request_id, model=parsed.model, pool=pool.name)
         _check_client(state, client, pool)
         candidates = _routable(state, pool, only)
         if not candidates:
@@ -200,6 +201,7 @@ async def handle_sticky(request: web.Request) -> web.StreamResponse:
                              "forgotten, or its backend was removed)", param="response_id", code="not_found")
         pool_name = state.driver.scheduler.backends[backend].spec.pool if backend in \
             state.driver.scheduler.backends else "-"
+        access_log.note(request, request_id=request_id, pool=pool_name)
         return _as_response(await send_direct(state, request, up, raw, request_id, pool_name), request_id, backend)
     except ProxyError as exc:
         return from_exception(exc, {"x-request-id": request_id})
@@ -229,6 +231,7 @@ async def handle_lora(request: web.Request) -> web.StreamResponse:
         if pool_name is not None and pool_name not in state.config.models:
             raise ProxyError(404, f"pool {pool_name!r} (header {POOL_HEADER}) is not configured", param=POOL_HEADER)
         pool = state.config.models[pool_name or state.config.default_model]
+        access_log.note(request, request_id=request_id, model=name, pool=pool.name)
         targets = _routable(state, pool, None)
         if not loading:
             holders = set(state.adapters.backends_with(name))

@@ -10,11 +10,14 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from capbalancer.config import Config
+from capbalancer.config import Config, ServerSettings
 from capbalancer.server import access_log
 from capbalancer.server.admin import reload_config
-from capbalancer.server.app import build_app, build_state
+from capbalancer.server.app import build_app, build_state, probe_answer
+from capbalancer.server.frontdoor import FrontDoor, bind_listeners
 from capbalancer.server.http_errors import json_http_errors
+from capbalancer.server.limits import default_max_connections, fd_soft_limit
+from capbalancer.server.proxy import ProxyState
 
 log = logging.getLogger("capbalancer.server")
 
@@ -26,6 +29,20 @@ def install_uvloop() -> str:
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return "uvloop"
+
+
+def start_front_door(settings: ServerSettings, state: ProxyState, server: web.Server,
+                     loop: asyncio.AbstractEventLoop) -> FrontDoor:
+    """Listen on a thread of its own that answers probes and caps connections (server/frontdoor.py)."""
+    cap = settings.max_connections or default_max_connections(fd_soft_limit())
+    # aiohttp's live connections (a dict; len() of it is atomic under the GIL, so the thread may read it).
+    connections = getattr(server, "_connections", None)
+    count = (lambda: len(connections)) if isinstance(connections, dict) else (lambda: len(server.connections))
+    door = FrontDoor(bind_listeners(settings.host, settings.port), loop, server,
+                     lambda path: probe_answer(state, path), count, cap)
+    door.start()
+    log.info("accepting on a front-door thread: /health and /ready answered there; at most %d connections", cap)
+    return door
 
 
 async def serve(config: Config, *, config_path: str | None = None,
@@ -46,15 +63,19 @@ async def serve(config: Config, *, config_path: str | None = None,
                            keepalive_timeout=settings.idle_timeout_s)
     await runner.setup()
     json_http_errors(runner.server)
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
+    loop = asyncio.get_running_loop()
+    door = None
     try:
-        await site.start()
+        if settings.accept_thread:
+            door = start_front_door(settings, state, runner.server, loop)
+        else:
+            site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
+            await site.start()
     except OSError:  # taken since the pre-flight check: close what was opened, then say so (the caller does)
         await runner.cleanup()
         if on_exit is not None:
             await on_exit()
         raise
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -70,7 +91,11 @@ async def serve(config: Config, *, config_path: str | None = None,
         log.info("shutting down: no new connections; draining in-flight requests (up to %gs)",
                  settings.drain_timeout_s)
         state.draining = True
+        if door is not None:
+            door.stop()
     finally:
+        if door is not None:
+            door.stop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)

@@ -75,6 +75,11 @@ class PayloadError(UpstreamHTTPError):
     """The body ended early (connection lost mid-body) or was malformed."""
 
 
+class ResponseTooLarge(ProtocolError):
+    """The response's headers or (read whole) body exceed the limits this client was given: an answer the
+    proxy will not hold in memory, whatever the backend sends (issue 14)."""
+
+
 # Connection states
 _IDLE, _HEAD, _BODY, _DONE = range(4)
 
@@ -84,10 +89,14 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = ("transport", "loop", "parser", "state", "chunks", "buffered", "paused", "head_waiter",
                  "body_waiter", "exc", "closed", "reusable", "response", "idle_since", "got_bytes",
-                 "raw_headers", "until_close")
+                 "raw_headers", "until_close", "head_bytes", "max_header_bytes", "max_headers")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_header_bytes: int = 64 * 1024,
+                 max_headers: int = 100) -> None:
         self.loop = loop
+        self.head_bytes = 0
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.state = _IDLE
@@ -129,6 +138,7 @@ class _Connection(asyncio.Protocol):
             self._fail(ProtocolError("the backend sent bytes outside a response"))
             return
         self.got_bytes = True
+        head = self.state == _HEAD
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -139,6 +149,13 @@ class _Connection(asyncio.Protocol):
             err = PayloadError if self.state == _BODY else ProtocolError
             self._fail(err(f"malformed response from the backend: {e}"))
             return
+        if head and self.state == _HEAD:
+            # Still no end of headers. llhttp (and httptools, which buffers each header whole) sets no limit:
+            # without this a backend trickling header bytes grows the proxy for ever.
+            self.head_bytes += len(data)
+            if self.head_bytes > self.max_header_bytes:
+                self._fail(ResponseTooLarge(f"status line and headers over {self.max_header_bytes} bytes"))
+                return
         self._wake()
 
     # --- httptools callbacks -----------------------------------------------------------------------
@@ -148,6 +165,8 @@ class _Connection(asyncio.Protocol):
         self.raw_headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.raw_headers) >= self.max_headers:
+            raise ResponseTooLarge(f"over {self.max_headers} headers")
         self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -277,16 +296,26 @@ class UpstreamResponse:
             raise StopAsyncIteration
         return chunk
 
-    async def read(self) -> bytes:
-        """The whole body."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; ResponseTooLarge (and the connection closed) once it passes `limit` bytes."""
         conn = self._conn
-        if conn.state == _DONE and conn.exc is None:  # usual for small answers: all arrived with the head
-            return conn.take() if conn.chunks else b""
+        if limit is not None:
+            length = self.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > limit:
+                self.close()
+                raise ResponseTooLarge(f"body of {length} bytes, over the limit of {limit}")
+        if conn.state == _DONE and conn.exc is None and (limit is None or conn.buffered <= limit):
+            return conn.take() if conn.chunks else b""  # usual for small answers: all arrived with the head
         parts = []
+        size = 0
         while True:
             chunk = await self.read_chunk()
             if not chunk:
                 return b"".join(parts)
+            size += len(chunk)
+            if limit is not None and size > limit:
+                self.close()
+                raise ResponseTooLarge(f"body over the limit of {limit} bytes")
             parts.append(chunk)
 
     def release(self) -> None:
@@ -311,7 +340,10 @@ class UpstreamPool:
     """Keep-alive connections to one backend (`http://host:port` or `https://host:port`)."""
 
     def __init__(self, base_url: str, *, connect_timeout_s: float = 5.0, max_idle: int = 64,
-                 keepalive_s: float = 4.0, ssl_context: ssl.SSLContext | None = None) -> None:
+                 keepalive_s: float = 4.0, ssl_context: ssl.SSLContext | None = None,
+                 max_header_bytes: int = 64 * 1024, max_headers: int = 100) -> None:
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -368,7 +400,8 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop), self.host, self.port, ssl=self.ssl,
+                    lambda: _Connection(loop, self.max_header_bytes, self.max_headers), self.host, self.port,
+                    ssl=self.ssl,
                     server_hostname=self.host if self.ssl is not None else None)
         except TimeoutError:
             raise ConnectTimeout(f"connecting to {self.host}:{self.port} took over {self.connect_timeout_s:g}s") \
@@ -432,6 +465,7 @@ class UpstreamPool:
             conn.close()
             raise ServerDisconnected("the backend closed the connection without a response")
         conn.state = _HEAD
+        conn.head_bytes = 0
         conn.reusable = True
         conn.exc = None
         conn.got_bytes = False

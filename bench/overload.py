@@ -1,0 +1,327 @@
+"""Overload: 3,000+ client connections against ONE proxy in front of simulated engines (issue 14 item 1).
+
+    .venv/bin/python bench/overload.py --connections 3000 --seconds 30 --loops uvloop,asyncio
+
+Per event loop (uvloop and asyncio side by side), with the DEFAULT proxy config (policy capacity, hold queue
+1024, front-door accept thread on):
+  1. unloaded: `--unloaded-requests` streaming requests one at a time -> TTFT p50/p99 (the reference);
+  2. overload: `--connections` keep-alive clients (in `--workers` subprocesses, raw asyncio: cheap) send
+     streaming requests back to back for `--seconds`; a 429/503 is waited out as its Retry-After says. A thread
+     of this process probes /health (and /ready) every 50 ms on fresh connections, as a kubelet does; another
+     samples the proxy's RSS and the listening socket's accept-queue length (/proc/net/tcp) every 0.25 s.
+Reported: /health p50/p99/max and timeouts, the 429s (count, latency p50/p99), the admitted requests' TTFT
+p50/p99 (and how much of it was spent held), the most connections seen waiting in the kernel backlog, the
+peak RSS. Targets (issue 14): /health p99 < 100 ms, 429 within 50 ms, admitted p99 TTFT within 2x unloaded.
+
+Engines are `capbalancer sim` processes (vLLM API, continuous batching modelled from a profile); the load
+generator and the engines share the machine with the proxy, so on a small box the figures are a lower
+bound on what the proxy alone would do. `--json FILE` writes everything measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from faults import Proxy, proc_rss_kb  # noqa: E402
+from support import PYTHON, capbalancer, free_port, running  # noqa: E402
+
+PROFILE = "a100-80g/llama-2-7b-tp1"
+
+
+def request_bytes(max_tokens: int) -> bytes:
+    body = json.dumps({"model": "m", "stream": True, "max_tokens": max_tokens,
+                       "messages": [{"role": "user", "content": "Tell me about load balancing. " * 8}]}).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)) + body
+
+
+# --- client worker (a subprocess) ---------------------------------------------------------------------------
+
+async def _read_response(reader: asyncio.StreamReader, t0: float) -> tuple[int, dict[str, str], float | None]:
+    """Status, headers, and seconds to the first SSE event (None when no event came)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    headers = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name:
+            headers[name.strip().lower().decode()] = value.strip().decode()
+    first: float | None = None
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            data = await reader.readexactly(size + 2)
+            if first is None and b"data:" in data:
+                first = time.monotonic() - t0
+    else:
+        await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, first
+
+
+async def _connection(host: str, port: int, until: float, req: bytes, out: dict[str, Any]) -> None:
+    t_conn = time.monotonic()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=1 << 20), 30)
+    except (OSError, TimeoutError) as exc:
+        out["errors"][f"connect {type(exc).__name__}"] = out["errors"].get(f"connect {type(exc).__name__}", 0) + 1
+        return
+    out["connect_s"].append(time.monotonic() - t_conn)
+    try:
+        while time.monotonic() < until:
+            t0 = time.monotonic()
+            writer.write(req)
+            status, headers, first = await asyncio.wait_for(_read_response(reader, t0), 120)
+            took = time.monotonic() - t0
+            if status == 200:
+                out["ttft_s"].append(first if first is not None else took)
+                out["held_ms"].append(int(headers.get("x-capbalancer-held-ms", "0")))
+            else:
+                out["status"].setdefault(str(status), []).append(took)
+            if status in (429, 503):
+                await asyncio.sleep(float(headers.get("retry-after", "1")))
+            if headers.get("connection", "").lower() == "close":
+                writer.close()
+                return await _connection(host, port, until, req, out)
+    except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+        out["errors"][type(exc).__name__] = out["errors"].get(type(exc).__name__, 0) + 1
+    finally:
+        writer.close()
+
+
+async def _worker(host: str, port: int, connections: int, seconds: float, max_tokens: int, start_at: float) -> dict:
+    out: dict[str, Any] = {"ttft_s": [], "held_ms": [], "status": {}, "errors": {}, "connect_s": []}
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    until = time.monotonic() + seconds
+    req = request_bytes(max_tokens)
+    await asyncio.gather(*(_connection(host, port, until, req, out) for _ in range(connections)))
+    return out
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    out = asyncio.run(_worker("127.0.0.1", args.port, args.connections, args.seconds, args.max_tokens,
+                              args.start_at))
+    Path(args.out).write_text(json.dumps(out))
+
+
+# --- probes and samples (threads of this process) -------------------------------------------------------------
+
+def probe_once(port: int, path: str, timeout_s: float = 2.0) -> float | None:
+    t0 = time.monotonic()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+            s.sendall(b"GET %s HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n" % path.encode())
+            data = s.recv(4096)
+        if not data.startswith(b"HTTP/1.1 "):
+            return None
+        return time.monotonic() - t0
+    except OSError:
+        return None
+
+
+def listen_queue(port: int) -> int:
+    """Connections waiting in the kernel's accept queue of the socket listening on `port` (LISTEN rx_queue)."""
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                        total += int(cols[4].split(":")[1], 16)
+        except OSError:
+            pass
+    return total
+
+
+class Watch(threading.Thread):
+    def __init__(self, fn, every_s: float) -> None:  # noqa: ANN001
+        super().__init__(daemon=True)
+        self.fn, self.every_s = fn, every_s
+        self.values: list[Any] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.values.append(self.fn())
+            time.sleep(self.every_s)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def pms(values: list[float], q: float) -> float | None:
+    """Percentile q of `values` (seconds), in milliseconds."""
+    v = pct(values, q)
+    return None if v is None else v * 1000
+
+
+# --- one run ------------------------------------------------------------------------------------------------
+
+def unloaded_ttft(port: int, n: int, max_tokens: int) -> list[float]:
+    async def run() -> list[float]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        out = []
+        req = request_bytes(max_tokens)
+        for _ in range(n):
+            t0 = time.monotonic()
+            writer.write(req)
+            status, _, first = await _read_response(reader, t0)
+            if status == 200 and first is not None:
+                out.append(first)
+        writer.close()
+        return out
+
+    return asyncio.run(run())
+
+
+def run_one(loop: str, engines: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    config = {"models": {"m": {"backends": [{"url": u, "name": f"sim{i}", "engine": "vllm", "profile": PROFILE}
+                                            for i, u in enumerate(engines)]}}}
+    with Proxy(config=config, extra_args=("--loop", loop, "--log-level", "warning")) as proxy:
+        time.sleep(1.5)  # a few health/metrics polls: every engine routable and calibrated
+        base = unloaded_ttft(proxy.port, args.unloaded_requests, args.max_tokens)
+        tmp = tempfile.mkdtemp(prefix="capb-overload-")
+        start_at = time.time() + 2.0  # every worker process imported and ready: start together
+        per = [args.connections // args.workers + (1 if i < args.connections % args.workers else 0)
+               for i in range(args.workers)]
+        workers = [subprocess.Popen([PYTHON, __file__, "--worker", "--port", str(proxy.port), "--connections",
+                                     str(n), "--seconds", str(args.seconds), "--max-tokens", str(args.max_tokens),
+                                     "--start-at", str(start_at), "--out", os.path.join(tmp, f"w{i}.json")])
+                   for i, n in enumerate(per)]
+        time.sleep(max(0.0, start_at - time.time()))
+        health = Watch(lambda: probe_once(proxy.port, "/health"), 0.05)
+        ready = Watch(lambda: probe_once(proxy.port, "/ready"), 0.25)
+        sample = Watch(lambda: (proc_rss_kb(proxy.pid), listen_queue(proxy.port)), 0.25)
+        for w in (health, ready, sample):
+            w.start()
+        for p in workers:
+            p.wait(timeout=args.seconds + 300)
+        for w in (health, ready, sample):
+            w.stop.set()
+            w.join()
+        alive = proxy.alive()
+    merged: dict[str, Any] = {"ttft_s": [], "held_ms": [], "status": {}, "errors": {}, "connect_s": []}
+    for i in range(args.workers):
+        part = json.loads(Path(tmp, f"w{i}.json").read_text())
+        merged["ttft_s"] += part["ttft_s"]
+        merged["held_ms"] += part["held_ms"]
+        merged["connect_s"] += part["connect_s"]
+        for k, v in part["status"].items():
+            merged["status"].setdefault(k, []).extend(v)
+        for k, v in part["errors"].items():
+            merged["errors"][k] = merged["errors"].get(k, 0) + v
+    h_ok = [v for v in health.values if v is not None]
+    r_ok = [v for v in ready.values if v is not None]
+    r429 = merged["status"].get("429", [])
+    ttft = merged["ttft_s"]
+    return {
+        "loop": loop, "connections": args.connections, "seconds": args.seconds, "proxy_alive": alive,
+        "unloaded_ttft_p50_ms": pms(base, 0.5),
+        "unloaded_ttft_p99_ms": pms(base, 0.99),
+        "health_probes": len(health.values), "health_failed": len(health.values) - len(h_ok),
+        "health_p50_ms": pms(h_ok, 0.5),
+        "health_p99_ms": pms(h_ok, 0.99),
+        "health_max_ms": max(h_ok) * 1000 if h_ok else None,
+        "ready_p99_ms": pms(r_ok, 0.99), "ready_failed": len(ready.values) - len(r_ok),
+        "served_200": len(ttft), "served_per_s": len(ttft) / args.seconds,
+        "ttft_p50_ms": pms(ttft, 0.5), "ttft_p99_ms": pms(ttft, 0.99),
+        "held_ms_p50": pct(merged["held_ms"], 0.5), "held_ms_p99": pct(merged["held_ms"], 0.99),
+        "n_429": len(r429), "r429_p50_ms": pms(r429, 0.5),
+        "r429_p99_ms": pms(r429, 0.99),
+        "other_status": {k: len(v) for k, v in merged["status"].items() if k != "429"},
+        "other_p99_ms": {k: pms(v, 0.99) for k, v in merged["status"].items() if k != "429"},
+        "errors": merged["errors"],
+        "connected": len(merged["connect_s"]), "connect_p99_ms": pms(merged["connect_s"], 0.99),
+        "backlog_max": max((q for _, q in sample.values), default=0),
+        "rss_peak_mb": max((r for r, _ in sample.values), default=0) / 1024,
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.0f}" if isinstance(v, float) else str(v)
+
+    keys = [("loop", "event loop"), ("connections", "connections"), ("health_p50_ms", "/health p50 ms"),
+            ("health_p99_ms", "/health p99 ms"), ("health_max_ms", "/health max ms"),
+            ("health_failed", "/health failed"), ("ready_p99_ms", "/ready p99 ms"), ("n_429", "429s"),
+            ("r429_p50_ms", "429 p50 ms"), ("r429_p99_ms", "429 p99 ms"), ("served_200", "200s"),
+            ("unloaded_ttft_p99_ms", "unloaded TTFT p99 ms"), ("ttft_p50_ms", "admitted TTFT p50 ms"),
+            ("ttft_p99_ms", "admitted TTFT p99 ms"), ("held_ms_p99", "held p99 ms"),
+            ("backlog_max", "backlog max"), ("rss_peak_mb", "RSS peak MB"), ("errors", "client errors"),
+            ("other_status", "other statuses")]
+    lines = ["| " + " | ".join(label for _, label in keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(f(r.get(k)) for k, _ in keys) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--connections", type=int, default=3000)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--engines", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--unloaded-requests", type=int, default=40)
+    ap.add_argument("--loops", default="uvloop,asyncio")
+    ap.add_argument("--json", default=None)
+    # worker mode (internal)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the workers inherit it
+    ports = [free_port() for _ in range(args.engines)]
+    rows = []
+    with contextlib.ExitStack() as stack:
+        for p in ports:
+            stack.enter_context(running(capbalancer("sim", "--engine", "vllm", "--profile", PROFILE, "--model", "m",
+                                                    "--port", str(p)), ready_url=f"http://127.0.0.1:{p}/health"))
+        engines = [f"http://127.0.0.1:{p}" for p in ports]
+        for loop in args.loops.split(","):
+            row = run_one(loop, engines, args)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
