@@ -81,6 +81,7 @@ class ProxyState:
     admin_added: dict[str, tuple[str, Any]] = field(default_factory=dict)
     adapters: AdapterIndex = field(default_factory=AdapterIndex)  # what each backend serves (its /v1/models)
     affinity: ObjectAffinity = field(default_factory=ObjectAffinity)  # stored responses -> their backend
+    sharing: Any = None  # cluster.sharing.Sharing while replicas share reservations (for /ready)
 
     def count_prompt_tokens(self, pool: ModelConfig, parsed: ParsedRequest) -> int:
         """Exact with the pool's tokenizer when it has one, else estimated from characters."""
