@@ -19,7 +19,7 @@ from capbalancer.sched.policies import PolicyContext, register
 from capbalancer.sched.types import Demand
 
 OPTION_NAMES = ("kv_growth_reserve", "kv_high_watermark", "knee_throughput_fraction", "tpot_slo_ms",
-                "ttft_slo_ms", "ttft_weight", "calibrate", "hold")
+                "ttft_slo_ms", "ttft_weight", "calibrate", "hold", "judge_net_negative")
 
 
 def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, bool]:
@@ -37,6 +37,7 @@ def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, 
         ttft_slo_s=None if ttft_slo_ms is None else float(ttft_slo_ms) / 1000.0,
         ttft_weight=float(options.get("ttft_weight", defaults.ttft_weight)),
         calibrate=bool(options.get("calibrate", 1)),
+        judge_net_negative=bool(options.get("judge_net_negative", 1)),
     )
     return settings, bool(options.get("hold", 1))
 

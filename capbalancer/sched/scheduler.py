@@ -163,6 +163,8 @@ class Scheduler:
         if state is None:
             return []
         state.take_snapshot(snapshot)
+        if state.gpu_siblings:
+            self.capacity.refresh_shared(state, now)
         hits = getattr(snapshot, "prefix_cache_hits_tokens_total", None)
         if hits is not None:  # the engine's own count of prefix-cache hits: how far the index's belief holds
             self.prefix.on_hits_counter(backend_id, hits)
@@ -340,6 +342,8 @@ class Scheduler:
         if output_tokens is not None:
             state.set_progress(req, output_tokens, now)
         state.remove_inflight(request_id, now)
+        if state.gpu_siblings:
+            self.capacity.refresh_shared(state, now)
         if output_tokens is not None:
             req.output_tokens = output_tokens
         if prompt_tokens is not None:
@@ -457,6 +461,9 @@ class Scheduler:
                 "profile": b.spec.profile.name if b.spec.profile else None,
                 "gpu_group": b.spec.gpu_group,
                 "shares_gpu_with": [s.backend_id for s in b.gpu_siblings],
+                # Learned: how much its busy siblings' steps slow it (sched/interference.py); 1.0 is sum-of-steps.
+                "interference": {"factor": round(b.interference.factor, 3), "observations": b.interference.count}
+                if b.gpu_siblings else None,
                 "health": b.health.value,
                 "outlier": self.outlier.describe(backend_id, now),
                 "draining": b.draining,
@@ -531,6 +538,8 @@ class Scheduler:
         self._index_dispatch(backend, demand, cached, now)
         backend.add_inflight(req)
         self._request_backend[demand.request_id] = backend.backend_id
+        if backend.gpu_siblings:
+            self.capacity.refresh_shared(backend, now)
         # A stream must show its first token within a few predicted TTFTs; a plain response (no first token
         # is seen before the end) its whole answer within a few predicted end-to-end times.
         o = self.outlier.settings

@@ -348,6 +348,7 @@ class Forward:
                         try:
                             body = await upstream_resp.read(state.config.server.max_upstream_body_bytes)
                         except ResponseTooLarge as exc:  # never held whole: 502, the connection closed
+                            fault = True  # an endless or oversized body is the backend's failure (outlier)
                             return classify_upstream_error(exc, timeouts)
                         reuse_connection = True
                         metrics.observe_ttfb(up.name, time.monotonic() - self.started)

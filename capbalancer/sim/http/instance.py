@@ -84,7 +84,7 @@ class SimInstance:
     def __init__(self, profile: Profile, *, engine_kind: str = "vllm", model: str = "sim",
                  time_scale: float = 1.0, seed: int = 0, eos_mean_tokens: float = 200.0,
                  max_concurrent_requests: int | None = None, gpu: SharedGpu | None = None,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, interference: float = 1.0) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         self.profile = profile
@@ -104,7 +104,7 @@ class SimInstance:
         self._task: asyncio.Task | None = None
         self.gpu = gpu
         if gpu is not None:
-            self.engine.share_gpu(gpu, self._sibling_moved)
+            self.engine.share_gpu(gpu, self._sibling_moved, interference)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
