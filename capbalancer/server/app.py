@@ -223,6 +223,13 @@ def readiness_answer(state: ProxyState) -> tuple[int, bytes]:
     return (200 if ready else 503), orjson.dumps(details)
 
 
+def hold_queues_full(state: ProxyState) -> bool:
+    """Every pool's hold queue is full: a new request would be answered 429 anyway. Only reads (the front
+    door's thread calls it to shed load before the event loop sees the request)."""
+    pools = list(state.driver.scheduler.pools.values())
+    return bool(pools) and all(len(p.hold) >= p.settings.hold_max_requests for p in pools)
+
+
 def probe_answer(state: ProxyState, path: str) -> tuple[int, bytes] | None:
     if path == "/health":
         return 200, LIVE_BODY

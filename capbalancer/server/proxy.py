@@ -297,8 +297,11 @@ class Forward:
         if status < 500 and status != 429:  # the request itself is wrong: retrying it later will not help
             return error_response(status, reason, code=code or "invalid_request", param="messages"
                                   if code == "context_length_exceeded" else None, headers=self._headers(None))
-        return error_response(status, reason, retry_after_s=retry_after_s, code=code or ("no_capacity"
+        resp = error_response(status, reason, retry_after_s=retry_after_s, code=code or ("no_capacity"
                               if status == 429 else "unavailable"), headers=self._headers(None))
+        if status == 429:  # overloaded: the client's retry reconnects, and the front door sheds it cheaply
+            resp.force_close()
+        return resp
 
     def _deliver(self, outcome: UpstreamError | web.Response, backend: str) -> web.Response:
         if isinstance(outcome, UpstreamError):
