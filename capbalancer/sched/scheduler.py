@@ -272,7 +272,8 @@ class Scheduler:
         if too_long is not None:
             pool.rejected_total += 1
             return too_long
-        candidates = [b for b in self._routable(pool, now) if b.backend_id not in excluded]
+        candidates = [b for b in self._routable(pool, now) if b.backend_id not in excluded
+                      and (demand.only_backends is None or b.backend_id in demand.only_backends)]
         if not candidates:
             pool.rejected_total += 1
             return Reject(503, "no healthy backend for this model", settings.retry_after_s)
@@ -614,9 +615,11 @@ class Scheduler:
             if len(self.remote) and self.remote.ahead(pool_name, demand.priority, held_at):
                 break  # another replica's older request goes first (one queue order across replicas)
             ctx = self._ctx(pool, demand, now)
-            choice = pool.policy.choose(demand, candidates, ctx)
+            allowed = candidates if demand.only_backends is None else [
+                b for b in candidates if b.backend_id in demand.only_backends]
+            choice = pool.policy.choose(demand, allowed, ctx) if allowed else None
             if choice is None:
-                if unservable is not None and unservable(demand, candidates, ctx):
+                if not allowed or (unservable is not None and unservable(demand, allowed, ctx)):
                     # Nothing can start it before its deadline: answer now rather than block the queue.
                     pool.hold.pop()
                     events.append(self._expire(demand, now, 429, "overloaded: cannot start before its deadline",
@@ -682,7 +685,8 @@ class Scheduler:
         if demand.api == "embeddings":
             return None
         prompt = demand.prompt_tokens if demand.prompt_tokens_exact else int(demand.prompt_tokens * 0.8)
-        needed = prompt + (demand.max_tokens if demand.max_tokens_explicit else 1)
+        # One sequence of an n > 1 request is what must fit in the context.
+        needed = prompt + (demand.max_tokens // max(1, demand.sequences) if demand.max_tokens_explicit else 1)
         longest = 0
         for bid in pool.backend_ids:
             limit = self.backends[bid].max_request_tokens()
