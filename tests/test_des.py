@@ -53,7 +53,8 @@ def test_policies_differ_on_an_unequal_cluster_and_shares_follow_the_policy():
 
 def test_overload_is_held_and_everything_is_resolved():
     r = run_des(HETERO, "rate=inf,n=1500,prompt=300,output=100,seed=2", "capacity",
-                DesOptions(hold_timeout_s=1000.0, hold_max_requests=5000))
+                DesOptions(hold_timeout_s=1000.0, hold_max_requests=5000,
+                           policy_options={"ttft_objective_factor": 0}))  # hold as long as it takes
     assert r.summary["held"] > 0  # the scheduler held requests (late binding), the runner dispatched them
     assert r.summary["completed"] == 1500
 

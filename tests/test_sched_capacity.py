@@ -19,6 +19,10 @@ def profile(name, step_scale=1.0, kv_tokens=100_000, max_num_seqs=256):
 
 
 def make(backends, policy="capacity", **options):
+    if policy == "capacity":
+        # These tests pin routing with no TTFT objective (they never complete anything, so a default
+        # objective would refuse most of their burst): goodput admission has its own tests.
+        options.setdefault("ttft_objective_factor", 0)
     sched = Scheduler([PoolSettings(name="m", policy=policy, policy_options=options, hold_timeout_s=60.0)])
     for name, prof in backends:
         sched.add_backend(BackendSpec(backend_id=name, pool="m", engine="vllm", profile=prof), 0.0)
@@ -137,7 +141,8 @@ def test_llm_d_prefers_lower_queue_and_kv():
 
 
 def make_grouped(backends, groups):
-    sched = Scheduler([PoolSettings(name="m", policy="capacity", hold_timeout_s=60.0)])
+    sched = Scheduler([PoolSettings(name="m", policy="capacity", hold_timeout_s=60.0,
+                                    policy_options={"ttft_objective_factor": 0})])
     for name, prof in backends:
         sched.add_backend(BackendSpec(backend_id=name, pool="m", engine="vllm", profile=prof,
                                       gpu_group=groups.get(name)), 0.0)

@@ -76,7 +76,7 @@ def test_hold_priority_release_order_and_deadline():
     assert isinstance(sched.submit(demand(3, priority=0), 0.2), Hold)
     assert isinstance(sched.submit(demand(4, deadline=1.0), 0.3), Hold)
     expired = sched.tick(1.5)
-    assert expired == [Expire("r4", 503, "held past its deadline with no backend free", 1.0)]
+    assert expired == [Expire("r4", 429, "overloaded: held past its deadline with no backend free", 1.0)]
     gate.open = True
     events = sched.observe("b0", EngineSnapshot(taken_at_s=2.0, engine="vllm", running=0, waiting=0), 2.0)
     assert [e.request_id for e in events if isinstance(e, Dispatch)] == ["r2", "r1", "r3"]

@@ -62,8 +62,8 @@ def _sched(policy="capacity", n=3, profile=None, **outlier):
     return sched
 
 
-def _demand(i, prompt=100, max_tokens=50, stream=True, **kw):
-    return Demand(request_id=f"r{i}", pool="m", prompt_tokens=prompt, max_tokens=max_tokens, arrival_s=0.0,
+def _demand(i, prompt=100, max_tokens=50, stream=True, arrival_s=0.0, **kw):
+    return Demand(request_id=f"r{i}", pool="m", prompt_tokens=prompt, max_tokens=max_tokens, arrival_s=arrival_s,
                   stream=stream, **kw)
 
 
@@ -74,7 +74,7 @@ def test_5xx_only_backend_is_ejected_under_every_policy(policy):
     now, sent_to_b0, sent_to_b0_late = 0.0, 0, 0
     for i in range(300):
         now = i * 0.1
-        d = sched.submit(_demand(i), now)
+        d = sched.submit(_demand(i, arrival_s=now), now)
         assert isinstance(d, Route)
         if d.backend_id == "b0":
             sent_to_b0 += 1

@@ -18,7 +18,10 @@ def profile(name, step_scale=1.0, kv_tokens=200_000):
 
 
 def make(backends, policy="capacity", prefix=None):
-    sched = Scheduler([PoolSettings(name="m", policy=policy, hold_timeout_s=60.0)], prefix=prefix)
+    # No TTFT objective: these bursts never complete anything (goodput admission has its own tests).
+    options = {"ttft_objective_factor": 0} if policy == "capacity" else {}
+    sched = Scheduler([PoolSettings(name="m", policy=policy, hold_timeout_s=60.0, policy_options=options)],
+                      prefix=prefix)
     for name, prof in backends:
         sched.add_backend(BackendSpec(backend_id=name, pool="m", engine="vllm", profile=prof), 0.0)
     return sched

@@ -50,6 +50,11 @@ class CapacitySettings:
     ttft_slo_s: float | None = None
     ttft_weight: float = 1.0  # weight of TTFT against the rest of e2e in the routing score
     calibrate: bool = True
+    # Goodput by default (sched/admission.py): with no `ttft_slo_s`, a request's TTFT objective is
+    # max(floor, factor x its predicted TTFT on the fastest idle backend), counted from its arrival; a request
+    # that cannot start within it is refused (429) rather than served late. factor 0: no derived objective.
+    ttft_objective_factor: float = 3.0
+    ttft_objective_floor_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +317,13 @@ class CapacityModel:
         base = req.predicted_ttft_base_s
         if base is not None and base > 0:
             state.ttft_correction.add(_clip(waited_s / base))
+
+    def idle_ttft_s(self, state: BackendState, prompt_tokens: int) -> float:
+        """TTFT of a prompt on `state` with nothing else running there (calibrated): the least any wait adds to."""
+        step = self.base_step(state)
+        _, max_batched_tokens = self._limits(state.spec.profile)
+        chunks = math.ceil(max(1, prompt_tokens) / max(1, max_batched_tokens))
+        return (prompt_tokens * step.prefill_seconds_per_token + chunks * step.fixed_seconds) * self.ttft_factor(state)
 
     def predict(self, state: BackendState, demand: Demand, expected_output_tokens: int, now: float) -> Estimate:
         return self.estimate(state, demand, expected_output_tokens, now)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from capbalancer.sched.admission import derived_objective_s
 from capbalancer.sched.backend import BackendState
 from capbalancer.sched.capacity import CapacityModel, CapacitySettings
 from capbalancer.sched.policies import PolicyContext, register
 from capbalancer.sched.types import Demand
 
 OPTION_NAMES = ("kv_growth_reserve", "kv_high_watermark", "knee_throughput_fraction", "tpot_slo_ms",
-                "ttft_slo_ms", "ttft_weight", "calibrate", "hold")
+                "ttft_slo_ms", "ttft_weight", "calibrate", "hold", "ttft_objective_factor", "ttft_objective_floor_ms")
 
 
 def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, bool]:
@@ -37,6 +38,9 @@ def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, 
         ttft_slo_s=None if ttft_slo_ms is None else float(ttft_slo_ms) / 1000.0,
         ttft_weight=float(options.get("ttft_weight", defaults.ttft_weight)),
         calibrate=bool(options.get("calibrate", 1)),
+        ttft_objective_factor=float(options.get("ttft_objective_factor", defaults.ttft_objective_factor)),
+        ttft_objective_floor_s=float(options.get("ttft_objective_floor_ms",
+                                                 defaults.ttft_objective_floor_s * 1000.0)) / 1000.0,
     )
     return settings, bool(options.get("hold", 1))
 
@@ -108,6 +112,24 @@ class CapacityPolicy:
         remaining = demand.deadline_s - ctx.now
         return all(model.estimate(b, demand, ctx.expected_output_tokens, ctx.now).ttft_s > remaining
                    for b in candidates)
+
+    def ttft_deadline_s(self, demand: Demand, candidates: Sequence[BackendState], ctx: PolicyContext
+                        ) -> float | None:
+        """When `demand`'s first token is due by its TTFT objective, counted from its arrival (time held
+        counts): the user's `ttft_slo_ms`, else the derived default; None when neither applies."""
+        s = self.settings
+        if s.ttft_slo_s is not None:
+            return demand.arrival_s + s.ttft_slo_s
+        if s.ttft_objective_factor <= 0 or not candidates or demand.api == "embeddings":
+            return None
+        objective = derived_objective_s(self.idle_ttft_s(demand, candidates, ctx), s.ttft_objective_factor,
+                                        s.ttft_objective_floor_s)
+        return None if objective is None else demand.arrival_s + objective
+
+    def idle_ttft_s(self, demand: Demand, candidates: Sequence[BackendState], ctx: PolicyContext) -> float:
+        """The least TTFT any candidate could give `demand`: what must be left of its objective to start it."""
+        model = self._model_for(ctx)
+        return min(model.idle_ttft_s(b, demand.prompt_tokens) for b in candidates)
 
 
 def _make(options: dict[str, float], rng: random.Random) -> CapacityPolicy:

@@ -24,6 +24,7 @@ from typing import Any
 
 from capbalancer.fleet.kv_events import KvEvent
 from capbalancer.fleet.snapshot import EngineSnapshot
+from capbalancer.sched.admission import DrainRate
 from capbalancer.sched.backend import BackendState, Health, InflightRequest
 from capbalancer.sched.capacity import CapacityModel
 from capbalancer.sched.estimates import OutputLengthEstimator
@@ -60,11 +61,9 @@ class PoolState:
     held_total: int = 0
     rejected_total: int = 0
     expired_total: int = 0
-    # How fast held requests leave the queue for a backend (per second, smoothed): tells a newcomer
-    # whether it could leave the queue before its deadline at all.
-    release_rate_per_s: float | None = None
-    release_window_start_s: float = 0.0
-    release_window_count: int = 0
+    # How fast held requests leave the queue for a backend: tells a newcomer whether it could leave the
+    # queue before its deadline at all (sched/admission.py).
+    drain: DrainRate = field(default_factory=DrainRate)
 
 
 class Scheduler:
@@ -216,8 +215,10 @@ class Scheduler:
         if pool is None:
             raise SchedulerError(f"unknown pool {demand.pool!r}")
         settings = pool.settings
-        if demand.deadline_s is None:
-            demand.deadline_s = now + settings.hold_timeout_s
+        # The deadline header only shortens the hold, never extends it past the pool's hold timeout.
+        hold_deadline = now + settings.hold_timeout_s
+        if demand.deadline_s is None or demand.deadline_s > hold_deadline:
+            demand.deadline_s = hold_deadline
         excluded = set(exclude)
         too_long = self._never_servable(pool, demand)
         if too_long is not None:
@@ -227,10 +228,17 @@ class Scheduler:
         if not candidates:
             pool.rejected_total += 1
             return Reject(503, "no healthy backend for this model", settings.retry_after_s)
+        ctx = self._ctx(pool, demand, now)
+        # Goodput: the first token is due by the TTFT objective, counted from arrival (sched/admission.py).
+        objective = getattr(pool.policy, "ttft_deadline_s", None)
+        objective_deadline = objective(demand, candidates, ctx) if objective is not None else None
+        by_objective = objective_deadline is not None and objective_deadline < demand.deadline_s
+        if by_objective:
+            demand.deadline_s = objective_deadline
         # Requests already held go first unless this one outranks them: no jumping the queue.
         head_priority = pool.hold.head_priority()
         if head_priority is None or demand.priority > head_priority:
-            choice = pool.policy.choose(demand, candidates, self._ctx(pool, demand, now))
+            choice = pool.policy.choose(demand, candidates, ctx)
             if choice is not None:
                 self._dispatch(choice, demand, pool, now)
                 return Route(choice.backend_id)
@@ -241,15 +249,29 @@ class Scheduler:
             pool.rejected_total += 1
             return Reject(429, "hold queue is full", settings.retry_after_s)
         deadline = demand.deadline_s
-        rate = pool.release_rate_per_s
-        if rate is not None and rate > 0 and (len(pool.hold) + 1) / rate > deadline - now:
+        # Under a TTFT objective the hold ends when the request could no longer start in time even on the
+        # fastest idle backend; under the plain hold timeout (header, or objectives off) it ends at the deadline.
+        start_by = deadline
+        unservable = None
+        if by_objective:
+            idle_ttft = getattr(pool.policy, "idle_ttft_s", None)
+            start_by -= idle_ttft(demand, candidates, ctx) if idle_ttft is not None else 0.0
+            unservable = getattr(pool.policy, "unservable", None)
+        if start_by <= now or (unservable is not None and unservable(demand, candidates, ctx)):
+            # Refused now (429: overloaded, come back later) rather than held only to be served late.
+            pool.rejected_total += 1
+            return Reject(429, "overloaded: this request cannot start within its time-to-first-token objective",
+                          settings.retry_after_s)
+        wait_s = pool.drain.wait_s(len(pool.hold))
+        if wait_s is not None and now + wait_s > start_by:
             # Fail fast: the queue ahead drains too slowly for this request to leave it in time, and
             # holding it would only make everything behind it later too.
             pool.rejected_total += 1
-            wait_s = (len(pool.hold) + 1) / rate
-            return Reject(503, f"the hold queue would take ~{wait_s:.1f}s, past this request's deadline",
-                          max(settings.retry_after_s, wait_s))
-        position = pool.hold.push(demand, now, deadline)
+            return Reject(429, f"overloaded: the hold queue would take ~{wait_s:.1f}s, past this request's "
+                          "time-to-first-token objective", max(settings.retry_after_s, wait_s))
+        if not len(pool.hold):
+            pool.drain.on_backlog(now)
+        position = pool.hold.push(demand, now, start_by)
         self._held_pool[demand.request_id] = demand.pool
         pool.held_total += 1
         return Hold(reason=reason, queue_position=position)
@@ -333,8 +355,8 @@ class Scheduler:
             for demand, _held_at in pool.hold.expired(now):
                 self._held_pool.pop(demand.request_id, None)
                 pool.expired_total += 1
-                events.append(Expire(demand.request_id, 503, "held past its deadline with no backend free",
-                                     pool.settings.retry_after_s))
+                events.append(Expire(demand.request_id, 429, "overloaded: held past its deadline with no backend "
+                                     "free", pool.settings.retry_after_s))
             if len(pool.hold):
                 events.extend(self._release(name, now))
         return events
@@ -510,10 +532,7 @@ class Scheduler:
         if pool is None:
             return []
         if not len(pool.hold):
-            # No queue, no congestion: forget the drain rate so the next queue is judged afresh.
-            pool.release_rate_per_s = None
-            pool.release_window_start_s = now
-            pool.release_window_count = 0
+            pool.drain.on_empty()
             return []
         events: list[Event] = []
         candidates = self._routable(pool, now)
@@ -531,27 +550,16 @@ class Scheduler:
                 if unservable is not None and unservable(demand, candidates, ctx):
                     # Nothing can start it before its deadline: answer now rather than block the queue.
                     pool.hold.pop()
-                    events.append(self._expire(demand, now, 503, "cannot be served before its deadline",
+                    events.append(self._expire(demand, now, 429, "overloaded: cannot start before its deadline",
                                                pool.settings))
                     continue
                 break
             pool.hold.pop()
             self._held_pool.pop(demand.request_id, None)
             self._dispatch(choice, demand, pool, now)
-            self._count_release(pool, now)
+            pool.drain.on_release(now)
             events.append(Dispatch(demand.request_id, choice.backend_id, now - held_at))
         return events
-
-    @staticmethod
-    def _count_release(pool: PoolState, now: float, window_s: float = 2.0) -> None:
-        pool.release_window_count += 1
-        elapsed = now - pool.release_window_start_s
-        if elapsed >= window_s:
-            rate = pool.release_window_count / elapsed
-            prev = pool.release_rate_per_s
-            pool.release_rate_per_s = rate if prev is None else 0.5 * prev + 0.5 * rate
-            pool.release_window_start_s = now
-            pool.release_window_count = 0
 
     def _expire_if_unservable(self, pool_name: str, now: float) -> list[Event]:
         """With no routable backend left, held requests are answered at once rather than left to hang."""

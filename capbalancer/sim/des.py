@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,13 @@ class DesOptions:
     seed: int = 0  # the scheduler's own seed (random policies)
     max_sim_seconds: float = 1e7  # safety stop
     gpu_groups_to_scheduler: bool = True  # False: engines still share their GPUs, the scheduler is not told
+    # The scheduler knows only what a user would: each instance's profile as given to the scheduler is off
+    # from the simulated engine's truth by a factor drawn in [1 - e, 1 + e] per instance (its calibration
+    # has to find the rest). 0: the scheduler's profiles are the engines' truth (flatters `capacity`).
+    profile_error: float = 0.15
+    # A closed-loop user refused (429/503) waits the Retry-After before sending again, as real clients do,
+    # instead of resubmitting in the same instant.
+    closed_loop_backoff: bool = True
 
 
 @dataclass(slots=True)
@@ -139,6 +147,15 @@ def _as_instances(fleet: FleetDescription | str | Path | Sequence[DesInstance] |
     return out
 
 
+def _as_believed(profile: Profile, error: float, seed: int, name: str) -> Profile:
+    """`profile` as a user's profiling run would have measured it: off by up to `error` either way, the same
+    factor for every run of this instance and seed (so every policy is judged on the same belief)."""
+    if error <= 0:
+        return profile
+    factor = 1.0 + error * (2.0 * random.Random(f"{seed}:{name}").random() - 1.0)
+    return dataclasses.replace(profile, step=profile.step.scaled(factor))
+
+
 class _Run:
     """One simulation: the state the event handlers share."""
 
@@ -156,7 +173,8 @@ class _Run:
             [PoolSettings(name=m, policy=policy, policy_options=dict(opts.policy_options),
                           default_max_tokens=opts.default_max_tokens, hold_max_requests=opts.hold_max_requests,
                           hold_timeout_s=opts.hold_timeout_s) for m in models],
-            [BackendSpec(backend_id=i.name, pool=i.model, url=f"sim://{i.name}", engine=i.engine, profile=i.profile,
+            [BackendSpec(backend_id=i.name, pool=i.model, url=f"sim://{i.name}", engine=i.engine,
+                         profile=_as_believed(i.profile, opts.profile_error, opts.seed, i.name),
                          gpu_group=i.gpu_group if opts.gpu_groups_to_scheduler else None, weight=i.weight)
              for i in instances],
             health=HealthSettings(stale_after_s=opts.stale_after_s), seed=opts.seed)
@@ -213,7 +231,7 @@ class _Run:
         elif isinstance(decision, Hold):
             self.ensure_tick()
         else:
-            self.fail(i, decision.status, decision.reason, now)
+            self.fail(i, decision.status, decision.reason, now, decision.retry_after_s)
 
     def start_on(self, i: int, k: int, now: float) -> None:
         r = self.requests[i]
@@ -224,19 +242,19 @@ class _Run:
         self.handle_engine_events(k, events)
         self.reschedule(k)
 
-    def fail(self, i: int, status: int, reason: str, now: float) -> None:
+    def fail(self, i: int, status: int, reason: str, now: float, retry_after_s: float = 0.0) -> None:
         rec = self.records[i]
         rec.success = False
         rec.status = status
         rec.error = f"http_{status}"
         rec.error_detail = reason
-        self.done(now)
+        self.done(now, retry_after_s if self.opts.closed_loop_backoff else 0.0)
 
-    def done(self, now: float) -> None:
+    def done(self, now: float, backoff_s: float = 0.0) -> None:
         self.resolved += 1
         self.last_done_s = max(self.last_done_s, now)
         if self.wl.concurrency is not None and self.next_arrival < len(self.requests):
-            self.push(now, _ARRIVAL, self.next_arrival)
+            self.push(now + backoff_s, _ARRIVAL, self.next_arrival)
             self.next_arrival += 1
 
     def handle_sched_events(self, events: list, now: float) -> None:
@@ -244,7 +262,7 @@ class _Run:
             if isinstance(ev, Dispatch):
                 self.start_on(int(ev.request_id), self.index_of[ev.backend_id], now)
             elif isinstance(ev, Expire):
-                self.fail(int(ev.request_id), ev.status, ev.reason, now)
+                self.fail(int(ev.request_id), ev.status, ev.reason, now, ev.retry_after_s)
 
     def handle_engine_events(self, k: int, events: list) -> None:
         sched = self.sched
