@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from capbalancer.profiling.schema import Profile, StepTimeModel
 from capbalancer.sched.backend import BackendState, InflightRequest
+from capbalancer.sched.objectives import derived_tpot_objective_s
 from capbalancer.sched.prefix_index import PrefixIndex
 from capbalancer.sched.types import Demand, HealthSettings
 
@@ -55,6 +56,11 @@ class CapacitySettings:
     # that cannot start within it is refused (429) rather than served late. factor 0: no derived objective.
     ttft_objective_factor: float = 3.0
     ttft_objective_floor_s: float = 2.0
+    # With no `tpot_slo_s`, each backend admits only while its predicted TPOT stays under
+    # max(floor, factor x its own one-sequence TPOT) (sched/objectives.py): a slow GPU's full batch no longer
+    # serves every request too slowly to count. factor 0: fill every seat, as before.
+    tpot_objective_factor: float = 1.5
+    tpot_objective_floor_s: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +183,11 @@ class CapacityModel:
         shared_s = self.shared_gpu_step_seconds(state, now) if state.gpu_siblings else 0.0
         tpot_s = (step.decode_step_seconds(batch, int(mean_ctx * batch)) + churn_s_per_seq * batch
                   + shared_s) * tpot_k
-        if s.tpot_slo_s is not None and seqs_now > 0 and tpot_s > s.tpot_slo_s:
+        tpot_objective_s = s.tpot_slo_s
+        if tpot_objective_s is None and s.tpot_objective_factor > 0:
+            tpot_objective_s = derived_tpot_objective_s(step, int(mean_ctx), s.tpot_objective_factor,
+                                                        s.tpot_objective_floor_s, tpot_k)
+        if tpot_objective_s is not None and seqs_now > 0 and tpot_s > tpot_objective_s:
             fits_compute = False
             if not full:
                 return None

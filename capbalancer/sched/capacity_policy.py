@@ -20,7 +20,8 @@ from capbalancer.sched.policies import PolicyContext, register
 from capbalancer.sched.types import Demand
 
 OPTION_NAMES = ("kv_growth_reserve", "kv_high_watermark", "knee_throughput_fraction", "tpot_slo_ms",
-                "ttft_slo_ms", "ttft_weight", "calibrate", "hold", "ttft_objective_factor", "ttft_objective_floor_ms")
+                "ttft_slo_ms", "ttft_weight", "calibrate", "hold", "ttft_objective_factor", "ttft_objective_floor_ms",
+                "tpot_objective_factor", "tpot_objective_floor_ms")
 
 
 def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, bool]:
@@ -41,6 +42,9 @@ def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, 
         ttft_objective_factor=float(options.get("ttft_objective_factor", defaults.ttft_objective_factor)),
         ttft_objective_floor_s=float(options.get("ttft_objective_floor_ms",
                                                  defaults.ttft_objective_floor_s * 1000.0)) / 1000.0,
+        tpot_objective_factor=float(options.get("tpot_objective_factor", defaults.tpot_objective_factor)),
+        tpot_objective_floor_s=float(options.get("tpot_objective_floor_ms",
+                                                 defaults.tpot_objective_floor_s * 1000.0)) / 1000.0,
     )
     return settings, bool(options.get("hold", 1))
 
