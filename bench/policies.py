@@ -1,6 +1,6 @@
 """Every routing policy on the same heterogeneous clusters and workloads, in the discrete-event runner.
 
-    .venv/bin/python bench/policies.py [--quick] [--json out/policies.json] [--clusters a,b] [--jobs 2]
+    .venv/bin/python bench/policies.py [--quick] [--json out/policies.json] [--clusters a,b] [--jobs 2] [--defaults]
 
 For each cluster it prints one table with, per policy:
   * throughput at saturation (closed loop, far more requests outstanding than the cluster can run) as a
@@ -70,7 +70,14 @@ CLUSTERS = (
 )
 
 
+# --defaults: every policy (capacity included) as a user gets it, with no options: the issue-15 figures.
+# Set in main() before the worker processes fork.
+DEFAULTS = False
+
+
 def _options(policy: str, saturation: bool) -> DesOptions:
+    if DEFAULTS:
+        return DesOptions(poll_interval_s=0.25, slo=SLO)
     # The proxy polls engines every 0.25 s here (llm-d's EPP refreshes every 50 ms, routers poll every
     # 30-60 s). Baselines never hold, so the hold settings only matter to `capacity`, whose pool is
     # configured as a user with this SLO would: hold a request at most as long as its TTFT objective
@@ -216,7 +223,11 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seconds-per-rate", type=float, default=None,
                         help="simulated seconds of arrivals per rate (default 240, --quick 60)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="every policy in its default configuration (no objective, hold or option set)")
     args = parser.parse_args()
+    global DEFAULTS
+    DEFAULTS = args.defaults
     known = set(policy_names())
     policies = [p for p in args.policies.split(",") if p]
     missing = [p for p in policies if p not in known]

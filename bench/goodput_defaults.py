@@ -1,0 +1,144 @@
+"""Goodput with the defaults a user gets (issues 14 §6, 15): every policy in its DEFAULT configuration, in the
+discrete-event runner, from half the fleet's capacity to twice it, on a 0.4 -> 1.5 -> 0.4 ramp and in a
+saturating closed loop. The DES also runs with its defaults: the scheduler's profiles are off from the
+engines' truth (profile_error 0.15) and refused closed-loop users wait their Retry-After.
+
+    .venv/bin/python bench/goodput_defaults.py [--clusters hels-llama13b,...] [--seconds 60] [--jobs 2]
+        [--policies capacity,least_requests,...] [--json out.json]
+
+SLO: TTFT <= 2 s and TPOT <= 100 ms; attainment = requests that met it / requests sent (a refused request
+misses). Per row: attainment (%) at each load, per class (prompt < 1,000 tokens vs >= 1,000) at 2x, goodput
+(req/s meeting the SLO) and in a closed loop of 1,024 users. The ramp's post-peak column is the attainment of the requests sent in its last third.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+from policies import BASELINES, CLUSTERS, SLO, WORKLOAD, Cluster, ideal_of  # bench/ is on sys.path
+
+# _Run: the ramp needs its own list of arrivals, which the workload spec cannot express.
+from capbalancer.sim.des import DesOptions, _Run, run_des
+from capbalancer.sim.workload import DesRequest, generate_requests, parse_workload
+
+LOADS = (0.5, 0.8, 1.0, 1.2, 1.5, 2.0)
+LONG_PROMPT_TOKENS = 1000
+EXTRA_CLUSTERS = (
+    Cluster("three-type", "Six instances of three GPU types: H100 x2, A100-40G x2, L4 x2 for Llama-3.1-8B",
+            (("h100", "h100-80g/llama-3.1-8b-tp1", 2), ("a100-40g", "a100-40g/llama-3.1-8b-tp1", 2),
+             ("l4", "l4/llama-3.1-8b-tp1", 2))),
+    Cluster("kv-short", "KV-short mix for Llama-2-13B: A100-40G x2, V100-32G x2, RTX 3090 x2 (one TP2)",
+            (("a100-40g", "a100-40g/llama-2-13b-tp1", 2), ("v100", "v100-32g/llama-2-13b-tp1", 2),
+             ("3090x2", "rtx3090/llama-2-13b-tp2", 1))),
+)
+
+
+def _meets(r: Any) -> bool:
+    if not r.success or r.ttft_s is None or r.ttft_s > SLO.ttft_ms / 1000.0:
+        return False
+    if r.output_tokens and r.output_tokens > 1 and r.e2el_s is not None:
+        return (r.e2el_s - r.ttft_s) / (r.output_tokens - 1) <= SLO.tpot_ms / 1000.0
+    return True
+
+
+def _attainment(records: list[Any]) -> float:
+    return 100.0 * sum(1 for r in records if _meets(r)) / len(records) if records else 0.0
+
+
+def _cluster(name: str) -> Cluster:
+    return next(c for c in CLUSTERS + EXTRA_CLUSTERS if c.name == name)
+
+
+def _ramp_requests(rate: float, seconds: float) -> list[DesRequest]:
+    out: list[DesRequest] = []
+    t0 = 0.0
+    for k, fraction in enumerate((0.4, 1.5, 0.4)):
+        n = max(20, int(fraction * rate * seconds))
+        wl = parse_workload(f"{WORKLOAD},n={n},rate={fraction * rate:.4f},seed={10 + k}")
+        for r in generate_requests(wl, 4096):
+            out.append(DesRequest(len(out), t0 + r.arrival_s, r.prompt_tokens, r.output_tokens, r.max_tokens))
+        t0 += seconds
+    return out
+
+
+def _run(task: tuple[str, str, str, float, float]) -> dict[str, Any]:
+    cluster_name, policy, kind, load, seconds = task
+    cluster = _cluster(cluster_name)
+    ideal = ideal_of(cluster)
+    rate = ideal["request_throughput"]
+    opts = DesOptions(poll_interval_s=0.25, slo=SLO)  # the defaults, only the SLO to measure against
+    instances = cluster.des_instances()
+    if kind == "ramp":
+        requests = _ramp_requests(rate, seconds)
+        wl = parse_workload(f"{WORKLOAD},n={len(requests)},rate=1")
+        run = _Run(instances, requests, wl, policy, opts)
+        run.run()
+        records = run.records
+        last = [r for r, q in zip(records, requests, strict=True) if q.arrival_s >= 2 * seconds]
+        return {"cluster": cluster_name, "policy": policy, "kind": kind, "load": load,
+                "attainment": _attainment(records), "post_peak_attainment": _attainment(last)}
+    if kind == "closed":
+        # 1,024 users, each sending again when answered (after its Retry-After when refused): enough requests
+        # that the run is mostly steady state. Goodput: requests that met the SLO per simulated second.
+        res = run_des(instances, f"{WORKLOAD},n=20000,concurrency=1024", policy, opts, seed=2)
+        good = sum(1 for r in res.records if _meets(r))
+        return {"cluster": cluster_name, "policy": policy, "kind": kind, "load": load,
+                "attainment": _attainment(res.records), "goodput": good / max(res.sim_seconds, 1e-9)}
+    else:
+        wl = f"{WORKLOAD},n={max(300, int(load * rate * seconds))},rate={load * rate:.4f}"
+    res = run_des(instances, wl, policy, opts, seed=2)
+    records = res.records
+    short = [r for r in records if r.prompt_len < LONG_PROMPT_TOKENS]
+    long_ = [r for r in records if r.prompt_len >= LONG_PROMPT_TOKENS]
+    # Goodput of an open loop: the offered rate times the fraction that met the SLO (a drain tail after the
+    # last arrival does not dilute it).
+    return {"cluster": cluster_name, "policy": policy, "kind": kind, "load": load,
+            "attainment": _attainment(records), "goodput": load * rate * _attainment(records) / 100.0,
+            "short_attainment": _attainment(short), "long_attainment": _attainment(long_),
+            "p99_ttft_ms": res.summary.get("p99_ttft_ms")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clusters", default="hels-llama13b,hels-opt30b,speed-gap,three-type,kv-short")
+    ap.add_argument("--policies", default="capacity," + ",".join(BASELINES))
+    ap.add_argument("--seconds", type=float, default=60.0, help="seconds of arrivals per run (ramp: per phase)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    clusters = args.clusters.split(",")
+    policies = args.policies.split(",")
+    tasks = [(c, p, "open", load, args.seconds) for c in clusters for p in policies for load in LOADS]
+    tasks += [(c, p, "ramp", 0.0, args.seconds) for c in clusters for p in policies]
+    tasks += [(c, p, "closed", 0.0, args.seconds) for c in clusters for p in policies]
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(_run, tasks))
+    for c in clusters:
+        print(f"\n## {c}\n")
+        head = " | ".join(f"{x:g}x" for x in LOADS)
+        print(f"ideal (sum of the instances' own saturated throughput): {ideal_of(_cluster(c))['request_throughput']:.1f}"
+              " req/s\n")
+        print(f"| policy | {head} | ramp | ramp post-peak | 2x short/long | goodput 1x / 1.2x / 2x | closed 1024 goodput |")
+        print("|---" * (len(LOADS) + 6) + "|")
+        for p in policies:
+            mine = [r for r in rows if r["cluster"] == c and r["policy"] == p]
+            opn = {r["load"]: r for r in mine if r["kind"] == "open"}
+            ramp = next(r for r in mine if r["kind"] == "ramp")
+            closed = next(r for r in mine if r["kind"] == "closed")
+            cells = " | ".join(f"{opn[x]['attainment']:.0f}" for x in LOADS)
+            g = " / ".join(f"{(opn[x]['goodput'] or 0):.2f}" for x in (1.0, 1.2, 2.0))
+            print(f"| {p} | {cells} | {ramp['attainment']:.0f} | {ramp['post_peak_attainment']:.0f} | "
+                  f"{opn[2.0]['short_attainment']:.0f}/{opn[2.0]['long_attainment']:.0f} | {g} | "
+                  f"{closed['goodput']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
