@@ -104,6 +104,8 @@ def check_config_file(path: str | Path) -> tuple[Config | None, list[ConfigError
             original = indices.original(key)
             caused_by_removal = (any(r == original or r.startswith(original + ".") or r.startswith(original + "[")
                                      for r in removed) if original else bool(removed))
+            # A `fleet:` taken out takes its pools with it: what the models then lack follows from that.
+            caused_by_removal = caused_by_removal or ("fleet" in removed and original.startswith("models"))
             if not caused_by_removal:
                 message = str(exc)
                 if original != key:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +23,7 @@ from backends import Backend, ProxyProcess
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from support import free_port
+from support import free_port, stop_process, wait_http
 
 from capbalancer.config import parse_config
 from capbalancer.server.access_log import ACCESS_LOGGER
@@ -142,7 +145,12 @@ def test_serve_writes_json_lines_to_stdout() -> None:
         c = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0, timeout=20)
         for _ in range(3):
             c.completions.create(model="m", prompt="hello", max_tokens=3)
-        lines = [json.loads(ln) for ln in proxy.log().splitlines() if ln.startswith("{")]
+        deadline = time.monotonic() + 10  # lines are written by a thread of their own, a moment later
+        while True:
+            lines = [json.loads(ln) for ln in proxy.log().splitlines() if ln.startswith("{")]
+            if len(lines) >= 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     assert len(lines) == 3 and {ln["status"] for ln in lines} == {200} and {ln["tokens_out"] for ln in lines} == {3}
 
 
@@ -166,3 +174,22 @@ def test_headroom_falls_as_a_pool_fills_and_goes_negative_with_held_requests() -
     full = pool_headroom(sched, "m", 0.0, typical_prompt_tokens=500)
     assert held > 0 and full.held == held
     assert full.requests < 0 and full.ratio < 0  # demand the pool cannot start: scale out
+
+
+def test_a_stdout_nobody_reads_never_stalls_the_proxy() -> None:
+    """The access log goes to stdout; here stdout is a pipe never read (64 KiB fills in ~200 lines)."""
+    port = free_port()
+    with Backend(name="a", chunks=1) as a:
+        proc = subprocess.Popen([sys.executable, "-m", "capbalancer.cli", "serve", "--port", str(port),
+                                 "--backend", a.url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/ready", 60, None)
+            c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=10)
+            for i in range(400):  # each would hang once the pipe is full if a line were written in the loop
+                c.completions.create(model="m", prompt="hello", max_tokens=1,
+                                     extra_headers={"x-request-id": f"req-{i:04d}-" + "z" * 100})
+        finally:
+            stop_process(proc)
+            if proc.stdout:
+                proc.stdout.close()

@@ -14,7 +14,10 @@ tried, `retries` how many attempts went to another backend before it. Unknown va
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +59,12 @@ class RequestRecord:
                 "retries": self.retries, "held_ms": None if self.held_ms is None else round(self.held_ms, 1),
                 "ttft_ms": None if first is None else round((first - started) * 1000.0, 1),
                 "duration_ms": round((now_s - started) * 1000.0, 1),
-                "tokens_in": self.tokens_in, "tokens_out": self.tokens_out}
+                "tokens_in": token_count(self.tokens_in), "tokens_out": token_count(self.tokens_out)}
+
+
+def token_count(value: Any) -> int | None:
+    """A token count as the engine reported it, if it is one (a broken engine's `usage` can hold anything)."""
+    return value if type(value) is int and 0 <= value < 1 << 53 else None
 
 
 def _iso(wall_s: float) -> str:
@@ -80,11 +88,58 @@ def emit(record: RequestRecord) -> None:
         log.info(orjson.dumps(record.line(time.monotonic(), time.time())).decode())
 
 
+class LineWriter(logging.Handler):
+    """Hands each line to a writer thread, so a slow or full stdout (a pipe nobody reads, a stalled log
+    shipper) never blocks the event loop. Past MAX_PENDING lines waiting, new lines are dropped and counted
+    (`dropped`): losing log lines is better than stalling every request. The thread writes with os.write
+    on its own copy of the descriptor, holding no Python lock, so a blocked write cannot hang the exit."""
+
+    MAX_PENDING = 10_000
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = os.dup(fd)
+        self.pending: queue.Queue[bytes] = queue.Queue(self.MAX_PENDING)
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._write_forever, name="access-log", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.pending.put_nowait(self.format(record).encode() + b"\n")
+        except queue.Full:
+            self.dropped += 1
+
+    def flush(self, timeout_s: float = 2.0) -> None:
+        """Wait (a little) for the lines already handed over: called at exit by logging.shutdown."""
+        deadline = time.monotonic() + timeout_s
+        while self.pending.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _write_forever(self) -> None:
+        while True:
+            lines = [self.pending.get()]
+            while len(lines) < 256:
+                try:
+                    lines.append(self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            data = memoryview(b"".join(lines))
+            try:
+                while data:
+                    data = data[os.write(self.fd, data):]
+            except OSError:  # the reader is gone (EPIPE): nothing more can be written
+                pass
+            for _ in lines:
+                self.pending.task_done()
+
+
 def install_handler(stream: Any = None) -> None:
-    """Access lines go to stdout as bare JSON (one object a line), apart from the diagnostic log on stderr."""
+    """Access lines go to stdout as bare JSON (one object a line), apart from the diagnostic log on stderr.
+    `stream` (tests, benchmarks): a file object written directly instead."""
     if any(getattr(h, "_capbalancer_access", False) for h in log.handlers):
         return
-    handler = logging.StreamHandler(stream or sys.stdout)
+    handler = LineWriter(sys.stdout.fileno()) if stream is None else logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler._capbalancer_access = True  # type: ignore[attr-defined]
     log.addHandler(handler)

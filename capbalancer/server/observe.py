@@ -72,13 +72,16 @@ def install(app: web.Application, state: ProxyState) -> None:
             record.status = 500
             raise
         finally:
-            _complete(record, response)
-            if record.pool is not None and record.backend is not None:
-                pool_metrics.count_tokens(record.pool, record.backend, record.tokens_in, record.tokens_out)
-            if settings.access_log:
-                access_log.emit(record)
-            if span is not None:
-                tracing.end_span(span, record)
+            try:
+                _complete(record, response)
+                if record.pool is not None and record.backend is not None:
+                    pool_metrics.count_tokens(record.pool, record.backend, record.tokens_in, record.tokens_out)
+                if settings.access_log:
+                    access_log.emit(record)
+                if span is not None:
+                    tracing.end_span(span, record)
+            except Exception:  # observing a request must never fail it: the answer stands, the bug is logged
+                log.exception("observing request %s failed", record.request_id)
 
     app[TRACER] = TracerSlot()
     app.middlewares.insert(0, observe)

@@ -41,6 +41,10 @@ class PoolMetrics(Collector):
         registry.register(self)
 
     def count_tokens(self, pool: str, backend: str, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        # The counts come from the engine's `usage`, which a broken engine can fill with anything: only
+        # positive integers are counted (a Prometheus counter refuses to go down).
+        prompt_tokens = prompt_tokens if type(prompt_tokens) is int and prompt_tokens > 0 else None
+        completion_tokens = completion_tokens if type(completion_tokens) is int and completion_tokens > 0 else None
         for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
             if n:
                 key = (pool, backend, kind)

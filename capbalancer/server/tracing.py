@@ -88,12 +88,14 @@ def start_span(tracer: Tracer, method: str, path: str, headers: Any) -> tuple[Sp
 def end_span(span: Span, record: RequestRecord) -> None:
     from opentelemetry.trace import Status, StatusCode
 
+    from capbalancer.server.access_log import token_count
+
     attrs: dict[str, Any] = {"http.response.status_code": record.status, "capbalancer.retries": record.retries}
     for key, value in (("capbalancer.request_id", record.request_id), ("gen_ai.request.model", record.model),
                        ("capbalancer.pool", record.pool), ("capbalancer.backend", record.backend),
                        ("capbalancer.held_ms", record.held_ms),
-                       ("gen_ai.usage.input_tokens", record.tokens_in),
-                       ("gen_ai.usage.output_tokens", record.tokens_out)):
+                       ("gen_ai.usage.input_tokens", token_count(record.tokens_in)),
+                       ("gen_ai.usage.output_tokens", token_count(record.tokens_out))):
         if value is not None:
             attrs[key] = value
     if record.first_byte_s is not None:
