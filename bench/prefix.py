@@ -251,8 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     loads = [float(x) for x in args.loads.split(",")]
     tasks = [(c, w, p, load, 7, seconds) for c in args.clusters.split(",") for w in args.workloads.split(",")
              for load in loads for p in args.policies.split(",")]
+    rows = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(run_one, tasks))
+        for r in pool.map(run_one, tasks):
+            rows.append(r)
+            print(f"[{len(rows)}/{len(tasks)}] {r['cluster']} {r['workload']} {r['load']} {r['policy']}: hit "
+                  f"{r['hit_rate']:.3f} goodput {r['goodput_rps']:.2f} ({r['wall_s']:.0f} s)", file=sys.stderr, flush=True)
     print(f"SLO TTFT <= {SLO.ttft_ms:.0f} ms, TPOT <= {SLO.tpot_ms:.0f} ms; load = fraction of the no-cache ideal "
           f"request rate; {seconds:.0f} s of session starts per run")
     header = ("| cluster | workload | load | policy | hit rate | goodput req/s | SLO met | TTFT p50 / p99 ms "

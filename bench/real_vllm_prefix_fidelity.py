@@ -35,6 +35,7 @@ import openai
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from capbalancer.profiling.schema import load_profile, save_profile  # noqa: E402
 from tests.real_engine.load import cache_config, scrape  # noqa: E402
@@ -52,8 +53,11 @@ MULTI_TURN = "multi-turn:turns=3-6:user=lognormal:mean=60:sigma=0.6:max=200:syst
 class Probe:
     target: str
     prompt_tokens: int
-    cold_ttft_ms: float
+    cold_ttft_ms: float  # at the client
     warm_ttft_ms: float
+    cold_prefill_ms: float  # the engine's own vllm:request_prefill_time_seconds (scheduled -> first token)
+    warm_prefill_ms: float
+    warm_hit_tokens: float  # vllm:prefix_cache_hits_total gained by the repeated request
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Replay:
     mean_ttft_ms: float
     p90_ttft_ms: float
     median_tpot_ms: float
+    engine_queue_prefill_ms: float  # the engine's own mean queue + prefill time per request (its histograms)
 
 
 def prompt_of(tokens: int, tag: int) -> str:
@@ -85,7 +90,22 @@ async def _ttft(client: openai.AsyncOpenAI, prompt: str) -> float:
     return (first or 0.0) * 1000
 
 
-def probe(url: str, target: str, repeats: int = 3, tag0: int = 0) -> list[Probe]:
+def _engine_counters(url: str) -> tuple[float, float]:
+    m = scrape(url)
+    return m["vllm:request_prefill_time_seconds_sum"], m["vllm:prefix_cache_hits_total"]
+
+
+def probe(url: str, target: str, repeats: int = 5, tag0: int = 0) -> list[Probe]:
+    """One request at a time; the engine's prefill-time histogram and hit counter are read around each, so the
+    engine's own share of the TTFT (queue to first token) is told apart from the HTTP/tokenizer front's."""
+
+    async def timed(client: openai.AsyncOpenAI, prompt: str) -> tuple[float, float, float]:
+        prefill0, hits0 = _engine_counters(url)
+        ttft = await _ttft(client, prompt)
+        await asyncio.sleep(0.05)  # the engine records the request's stats as it finishes
+        prefill1, hits1 = _engine_counters(url)
+        return ttft, (prefill1 - prefill0) * 1000, hits1 - hits0
+
     async def main() -> list[Probe]:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
         await _ttft(client, prompt_of(20, 99_999 - tag0))  # warm-up: first-call costs are not compared
@@ -96,9 +116,10 @@ def probe(url: str, target: str, repeats: int = 3, tag0: int = 0) -> list[Probe]
             for _ in range(repeats):
                 tag += 1
                 p = prompt_of(n, tag)
-                cold.append(await _ttft(client, p))
-                warm.append(await _ttft(client, p))
-            out.append(Probe(target, n, statistics.median(cold), statistics.median(warm)))
+                cold.append(await timed(client, p))
+                warm.append(await timed(client, p))
+            med = [statistics.median(x[i] for x in rows) for rows in (cold, warm) for i in range(3)]
+            out.append(Probe(target, n, med[0], med[3], med[1], med[4], med[5]))
         await client.close()
         return out
 
@@ -119,8 +140,14 @@ def replay(url: str, target: str, tmp: Path, requests: int, users: int, seed: in
     q = int(after["vllm:prefix_cache_queries_total"] - before["vllm:prefix_cache_queries_total"])
     h = int(after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"])
     s = json.loads(report.read_text())["summary"]
+
+    def gained(name: str) -> float:
+        return after[name] - before[name]
+
+    n = gained("vllm:request_prefill_time_seconds_count") or 1.0
+    engine_ms = (gained("vllm:request_prefill_time_seconds_sum") + gained("vllm:request_queue_time_seconds_sum")) / n
     return Replay(target, s["completed"], h / q if q else 0.0, q, h, s["median_ttft_ms"], s["mean_ttft_ms"],
-                  s["p90_ttft_ms"], s["median_tpot_ms"])
+                  s["p90_ttft_ms"], s["median_tpot_ms"], engine_ms * 1000)
 
 
 @contextlib.contextmanager
@@ -149,29 +176,40 @@ def sim_profile(url: str, source: Path, out: Path) -> Path:
     return out
 
 
+def fit_engine_prefill(probes: list[Probe]) -> dict[str, float]:
+    """Least squares of the real engine's cold prefill time on prompt tokens: (fixed, per token)."""
+    xs = [float(p.prompt_tokens) for p in probes if p.target == "real"]
+    ys = [p.cold_prefill_ms / 1000 for p in probes if p.target == "real"]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return {"prefill_seconds_per_token": max(slope, 0.0), "fixed_seconds": max(my - slope * mx, 0.0)}
+
+
 def _ratio(sim: float, real: float) -> str:
     return f"{sim / real:.2f}" if real else "n/a"
 
 
 def markdown(probes: list[Probe], replays: list[Replay]) -> str:
-    rows = ["| prompt tokens | cold TTFT ms real / sim (sim/real) | repeated TTFT ms real / sim (sim/real) |",
-            "|---:|---|---|"]
+    rows = ["| prompt tokens | hit tokens when repeated real / sim | client TTFT ms cold: real / sim | repeated: "
+            "real / sim | engine prefill ms cold: real / sim | repeated: real / sim |", "|---:|---|---|---|---|---|"]
     by = {(p.target, p.prompt_tokens): p for p in probes}
     for n in PROBE_LENGTHS:
         r, s = by[("real", n)], by[("sim", n)]
-        rows.append(f"| {n} | {r.cold_ttft_ms:.1f} / {s.cold_ttft_ms:.1f} ({_ratio(s.cold_ttft_ms, r.cold_ttft_ms)}) "
-                    f"| {r.warm_ttft_ms:.1f} / {s.warm_ttft_ms:.1f} ({_ratio(s.warm_ttft_ms, r.warm_ttft_ms)}) |")
-    rows += ["", "| multi-turn replay | requests | hit rate (hit / queried tokens) | TTFT ms median / mean / p90 "
-             "| TPOT ms median |", "|---|---:|---|---|---|"]
+        rows.append(f"| {n} | {r.warm_hit_tokens:.0f} / {s.warm_hit_tokens:.0f} | {r.cold_ttft_ms:.1f} / "
+                    f"{s.cold_ttft_ms:.1f} | {r.warm_ttft_ms:.1f} / {s.warm_ttft_ms:.1f} | {r.cold_prefill_ms:.1f} / "
+                    f"{s.cold_prefill_ms:.1f} | {r.warm_prefill_ms:.1f} / {s.warm_prefill_ms:.1f} |")
+    rows += ["", "| multi-turn replay | requests | hit rate (hit / queried tokens) | client TTFT ms median / mean / p90 "
+             "| engine queue + prefill ms, mean | TPOT ms median |", "|---|---:|---|---|---|---|"]
     for r in replays:
         rows.append(f"| {r.target} | {r.requests} | {r.hit_rate:.3f} ({r.hit_tokens}/{r.queried_tokens}) | "
-                    f"{r.median_ttft_ms:.1f} / {r.mean_ttft_ms:.1f} / {r.p90_ttft_ms:.1f} | {r.median_tpot_ms:.1f} |")
+                    f"{r.median_ttft_ms:.1f} / {r.mean_ttft_ms:.1f} / {r.p90_ttft_ms:.1f} | "
+                    f"{r.engine_queue_prefill_ms:.1f} | {r.median_tpot_ms:.1f} |")
     rr = {r.target: r for r in replays}
     if "real" in rr and "sim" in rr:
         real, sim = rr["real"], rr["sim"]
-        rows.append(f"\nsim/real: hit rate {_ratio(sim.hit_rate, real.hit_rate)}, median TTFT "
-                    f"{_ratio(sim.median_ttft_ms, real.median_ttft_ms)}, mean TTFT "
-                    f"{_ratio(sim.mean_ttft_ms, real.mean_ttft_ms)}")
+        rows.append(f"\nsim/real: hit rate {_ratio(sim.hit_rate, real.hit_rate)}, client TTFT median "
+                    f"{_ratio(sim.median_ttft_ms, real.median_ttft_ms)}, mean {_ratio(sim.mean_ttft_ms, real.mean_ttft_ms)}; "
+                    f"engine queue + prefill mean {_ratio(sim.engine_queue_prefill_ms, real.engine_queue_prefill_ms)}")
     return "\n".join(rows)
 
 
@@ -182,6 +220,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--users", type=int, default=2)
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--profile-live", action="store_true",
+                        help="profile the real instance now (capbalancer profile) and give the sim that profile")
+    parser.add_argument("--fit-prefill", action="store_true",
+                        help="give the sim the prefill cost per token the real ENGINE shows in the probe (its own "
+                             "prefill-time histogram over the cold prompts), not the client-side fit")
     parser.add_argument("--skip-probe", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -190,20 +233,32 @@ def main() -> None:
     replays: list[Replay] = []
     with real_server(args.url) as url, tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        prof = sim_profile(url, args.profile, tmp / "sim.yaml")
+        source = args.profile
+        if args.profile_live:
+            from real_vllm_fidelity import profile_real
+
+            source, fit_text = tmp / "live.yaml", ""
+            _, fit_text = profile_real(url, source)
+            print(fit_text.strip())
+            args.profile = source
+        prof = sim_profile(url, source, tmp / "sim.yaml")
         if not args.skip_probe:
             probes += probe(url, "real")
+            if args.fit_prefill:
+                fitted = fit_engine_prefill(probes)
+                save_profile(replace(load_profile(prof), step=replace(load_profile(prof).step, **fitted)), prof)
         replays.append(replay(url, "real", tmp, args.requests, args.users, args.seed))
         with sim_server(prof) as sim_url:
             if not args.skip_probe:
                 probes += probe(sim_url, "sim")
             replays.append(replay(sim_url, "sim", tmp, args.requests, args.users, args.seed))
-    print(f"profile {args.profile.name}: {load_profile(args.profile).step}")
+        step = load_profile(prof).step
+    print(f"profile {args.profile.name}: {step}")
     print(markdown(probes, replays) if probes else markdown([], replays).split("\n\n", 1)[-1])
     print(f"({time.monotonic() - started:.0f} s)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"probes": [asdict(p) for p in probes],
+        args.json.write_text(json.dumps({"step": asdict(step), "probes": [asdict(p) for p in probes],
                                          "replays": [asdict(r) for r in replays]}, indent=1) + "\n")
 
 

@@ -148,6 +148,18 @@ class ClientKey:
 
 
 @dataclass(frozen=True, slots=True)
+class SharingConfig:
+    """Replicas sharing reservations through a store (docs/replicas.md); absent: each proxy counts alone."""
+
+    store_url: str  # redis://host:port/db, rediss://..., or unix:///path.sock (Redis or Valkey)
+    interval_ms: float = 50.0  # how often this replica publishes its state and reads the others'
+    staleness_ms: float = 1000.0  # a replica not heard from for this long stops counting
+    timeout_ms: float = 200.0  # one store call longer than this: the store counts as unreachable
+    replica_id: str | None = None  # None: $CAPBALANCER_REPLICA_ID, else host name and process id
+    namespace: str = "capbalancer"  # key prefix: proxies of one fleet share it, other fleets must not
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerSettings = ServerSettings()
     timeouts: Timeouts = Timeouts()
@@ -157,6 +169,7 @@ class Config:
     source: str = "<config>"  # the file it came from ("" when built from --backend)
     fleet: str | None = None
     clients: tuple[ClientKey, ...] = ()  # empty: no client authentication
+    sharing: SharingConfig | None = None  # None: this proxy counts only its own requests
     outlier: OutlierSettings = OutlierSettings()  # ejection of failing backends (sched/outlier.py)
 
     @property
@@ -437,7 +450,7 @@ def _model(name: str, r: _Reader, base_timeouts: Timeouts, base_dir: Path | None
                        hold_timeout_s=hold.number("timeout_s", 30.0), backends=backends, tokenizer=tokenizer)
 
 
-_TOP_KEYS = ("server", "timeouts", "health", "retries", "fleet", "models", "admin", "clients", "outlier")
+_TOP_KEYS = ("server", "timeouts", "health", "retries", "fleet", "models", "admin", "clients", "sharing", "outlier")
 _CLIENT_KEYS = ("name", "key", "key_env", "priority", "rate_limit_rps", "rate_limit_burst", "models")
 _SERVER_KEYS = ("host", "port", "max_body_bytes", "max_header_bytes", "drain_timeout_s", "body_read_timeout_s",
                 "idle_timeout_s", "admin_token_env", "access_log", "tracing", "max_upstream_body_bytes",
@@ -502,7 +515,24 @@ def parse_config(data: Any, where: str = "<config>", base_dir: Path | None = Non
 
     _check_models(top, models)
     return Config(server=server, timeouts=timeouts, health=health, retries=retries, models=models,
-                  source=where, fleet=fleet_ref, clients=_clients(top, models), outlier=_outlier(top))
+                  source=where, fleet=fleet_ref, clients=_clients(top, models), sharing=_sharing(top),
+                  outlier=_outlier(top))
+
+
+def _sharing(top: _Reader) -> SharingConfig | None:
+    if top.data.get("sharing") is None:
+        return None
+    r = top.child("sharing", ("store_url", "interval_ms", "staleness_ms", "timeout_ms", "replica_id", "namespace"))
+    url = r.string("store_url", None)
+    if url is None or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        r.fail("store_url", "must be a redis://, rediss:// or unix:// URL")
+    interval = r.number("interval_ms", 50.0)
+    staleness = r.number("staleness_ms", 1000.0)
+    if staleness < 2 * interval:
+        r.fail("staleness_ms", f"must be at least twice interval_ms ({interval:g}): else live replicas drop out")
+    return SharingConfig(store_url=url or "", interval_ms=interval, staleness_ms=staleness,
+                         timeout_ms=r.number("timeout_ms", 200.0), replica_id=r.string("replica_id", None),
+                         namespace=r.string("namespace", "capbalancer") or "capbalancer")
 
 
 def _outlier(top: _Reader) -> OutlierSettings:

@@ -479,8 +479,10 @@ def _one_seat_profile(tmp_path) -> str:
 async def test_hold_dispatches_on_completion_and_expires_at_deadline(tmp_path):
     # The first request holds the only seat for ~2 s: margin for the steps below on a loaded machine.
     with Backend(name="one", chunks=8, chunk_delay_s=0.25) as be:
-        config = {"models": {"m": {"policy": "capacity", "backends": [
-            {"url": be.url, "name": "one", "profile": _one_seat_profile(tmp_path)}]}}}
+        # No TTFT objective: the second request is held ~2 s (tests/test_goodput_admission.py has the default).
+        config = {"models": {"m": {"policy": "capacity", "policy_options": {"ttft_objective_factor": 0},
+                                   "backends": [{"url": be.url, "name": "one",
+                                                 "profile": _one_seat_profile(tmp_path)}]}}}
         with ProxyProcess(config) as p:
             async with aiohttp.ClientSession() as s:
                 body = {"model": "m", "messages": PROMPT, "stream": True, "max_tokens": 8}
@@ -493,10 +495,10 @@ async def test_hold_dispatches_on_completion_and_expires_at_deadline(tmp_path):
                 await asyncio.sleep(0.3)  # first is on the backend now
                 second = asyncio.create_task(stream())
                 await asyncio.sleep(0.1)
-                # A third with a short deadline cannot leave the queue in time: 503 + Retry-After.
+                # A third with a short deadline cannot leave the queue in time: 429 (overloaded) + Retry-After.
                 status, headers, raw = await stream({"x-capbalancer-deadline-ms": "200"})
-                assert status == 503 and int(headers["Retry-After"]) >= 1
-                assert json.loads(raw)["error"]["type"] == "service_unavailable"
+                assert status == 429 and int(headers["Retry-After"]) >= 1
+                assert json.loads(raw)["error"]["type"] == "rate_limit_error"
                 # A held client that goes away leaves the queue (no dispatch to a dead client later).
                 gone = asyncio.create_task(stream())
                 await asyncio.sleep(0.1)

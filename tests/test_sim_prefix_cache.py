@@ -146,3 +146,18 @@ def test_cache_reset_is_refused_while_blocks_are_in_use():
     assert cache.register(1) and not cache.register(1)
     assert not cache.reset()
     assert cache.release([1]) == 1 and cache.reset() and len(cache) == 0
+
+
+def test_a_decode_run_cut_short_gives_back_the_cached_blocks_it_reserved():
+    eng = engine(blocks=20)
+    a = list(range(128))  # 8 blocks, cached once "a" is done
+    _, t = run(eng, "a", a, 1, 0.0)
+    now = t + 1
+    # 1 block of prompt, then 200 decode steps planned as one run: it reserves 13 blocks, 2 more than the 11
+    # uncached free ones, so two of a's cached blocks (its tail) are evicted for steps that have not run yet
+    eng.add_request(SimRequest("long", 16, 200, 200, now, token_ids=list(range(5000, 5016))), now)
+    eng.advance_to(now + 0.05)
+    assert eng.prefix_cache.evictions_total == 2
+    # an arrival cuts the run after a few steps: the unused reservations come back with their cached content
+    run(eng, "a2", a, 1, now + 0.1)
+    assert eng.prefix_cache.hits_tokens_total == 7 * 16

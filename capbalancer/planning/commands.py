@@ -121,9 +121,13 @@ def plan(cluster_path: str, model: str | None, objective: str, slo: str | None, 
 @click.option("--base-port", type=int, default=None, help="--target local: first port (default: free ports)")
 @click.option("--ready-timeout", type=float, default=120.0, show_default=True, help="--target local: seconds")
 @click.option("--exit-when-ready", is_flag=True, help="--target local: stop everything once healthy (smoke test)")
+@click.option("--proxy-replicas", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="--target kubernetes: proxy replicas sharing reservations through a store (docs/replicas.md)")
+@click.option("--store-url", default=None,
+              help="--target kubernetes with --proxy-replicas > 1: an existing Redis/Valkey (default: render one)")
 def deploy(plan_path: str, target: str, engine: str, out_dir: str, model_path: str | None, image: str | None,
            proxy_port: int, time_scale: float, base_port: int | None, ready_timeout: float,
-           exit_when_ready: bool) -> None:
+           exit_when_ready: bool, proxy_replicas: int = 1, store_url: str | None = None) -> None:
     from capbalancer.planning.plan import PlanError, load_plan
     from capbalancer.planning.render_common import write_common
 
@@ -151,6 +155,6 @@ def deploy(plan_path: str, target: str, engine: str, out_dir: str, model_path: s
         from capbalancer.planning.render_k8s import write_manifests
 
         written += write_manifests(plan_file, out, engine=engine, model_path=model_path, image=image,
-                                   proxy_port=proxy_port)
+                                   proxy_port=proxy_port, proxy_replicas=proxy_replicas, store_url=store_url)
     for path in written:
         click.echo(str(path))

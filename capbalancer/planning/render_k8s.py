@@ -153,7 +153,8 @@ def proxy_manifests(plan: PlanFile, engine: str, proxy_port: int) -> list[dict[s
 
 
 def write_manifests(plan: PlanFile, out_dir: Path, engine: str, model_path: str | None = None,
-                    image: str | None = None, proxy_port: int = 8080) -> list[Path]:
+                    image: str | None = None, proxy_port: int = 8080, proxy_replicas: int = 1,
+                    store_url: str | None = None) -> list[Path]:
     if engine not in ("vllm", "tgi"):
         raise ValueError(f"Kubernetes manifests are for vllm or tgi, not {engine!r}")
     model_ref = model_path or load_specs().model(plan.model).hf_id
@@ -167,7 +168,9 @@ def write_manifests(plan: PlanFile, out_dir: Path, engine: str, model_path: str 
                         + dump_all(instance_manifests(plan, inst, engine, model_ref, image)))
         written.append(path)
     path = base_dir / "capbalancer.yaml"
+    from capbalancer.cluster.k8s import with_replicas  # N replicas share reservations (docs/replicas.md)
+
     path.write_text("# The capbalancer proxy in front of the plan's instances.\n"
-                    + dump_all(proxy_manifests(plan, engine, proxy_port)))
+                    + dump_all(with_replicas(proxy_manifests(plan, engine, proxy_port), proxy_replicas, store_url)))
     written.append(path)
     return written + write_kustomize(k8s_dir, written)

@@ -109,6 +109,17 @@ class BackendState:
     tpot_correction: Ewma = field(default_factory=lambda: Ewma(alpha=0.1))
     completed: int = 0
     failed: int = 0
+    # Other proxy replicas' reservations here, summed over the fresh ones (sched/remote.py keeps them):
+    # zero without sharing. The `_at_snapshot` pair is what they were when the last snapshot was taken, so
+    # only their change since then moves the snapshot's figures, as our own accounting does.
+    remote_requests: int = 0
+    remote_kv_tokens: int = 0
+    remote_reserved_kv_tokens: int = 0
+    remote_pending_prefill_tokens: int = 0
+    remote_prompt_tokens: int = 0
+    remote_expected_output_tokens: int = 0
+    remote_requests_at_snapshot: int = 0
+    remote_kv_at_snapshot: int = 0
     # The other backends of this one's gpu_group (kept by the Scheduler): their steps share its GPU.
     gpu_siblings: list[BackendState] = field(default_factory=list, repr=False, compare=False)
 
@@ -213,16 +224,20 @@ class BackendState:
             kv_after += req.kv_tokens
         self.own_sent_since_snapshot = sent_after
         self.own_kv_at_snapshot = self.own_kv_tokens - kv_after
+        self.remote_requests_at_snapshot = self.remote_requests
+        self.remote_kv_at_snapshot = self.remote_kv_tokens
 
     # --- the view between polls ---------------------------------------------------------------
     def requests_estimate(self, now: float, settings: HealthSettings) -> int:
         """Requests on the engine (running + waiting): snapshot, plus sent since, minus finished since."""
-        own = len(self.inflight)
+        own = len(self.inflight) + self.remote_requests
         snap = self.fresh_snapshot(now, settings)
         if snap is None or snap.running is None:
             return own
         at_snapshot = snap.running + (snap.waiting or 0)
-        return max(own, at_snapshot + self.own_sent_since_snapshot - self.requests_finished_since_snapshot)
+        remote_since = self.remote_requests - self.remote_requests_at_snapshot
+        return max(own, at_snapshot + self.own_sent_since_snapshot - self.requests_finished_since_snapshot
+                   + remote_since)
 
     def kv_used_estimate(self, now: float, settings: HealthSettings) -> int:
         """KV tokens in use now: the snapshot's figure moved by what we sent, grew and freed since."""
@@ -230,27 +245,30 @@ class BackendState:
         snap = self.fresh_snapshot(now, settings)
         used = snap.kv_used_tokens if snap is not None else None
         if used is None:
-            return own
-        growth = own - self.own_kv_at_snapshot
-        return max(own, used + growth - self.kv_released_since_snapshot)
+            return own + self.remote_kv_tokens
+        growth = own - self.own_kv_at_snapshot + self.remote_kv_tokens - self.remote_kv_at_snapshot
+        return max(own + self.remote_kv_tokens, used + growth - self.kv_released_since_snapshot)
 
     def load_view(self, now: float, settings: HealthSettings) -> tuple[int, int]:
         """(requests_estimate, kv_used_estimate) with one freshness check: the policies' hot path."""
-        own_n = len(self.inflight)
-        own_kv = self.own_kv_tokens
+        # Other replicas' requests count as ours do (zero without sharing).
+        own_n = len(self.inflight) + self.remote_requests
+        own_kv = self.own_kv_tokens + self.remote_kv_tokens
         snap = self.snapshot
         if snap is None or now - snap.taken_at_s > settings.stale_after_s:
             return own_n, own_kv
         seqs = own_n
         if snap.running is not None:
             at_snapshot = snap.running + (snap.waiting or 0)
-            seqs = at_snapshot + self.own_sent_since_snapshot - self.requests_finished_since_snapshot
+            seqs = (at_snapshot + self.own_sent_since_snapshot - self.requests_finished_since_snapshot
+                    + self.remote_requests - self.remote_requests_at_snapshot)
             if seqs < own_n:
                 seqs = own_n
         kv = own_kv
         if snap.kv_usage_fraction is not None and snap.kv_capacity_tokens is not None:
             used = int(round(snap.kv_usage_fraction * snap.kv_capacity_tokens))
-            kv = used + own_kv - self.own_kv_at_snapshot - self.kv_released_since_snapshot
+            kv = (used + self.own_kv_tokens - self.own_kv_at_snapshot - self.kv_released_since_snapshot
+                  + self.remote_kv_tokens - self.remote_kv_at_snapshot)
             if kv < own_kv:
                 kv = own_kv
         return seqs, kv
@@ -258,6 +276,18 @@ class BackendState:
     def kv_external_tokens(self, now: float, settings: HealthSettings) -> int:
         """KV the engine holds that is not ours (other clients, other proxies): never negative."""
         return max(0, self.kv_used_estimate(now, settings) - self.own_kv_tokens)
+
+    # --- fleet-wide sums (this proxy's record plus the other replicas') ---------------------------
+    @property
+    def fleet_requests(self) -> int:
+        return len(self.inflight) + self.remote_requests
+
+    @property
+    def fleet_kv_growth_tokens(self) -> int:
+        """KV our requests (all replicas') are still expected to add."""
+        g = (self.own_reserved_kv_tokens - self.own_kv_tokens
+             + self.remote_reserved_kv_tokens - self.remote_kv_tokens)
+        return g if g > 0 else 0
 
     def max_request_tokens(self) -> int | None:
         """The longest request (prompt + max_tokens) this backend can ever take: its max model length, and

@@ -148,9 +148,7 @@ class CapacityModel:
         # different times), and the newcomer.
         seqs_now, kv_used = state.load_view(now, self.health)
         seqs_after = seqs_now + 1
-        own_growth = state.own_reserved_kv_tokens - state.own_kv_tokens
-        if own_growth < 0:
-            own_growth = 0
+        own_growth = state.fleet_kv_growth_tokens
         reserve = s.kv_growth_reserve
         # A prefix held by requests running there needs no new KV; one only cached (evictable) does.
         new_kv = prompt_tokens - shared_kv_tokens + reserve * expected_output_tokens
@@ -195,7 +193,8 @@ class CapacityModel:
         # chunk riding on a decode step, plus the wait for a seat if the batch is full.
         running = seqs_now if seqs_now < seats else seats
         # Only the uncached part of the prompt is computed (prefix cache hit).
-        backlog_tokens = state.own_pending_prefill_tokens + prompt_tokens - cached_tokens
+        backlog_tokens = (state.own_pending_prefill_tokens + state.remote_pending_prefill_tokens
+                          + prompt_tokens - cached_tokens)
         chunk_tokens = max_batched_tokens - running
         chunks = math.ceil(backlog_tokens / (chunk_tokens if chunk_tokens > 1 else 1))
         prefill_s = (backlog_tokens * step.prefill_seconds_per_token
@@ -249,8 +248,9 @@ class CapacityModel:
     @staticmethod
     def population_churn_seconds_per_seq(state: BackendState, step: StepTimeModel) -> float:
         """`churn_seconds_per_seq` of the requests already on `state`, with no newcomer."""
-        n = len(state.inflight)
-        return _churn(step, state.own_prompt_tokens, state.own_expected_output_tokens, n) if n else 0.0
+        n = state.fleet_requests
+        return _churn(step, state.own_prompt_tokens + state.remote_prompt_tokens,
+                      state.own_expected_output_tokens + state.remote_expected_output_tokens, n) if n else 0.0
 
     @staticmethod
     def churn_seconds_per_seq(state: BackendState, step: StepTimeModel, prompt_tokens: int,
@@ -260,8 +260,9 @@ class CapacityModel:
         A property of the backend's population of requests (their mean prompt over their mean output),
         not of the newcomer: one long prompt with max_tokens=1 must not make the batch look slow.
         """
-        return _churn(step, state.own_prompt_tokens + prompt_tokens,
-                      state.own_expected_output_tokens + expected_output_tokens, len(state.inflight) + 1)
+        return _churn(step, state.own_prompt_tokens + state.remote_prompt_tokens + prompt_tokens,
+                      state.own_expected_output_tokens + state.remote_expected_output_tokens
+                      + expected_output_tokens, state.fleet_requests + 1)
 
     def _knee_seqs(self, step: StepTimeModel, mean_ctx: float, cap: int, churn_s_per_seq: float = 0.0) -> int:
         """Smallest batch whose decode throughput reaches `knee_throughput_fraction` of the batch at `cap`.

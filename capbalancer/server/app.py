@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -56,6 +57,10 @@ def build_app(state: ProxyState) -> web.Application:
     admin.add_routes(app)
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
+    if state.config.sharing is not None:  # replicas share reservations through a store (docs/replicas.md)
+        from capbalancer.cluster import sharing
+
+        sharing.install(app, state.config.sharing, state.driver, state.metrics, state)
     return app
 
 
@@ -160,6 +165,8 @@ def apply_config(state: ProxyState, new: Config) -> list[str]:
                     if getattr(new.server, k) != getattr(old.server, k)]
     if new.health != old.health:
         restart_only.append("health")
+    if new.sharing != old.sharing:
+        restart_only.append("sharing")
     if new.outlier != old.outlier:
         state.driver.scheduler.outlier.settings = new.outlier
         changes.append("outlier settings changed")
@@ -209,8 +216,10 @@ def readiness_answer(state: ProxyState) -> tuple[int, bytes]:
     """/ready's status and body. Only reads: the front door's thread calls it too (server/frontdoor.py)."""
     routable = [bid for bid, b in list(state.driver.scheduler.backends.items()) if b.routable()]
     ready = bool(routable) and not state.draining
-    body = orjson.dumps({"status": "ready" if ready else "unavailable", "routable_backends": routable})
-    return (200 if ready else 503), body
+    details: dict[str, Any] = {"status": "ready" if ready else "unavailable", "routable_backends": routable}
+    if state.sharing is not None:  # degraded sharing still serves: it stays ready, and says so here
+        details["sharing"] = state.sharing.describe()
+    return (200 if ready else 503), orjson.dumps(details)
 
 
 def probe_answer(state: ProxyState, path: str) -> tuple[int, bytes] | None:

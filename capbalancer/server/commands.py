@@ -48,8 +48,10 @@ def _check_policy(policy: str | None) -> None:
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--loop", "loop_choice", default="uvloop", type=click.Choice(["uvloop", "asyncio"]),
               help="Event loop (uvloop when installed, else asyncio). bench/overload.py measures both.")
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Proxy processes on one port (SO_REUSEPORT), sharing reservations (docs/replicas.md).")
 def serve(config_path: str | None, host: str | None, port: int | None, backends: tuple[str, ...],
-          policy: str | None, log_level: str, loop_choice: str) -> None:
+          policy: str | None, log_level: str, loop_choice: str = "uvloop", workers: int = 1) -> None:
     """Run the proxy in front of a fleet (or, with no --config/--backend, an embedded simulated one)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _check_policy(policy)
@@ -70,12 +72,19 @@ def serve(config_path: str | None, host: str | None, port: int | None, backends:
             config = None
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    from capbalancer.cluster.workers import reuse_port, worker_config
     from capbalancer.server.preflight import port_problem
 
     listen = config.server if config is not None else Config().server
-    problem = port_problem(host or listen.host, port if port is not None else listen.port)
+    # A worker of `--workers N` shares the port its siblings already hold (SO_REUSEPORT): its parent checked it.
+    problem = None if reuse_port() else port_problem(host or listen.host, port if port is not None else listen.port)
     if problem is not None:  # before the embedded cluster or any client session starts
         raise click.ClickException(problem)
+    if workers > 1:
+        _run_workers(workers, config, config_path, host, port, backends, policy, log_level, loop_choice)
+        return
+    if config is not None:
+        config = worker_config(config)  # a worker of `--workers N` shares through its parent's store
 
     async def main() -> None:
         log.info("file descriptors: limit %d (hard %d)", fd_soft, fd_hard)
@@ -105,6 +114,25 @@ def serve(config_path: str | None, host: str | None, port: int | None, backends:
         raise click.ClickException(f"cannot serve: {exc.strerror or exc}") from None
     except KeyboardInterrupt:
         pass
+
+
+def _run_workers(n: int, config: Config | None, config_path: str | None, host: str | None, port: int | None,
+                 backends: tuple[str, ...], policy: str | None, log_level: str, loop_choice: str = "uvloop") -> None:
+    if config is None:
+        raise click.UsageError("--workers needs --config or --backend (the embedded simulated cluster is one process)")
+    if config.server.port == 0:
+        raise click.UsageError("--workers needs a fixed port: with port 0 each worker would get its own")
+    from capbalancer.cluster.workers import run_workers
+
+    args = ["--log-level", log_level, "--loop", loop_choice]
+    if config_path:
+        args += ["--config", config_path]
+    for url in backends:
+        args += ["--backend", url]
+    for flag, value in (("--host", host), ("--port", port), ("--policy", policy)):
+        if value is not None:
+            args += [flag, str(value)]
+    sys.exit(run_workers(n, args, config))
 
 
 @click.command("check-config")

@@ -55,7 +55,8 @@ class _Pending:
     draining: bool = False  # answered and half-closed by us; waiting for the client's EOF
 
 
-def bind_listeners(host: str | None, port: int, backlog: int = LISTEN_BACKLOG) -> list[socket.socket]:
+def bind_listeners(host: str | None, port: int, backlog: int = LISTEN_BACKLOG,
+                   reuse_port: bool = False) -> list[socket.socket]:
     """Listening sockets for `host:port` (every address the name resolves to), as asyncio would make them."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     socks: list[socket.socket] = []
@@ -68,6 +69,8 @@ def bind_listeners(host: str | None, port: int, backlog: int = LISTEN_BACKLOG) -
             sock = socket.socket(family, kind, proto)
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:  # one of `serve --workers N`: the siblings listen on the same port
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(addr)

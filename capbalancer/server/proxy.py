@@ -74,6 +74,7 @@ class ProxyState:
     # Backends added through the admin API, by name -> (model name, backend): a reload keeps them (the file
     # does not know them) until they are deleted, their model leaves the file, or the file names them itself.
     admin_added: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    sharing: Any = None  # cluster.sharing.Sharing while replicas share reservations (for /ready)
 
     def count_prompt_tokens(self, pool: ModelConfig, parsed: ParsedRequest) -> int:
         """Exact with the pool's tokenizer when it has one, else estimated from characters."""

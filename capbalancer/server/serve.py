@@ -38,7 +38,10 @@ def start_front_door(settings: ServerSettings, state: ProxyState, server: web.Se
     # aiohttp's live connections (a dict; len() of it is atomic under the GIL, so the thread may read it).
     connections = getattr(server, "_connections", None)
     count = (lambda: len(connections)) if isinstance(connections, dict) else (lambda: len(server.connections))
-    door = FrontDoor(bind_listeners(settings.host, settings.port), loop, server,
+    from capbalancer.cluster.workers import reuse_port
+
+    # `serve --workers N`: N processes listen on one port (SO_REUSEPORT), the kernel spreads connections.
+    door = FrontDoor(bind_listeners(settings.host, settings.port, reuse_port=reuse_port()), loop, server,
                      lambda path: probe_answer(state, path), count, cap)
     door.start()
     log.info("accepting on a front-door thread: /health and /ready answered there; at most %d connections", cap)
@@ -63,13 +66,16 @@ async def serve(config: Config, *, config_path: str | None = None,
                            keepalive_timeout=settings.idle_timeout_s)
     await runner.setup()
     json_http_errors(runner.server)
+    from capbalancer.cluster.workers import reuse_port
+
     loop = asyncio.get_running_loop()
     door = None
     try:
         if settings.accept_thread:
             door = start_front_door(settings, state, runner.server, loop)
         else:
-            site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True)
+            site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True,
+                               reuse_port=reuse_port() or None)  # `serve --workers N`: N processes on one port
             await site.start()
     except OSError:  # taken since the pre-flight check: close what was opened, then say so (the caller does)
         await runner.cleanup()

@@ -169,15 +169,7 @@ class _Run:
         self.model = wl.model or models[0]
         if self.model not in models:
             raise ValueError(f"workload model {self.model!r} is served by no instance (fleet has {models})")
-        self.sched = Scheduler(
-            [PoolSettings(name=m, policy=policy, policy_options=dict(opts.policy_options),
-                          default_max_tokens=opts.default_max_tokens, hold_max_requests=opts.hold_max_requests,
-                          hold_timeout_s=opts.hold_timeout_s) for m in models],
-            [BackendSpec(backend_id=i.name, pool=i.model, url=f"sim://{i.name}", engine=i.engine,
-                         profile=_as_believed(i.profile, opts.profile_error, opts.seed, i.name),
-                         gpu_group=i.gpu_group if opts.gpu_groups_to_scheduler else None, weight=i.weight)
-             for i in instances],
-            health=HealthSettings(stale_after_s=opts.stale_after_s), seed=opts.seed)
+        self.sched = self.make_scheduler(models, policy)
         self.engines = [EngineModel(EngineConfig.from_profile(i.profile)) for i in instances]
         self.index_of = {i.name: k for k, i in enumerate(instances)}
         # Engines whose next event a GPU sibling moved: rescheduled after the event that moved it.
@@ -199,6 +191,18 @@ class _Run:
         self.tick_at: float | None = None
         self.events = 0
         self.last_done_s = 0.0
+
+    def make_scheduler(self, models: list[str], policy: str, seed_offset: int = 0) -> Scheduler:
+        opts, instances = self.opts, self.instances
+        return Scheduler(
+            [PoolSettings(name=m, policy=policy, policy_options=dict(opts.policy_options),
+                          default_max_tokens=opts.default_max_tokens, hold_max_requests=opts.hold_max_requests,
+                          hold_timeout_s=opts.hold_timeout_s) for m in models],
+            [BackendSpec(backend_id=i.name, pool=i.model, url=f"sim://{i.name}", engine=i.engine,
+                         profile=_as_believed(i.profile, opts.profile_error, opts.seed, i.name),
+                         gpu_group=i.gpu_group if opts.gpu_groups_to_scheduler else None, weight=i.weight)
+             for i in instances],
+            health=HealthSettings(stale_after_s=opts.stale_after_s), seed=opts.seed + seed_offset)
 
     # --- heap ------------------------------------------------------------------------------------
     def push(self, t: float, kind: int, a: int = 0, b: int = 0) -> None:
@@ -350,8 +354,10 @@ def run_des(
     policy: str = "round_robin",
     options: DesOptions | None = None,
     seed: int | None = None,
+    run_class: Any = None,
 ) -> DesResult:
-    """Simulate `workload` on `fleet` under `policy`; deterministic for a given seed."""
+    """Simulate `workload` on `fleet` under `policy`; deterministic for a given seed. `run_class` replaces the
+    one-proxy runner (sim/des_replicas.py models N proxy replicas)."""
     opts = options or DesOptions()
     instances = _as_instances(fleet)
     if not instances:
@@ -370,7 +376,7 @@ def run_des(
         requests = run.requests
     else:
         requests = generate_requests(wl, max_model_len)
-        run = _Run(instances, requests, wl, policy, opts)
+        run = (run_class or _Run)(instances, requests, wl, policy, opts)
     end_s = run.run()
     wall = time.perf_counter() - started
     first_s = min(run.arrival_s) if requests else 0.0
@@ -392,7 +398,7 @@ def run_des(
         per_instance[inst.name] = {key: (None if isinstance(v, float) and math.isnan(v) else v)
                                    for key, v in row.items()}
     summary["preemptions"] = sum(e.preemptions_total for e in run.engines)
-    summary["held"] = sum(p.held_total for p in run.sched.pools.values())
+    summary["held"] = sum(p.held_total for sched in getattr(run, "scheds", [run.sched]) for p in sched.pools.values())
     if wl.shape is not None:
         caches = [e.prefix_cache for e in run.engines if e.prefix_cache is not None]
         queried = sum(c.queries_tokens_total for c in caches)

@@ -164,6 +164,8 @@ class _Plan:
     epoch_at_start: int = 0
     # The first step's own (solo) time: first_step_s less the GPU siblings' share (equal without siblings).
     own_step_s: float = 0.0
+    # Cached blocks evicted to reserve this run's blocks, in eviction order: a cut gives the unused ones back.
+    evicted: list[int] = field(default_factory=list)
 
 
 _NO_HIT = CacheHit(0, 0)
@@ -390,8 +392,14 @@ class EngineModel:
         if keep == plan.steps:
             return
         plan.blocks = self._blocks_over(plan.epoch_at_start, keep) if plan.decode_seqs else 0
-        # Blocks of the dropped steps go back to the pool: they were never used.
-        self.free_blocks += self._blocks_over(plan.epoch_at_start, plan.steps) - plan.blocks
+        # Blocks of the dropped steps go back to the pool: they were never used, so what they cached is still there
+        # (vLLM takes a decode's block at the step that needs it; the run reserved them all at its start).
+        returned = self._blocks_over(plan.epoch_at_start, plan.steps) - plan.blocks
+        self.free_blocks += returned
+        if plan.evicted and returned > 0 and self.prefix_cache is not None:
+            back = plan.evicted[-returned:]
+            del plan.evicted[-returned:]
+            self.prefix_cache.restore(back)
         plan.steps = keep
         plan.end_s = plan.start_s + self._run_seconds(plan.first_step_s, plan.ctx_growth_s, keep)
 
@@ -473,11 +481,11 @@ class EngineModel:
         chunk = min(total - start, budget)
         return hit, chunk, -(-(start + chunk) // bs) - hit.blocks
 
-    def _take_blocks(self, n: int) -> None:
+    def _take_blocks(self, n: int, evicted: list[int] | None = None) -> None:
         """n free blocks go to running requests; cached free blocks past what is left are evicted."""
         self.free_blocks -= n
         if self.prefix_cache is not None:
-            self.prefix_cache.evict_to(self.free_blocks)
+            self.prefix_cache.evict_to(self.free_blocks, evicted)
 
     def _compose(self, now: float) -> _Plan | None:
         """Plan the step starting at clock_s (or, when the engine was idle, at the first arrival)."""
@@ -504,10 +512,11 @@ class EngineModel:
                     first = own + self._gpu.extra_step_seconds()
                 growth = cfg.step.context_seconds_per_token * n
                 blocks = self._blocks_over(self.epoch, steps)
-                self._take_blocks(blocks)
+                evicted: list[int] = []
+                self._take_blocks(blocks, evicted)
                 plan = _Plan(start_s=start, steps=steps, decode_seqs=n, blocks=blocks, first_step_s=first,
                              ctx_growth_s=growth, epoch_at_start=self.epoch, own_step_s=own,
-                             end_s=start + self._run_seconds(first, growth, steps))
+                             end_s=start + self._run_seconds(first, growth, steps), evicted=evicted)
                 self._plan = plan
                 return plan
         return self._compose_general(start)

@@ -116,13 +116,28 @@ class PrefixCache:
                 refs[h] = count - 1
         return freed
 
-    def evict_to(self, free_blocks: int) -> None:
-        """The free pool shrank to `free_blocks`: cached free blocks beyond it were overwritten, oldest first."""
+    def evict_to(self, free_blocks: int, evicted: list[int] | None = None) -> None:
+        """The free pool shrank to `free_blocks`: cached free blocks beyond it were overwritten, oldest first
+        (their hashes appended to `evicted` when given)."""
         lru, refs = self.lru, self.refs
         while len(lru) > free_blocks:
             h, _ = lru.popitem(last=False)
             del refs[h]
             self.evictions_total += 1
+            if evicted is not None:
+                evicted.append(h)
+
+    def restore(self, hashes: Sequence[int]) -> None:
+        """Blocks taken for steps that did not run (a run of decode steps cut short) were never overwritten: their
+        cached content is back, as the oldest free blocks (the last evicted, youngest of them, last)."""
+        lru, refs = self.lru, self.refs
+        for h in reversed(hashes):
+            if h in refs:  # cached again meanwhile
+                continue
+            refs[h] = 0
+            lru[h] = None
+            lru.move_to_end(h, last=False)
+            self.evictions_total -= 1
 
     def reset(self) -> bool:
         """vLLM's /reset_prefix_cache: drops every cached free block; refused (False) while blocks are in use."""

@@ -29,10 +29,10 @@ def _bench():
 def test_capacity_beats_round_robin_and_keeps_cache_awares_hit_rate(vllm_pair: VllmPair, tmp_path: Path) -> None:
     bench = _bench()
     backends = {s.name: s.url for s in vllm_pair.both}
-    runs = {r.policy: r for r in bench.compare(backends, tmp_path, requests=48, users=8)}
+    runs = {r.policy: r for r in bench.compare(backends, tmp_path, requests=60, users=12)}
     print("\n" + bench.markdown(list(runs.values())))
     for run in runs.values():
-        assert run.completed == 48 and run.failed == 0
+        assert run.completed == 60 and run.failed == 0
     rr, ca, cap = runs["round_robin"], runs["cache_aware"], runs["capacity"]
     assert rr.hit_rate > 0  # the engines' caches are on and the conversations do hit
     assert cap.request_goodput > rr.request_goodput
