@@ -203,9 +203,14 @@ def unloaded_ttft(port: int, n: int, max_tokens: int) -> list[float]:
     return asyncio.run(run())
 
 
-def run_one(loop: str, engines: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    config = {"models": {"m": {"backends": [{"url": u, "name": f"sim{i}", "engine": "vllm", "profile": PROFILE}
-                                            for i, u in enumerate(engines)]}}}
+def run_one(variant: str, engines: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """`variant`: an event loop (uvloop, asyncio), `+noaccept` to accept on the loop (server.accept_thread off,
+    the behaviour before issue 14) for comparison."""
+    loop, _, flag = variant.partition("+")
+    config: dict[str, Any] = {"models": {"m": {"backends": [
+        {"url": u, "name": f"sim{i}", "engine": "vllm", "profile": PROFILE} for i, u in enumerate(engines)]}}}
+    if flag == "noaccept":
+        config["server"] = {"accept_thread": False}
     with Proxy(config=config, extra_args=("--loop", loop, "--log-level", "warning")) as proxy:
         time.sleep(1.5)  # a few health/metrics polls: every engine routable and calibrated
         base = unloaded_ttft(proxy.port, args.unloaded_requests, args.max_tokens)
@@ -244,7 +249,7 @@ def run_one(loop: str, engines: list[str], args: argparse.Namespace) -> dict[str
     r429 = merged["status"].get("429", [])
     ttft = merged["ttft_s"]
     return {
-        "loop": loop, "connections": args.connections, "seconds": args.seconds, "proxy_alive": alive,
+        "loop": variant, "connections": args.connections, "seconds": args.seconds, "proxy_alive": alive,
         "unloaded_ttft_p50_ms": pms(base, 0.5),
         "unloaded_ttft_p99_ms": pms(base, 0.99),
         "health_probes": len(health.values), "health_failed": len(health.values) - len(h_ok),
@@ -292,7 +297,8 @@ def main() -> None:
     ap.add_argument("--engines", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--unloaded-requests", type=int, default=40)
-    ap.add_argument("--loops", default="uvloop,asyncio")
+    ap.add_argument("--loops", default="uvloop,asyncio",
+                    help="comma-separated: uvloop, asyncio, and either with +noaccept (accept on the event loop)")
     ap.add_argument("--json", default=None)
     # worker mode (internal)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

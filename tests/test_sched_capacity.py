@@ -219,7 +219,10 @@ def test_calibration_does_not_learn_the_neighbours_contention_twice():
         sched.on_first_token(d.request_id, now + 0.05)
         sched.finish(d.request_id, now + 0.05 + 100 * (own_step + c_step), output_tokens=101)
         now += 60.0
-    assert state.tpot_correction.value == pytest.approx(1.0, abs=0.1)
+    assert sched.capacity.tpot_factor(state) == pytest.approx(1.0, abs=0.1)
+    # The contention went to the learned interference factor, which finds sum-of-steps right here.
+    assert state.interference.count == 20
+    assert state.interference.factor == pytest.approx(1.0, abs=0.1)
 
 
 def test_ttft_objective_holds_requests_instead_of_queueing_prefill_on_a_fast_decoder():

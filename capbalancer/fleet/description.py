@@ -14,6 +14,8 @@ referenced from the proxy's config (`fleet: FILE`), so one file describes a flee
         time_scale: 1.0           # simulator only: >1 runs slower than the modelled GPU
         api_key_env: NAME         # optional: env var holding this instance's API key
         gpu_group: gpu1           # optional: instances naming one group share one GPU (a name or a card index)
+        lora_modules: {sql: /adapters/sql}   # optional, simulator: LoRA adapters served (name: path)
+        interference: 2.0         # simulator only: factor on the busy siblings' steps each step waits for
 
 Instances of one `gpu_group` are engines on one card (several vLLM processes, each with a fraction of its
 memory): the proxy's capacity model and the simulator make a step of one wait for the busy others' steps.
@@ -48,6 +50,10 @@ class InstanceSpec:
     time_scale: float = 1.0
     api_key_env: str | None = None
     gpu_group: str | None = None  # instances with the same group share one GPU
+    lora_modules: tuple[tuple[str, str], ...] = ()  # simulator: LoRA adapters served, (name, path)
+    # Simulator only: how much a busy sibling on its GPU slows it, as a factor on the sibling's step time
+    # (1.0: sum-of-steps; real co-location without MPS measured ~2, sim/gpu_share.py).
+    interference: float = 1.0
 
     @property
     def url(self) -> str:
@@ -72,6 +78,10 @@ class FleetDescription:
                 row["api_key_env"] = inst.api_key_env
             if inst.gpu_group is not None:
                 row["gpu_group"] = inst.gpu_group
+            if inst.lora_modules:
+                row["lora_modules"] = dict(inst.lora_modules)
+            if inst.interference != 1.0:
+                row["interference"] = inst.interference
             out.append(row)
         return {"instances": out}
 
@@ -93,7 +103,7 @@ def parse_fleet(data: Any, where: str = "<fleet>") -> FleetDescription:
         if not isinstance(row, dict):
             raise FleetError(f"{path}: must be a mapping")
         unknown = sorted(set(row) - {"name", "engine", "model", "host", "port", "profile", "time_scale",
-                                     "api_key_env", "gpu_group"})
+                                     "api_key_env", "gpu_group", "lora_modules", "interference"})
         if unknown:
             raise FleetError(f"{path}.{unknown[0]}: unknown key")
         name = row.get("name", f"instance-{i}")
@@ -130,11 +140,19 @@ def parse_fleet(data: Any, where: str = "<fleet>") -> FleetDescription:
         elif gpu_group is not None and (not isinstance(gpu_group, str) or not gpu_group):
             raise FleetError(f"{path}.gpu_group: must be a group name or a GPU index (an integer >= 0), "
                              f"got {gpu_group!r}")
+        lora = row.get("lora_modules") or {}
+        if not isinstance(lora, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
+                                                 for k, v in lora.items()):
+            raise FleetError(f"{path}.lora_modules: must map adapter names to paths")
+        interference = row.get("interference", 1.0)
+        if not isinstance(interference, (int, float)) or isinstance(interference, bool) or interference < 0:
+            raise FleetError(f"{path}.interference: must be a number >= 0, got {interference!r}")
         seen_names.add(name)
         seen_addrs.add((host, port))
         instances.append(InstanceSpec(name=name, engine=engine, model=model, host=host, port=port,
                                       profile=profile, time_scale=float(time_scale), api_key_env=api_key_env,
-                                      gpu_group=gpu_group))
+                                      gpu_group=gpu_group, lora_modules=tuple(lora.items()),
+                                      interference=float(interference)))
     _check_gpu_groups(instances, where)
     return FleetDescription(instances=tuple(instances), source=where)
 

@@ -105,6 +105,11 @@ def plan(cluster_path: str, model: str | None, objective: str, slo: str | None, 
     if out_path:
         save_plan(result, out_path)
         click.echo(f"plan written to {out_path}")
+        from capbalancer.planning.colocation import colocation_warnings
+        from capbalancer.planning.plan import load_plan
+
+        for line in colocation_warnings(load_plan(out_path).instances):
+            click.echo(line, err=True)
 
 
 @click.command(help="Render or start the instances of a plan.")
@@ -137,6 +142,11 @@ def deploy(plan_path: str, target: str, engine: str, out_dir: str, model_path: s
         raise click.ClickException(str(exc)) from None
     if engine == "sim" and target != "local":
         raise click.UsageError("--engine sim runs only with --target local (scripts and manifests are for vllm or tgi)")
+    if engine != "sim":  # simulated GPUs have no MPS to miss
+        from capbalancer.planning.colocation import colocation_warnings
+
+        for line in colocation_warnings(plan_file.instances):
+            click.echo(line, err=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if target == "local":

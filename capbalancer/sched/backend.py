@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from capbalancer.fleet.snapshot import EngineSnapshot
+from capbalancer.sched.interference import InterferenceEstimate
 from capbalancer.sched.types import BackendSpec, HealthSettings
 
 
@@ -44,6 +45,7 @@ class InflightRequest:
     cached_prompt_tokens: int = 0
     shared_kv_tokens: int = 0
     overdue: bool = False  # its first token did not come in time (Scheduler.check_first_tokens): counted once
+    shared_integral_at_first_token: float = 0.0  # its backend's siblings' step integral then (interference)
 
     @property
     def kv_tokens(self) -> int:
@@ -122,6 +124,8 @@ class BackendState:
     remote_kv_at_snapshot: int = 0
     # The other backends of this one's gpu_group (kept by the Scheduler): their steps share its GPU.
     gpu_siblings: list[BackendState] = field(default_factory=list, repr=False, compare=False)
+    # How much the busy siblings' steps slow this one, learned from its TPOTs (sched/interference.py).
+    interference: InterferenceEstimate = field(default_factory=InterferenceEstimate, repr=False)
 
     @property
     def backend_id(self) -> str:
@@ -176,6 +180,7 @@ class BackendState:
             req.first_token_at_s = now
             req.seq_integral_at_first_token = self.load_integral_seq_s
             req.kv_integral_at_first_token = self.load_integral_kv_s
+            req.shared_integral_at_first_token = self.interference.integral_at(now)
             self.own_pending_prefill_tokens -= req.prefill_tokens
         if output_tokens <= req.output_tokens:
             return

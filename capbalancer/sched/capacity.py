@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from capbalancer.profiling.schema import Profile, StepTimeModel
 from capbalancer.sched.backend import BackendState, InflightRequest
+from capbalancer.sched.interference import MemberCapacity, is_net_negative
 from capbalancer.sched.objectives import derived_tpot_objective_s
 from capbalancer.sched.prefix_index import PrefixIndex
 from capbalancer.sched.types import Demand, HealthSettings
@@ -61,6 +62,9 @@ class CapacitySettings:
     # serves every request too slowly to count. factor 0: fill every seat, as before.
     tpot_objective_factor: float = 1.5
     tpot_objective_floor_s: float = 0.1
+    # Engines sharing a GPU: a backend whose steps cost its busy siblings more throughput than it adds at
+    # saturation (with the interference learned, sched/interference.py) gets no new requests.
+    judge_net_negative: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,8 +181,15 @@ class CapacityModel:
         tpot_k = self.tpot_factor(state)
         ttft_k = self.ttft_factor(state)
         batch = seqs_after if seqs_after < seats else seats
-        # Engines sharing this one's GPU run their steps in between its own: each of its steps waits for theirs.
-        shared_s = self.shared_gpu_step_seconds(state, now) if state.gpu_siblings else 0.0
+        # Engines sharing this one's GPU run their steps in between its own: each of its steps waits for theirs,
+        # times the interference learned for it (1.0, sum-of-steps, until observed otherwise).
+        shared_s = 0.0
+        if state.gpu_siblings:
+            shared_s = self.shared_gpu_step_seconds(state, now) * self.interference_factor(state)
+            if self._net_negative(state, prompt_tokens - cached_tokens, expected_output_tokens, now):
+                fits_compute = False
+                if not full:
+                    return None
         tpot_s = (step.decode_step_seconds(batch, int(mean_ctx * batch)) + churn_s_per_seq * batch
                   + shared_s) * tpot_k
         tpot_objective_s = s.tpot_slo_s
@@ -223,6 +234,54 @@ class CapacityModel:
             kv_capacity_tokens=kv_capacity, ttft_s=ttft_s, tpot_s=tpot_s, e2e_s=e2e_s,
             fits_memory=fits_memory, fits_compute=fits_compute,
         )
+
+    def interference_factor(self, state: BackendState) -> float:
+        return state.interference.factor if self.settings.calibrate else 1.0
+
+    def _net_negative(self, state: BackendState, prompt_tokens: int, expected_output_tokens: int,
+                      now: float) -> bool:
+        """Whether this backend lowers what its GPU decodes at saturation (sched/interference.py).
+
+        Judged with each member's learned factor, never below sum-of-steps (1.0): a factor learned below 1 (MPS,
+        engines that overlap) improves the TPOT predictions but does not by itself bring an idle engine back,
+        since an idle engine's siblings can learn nothing about it.
+        """
+        if not self.settings.judge_net_negative or not self.settings.calibrate:
+            return False
+        ctx = prompt_tokens + expected_output_tokens / 2.0
+        siblings = [self._member_capacity(sib, ctx, prompt_tokens, expected_output_tokens)
+                    for sib in state.gpu_siblings]
+        me = self._member_capacity(state, ctx, prompt_tokens, expected_output_tokens)
+
+        # The member that decodes most alone is never judged (ties: the busier one, then the name), so that two
+        # that each look negative beside the other cannot both refuse work: one keeps the GPU, the other drains.
+        def rank(m: MemberCapacity, b: BackendState) -> tuple[float, int, str]:
+            return (m.seats / m.step_s, len(b.inflight), b.backend_id)
+
+        mine = rank(me, state)
+        if all(mine > rank(m, b) for m, b in zip(siblings, state.gpu_siblings, strict=True)):
+            return False
+        return is_net_negative(me, siblings)
+
+    def _member_capacity(self, state: BackendState, ctx_tokens: float, prompt_tokens: int,
+                         expected_output_tokens: int) -> MemberCapacity:
+        profile = state.spec.profile
+        step = profile.step if profile is not None else GENERIC_STEP
+        seats = profile.max_num_seqs if profile is not None else GENERIC_MAX_NUM_SEQS
+        kv_capacity = state.kv_capacity_tokens()
+        if kv_capacity is not None and ctx_tokens > 0:
+            seats = max(1, min(seats, int(kv_capacity * self.settings.kv_high_watermark / ctx_tokens)))
+        churn = _churn(step, prompt_tokens, expected_output_tokens, 1)
+        # The profile's step, uncalibrated: the judgement compares members with one another, and a correction
+        # learned from a burst (every prompt of a cold start prefilled at once) must not condemn the big engine.
+        step_s = step.decode_step_seconds(seats, int(ctx_tokens * seats)) + churn * seats
+        return MemberCapacity(seats=seats, step_s=step_s, factor=max(1.0, self.interference_factor(state)))
+
+    def refresh_shared(self, state: BackendState, now: float) -> None:
+        """The load of `state` changed: every member of its GPU group starts a new piece of its sibling-step
+        integral (sched/interference.py)."""
+        for member in (state, *state.gpu_siblings):
+            member.interference.set_shared(now, self.shared_gpu_step_seconds(member, now))
 
     def shared_gpu_step_seconds(self, state: BackendState, now: float) -> float:
         """GPU time the busy engines sharing `state`'s GPU take per step of theirs (uncalibrated).
@@ -312,13 +371,19 @@ class CapacityModel:
         step = self.base_step(state)
         seqs = int(round(mean_seqs))
         churn = self.churn_seconds_per_seq(state, step, req.prefill_tokens, req.expected_output_tokens)
-        # Siblings on the same GPU: their load now stands in for their mean over this request's decode (a
-        # point sample; the correction's moving average smooths it), so the correction does not learn the
-        # contention that the model already adds.
-        shared_s = self.shared_gpu_step_seconds(state, now) if state.gpu_siblings else 0.0
-        base_tpot = step.decode_step_seconds(seqs, int(mean_kv)) + churn * seqs + shared_s
-        if base_tpot > 0:
-            state.tpot_correction.add(_clip(observed_tpot / base_tpot))
+        # Siblings on the same GPU: their summed step, averaged over this request's decode (the scheduler keeps
+        # its integral as their loads change), so the correction does not learn the contention as its own.
+        shared_s = 0.0
+        if state.gpu_siblings:
+            shared_s = (state.interference.integral_at(now) - req.shared_integral_at_first_token) / decode_s
+        own_base = step.decode_step_seconds(seqs, int(mean_kv)) + churn * seqs
+        if shared_s > 0:
+            # Busy siblings: what they cost it beyond its own (calibrated) step is the interference factor's
+            # evidence (sched/interference.py). The own correction learns only while it has the GPU to itself, as
+            # its profile was measured: beside busy siblings the two could not be told apart.
+            state.interference.observe(own_base * self.tpot_factor(state), shared_s, observed_tpot)
+        elif own_base > 0:
+            state.tpot_correction.add(_clip(observed_tpot / own_base))
 
     def record_overdue(self, state: BackendState, req: InflightRequest, now: float) -> None:
         """A request still without its first token long after it was predicted: the backend is slower than the

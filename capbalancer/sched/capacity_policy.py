@@ -21,7 +21,7 @@ from capbalancer.sched.types import Demand
 
 OPTION_NAMES = ("kv_growth_reserve", "kv_high_watermark", "knee_throughput_fraction", "tpot_slo_ms",
                 "ttft_slo_ms", "ttft_weight", "calibrate", "hold", "ttft_objective_factor", "ttft_objective_floor_ms",
-                "tpot_objective_factor", "tpot_objective_floor_ms")
+                "tpot_objective_factor", "tpot_objective_floor_ms", "judge_net_negative")
 
 
 def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, bool]:
@@ -45,6 +45,7 @@ def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, 
         tpot_objective_factor=float(options.get("tpot_objective_factor", defaults.tpot_objective_factor)),
         tpot_objective_floor_s=float(options.get("tpot_objective_floor_ms",
                                                  defaults.tpot_objective_floor_s * 1000.0)) / 1000.0,
+        judge_net_negative=bool(options.get("judge_net_negative", 1)),
     )
     return settings, bool(options.get("hold", 1))
 

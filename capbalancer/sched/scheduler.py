@@ -171,6 +171,8 @@ class Scheduler:
         if state is None:
             return []
         state.take_snapshot(snapshot)
+        if state.gpu_siblings:
+            self.capacity.refresh_shared(state, now)
         hits = getattr(snapshot, "prefix_cache_hits_tokens_total", None)
         if hits is not None:  # the engine's own count of prefix-cache hits: how far the index's belief holds
             self.prefix.on_hits_counter(backend_id, hits)
@@ -270,7 +272,8 @@ class Scheduler:
         if too_long is not None:
             pool.rejected_total += 1
             return too_long
-        candidates = [b for b in self._routable(pool, now) if b.backend_id not in excluded]
+        candidates = [b for b in self._routable(pool, now) if b.backend_id not in excluded
+                      and (demand.only_backends is None or b.backend_id in demand.only_backends)]
         if not candidates:
             pool.rejected_total += 1
             return Reject(503, "no healthy backend for this model", settings.retry_after_s)
@@ -371,6 +374,8 @@ class Scheduler:
         if output_tokens is not None:
             state.set_progress(req, output_tokens, now)
         state.remove_inflight(request_id, now)
+        if state.gpu_siblings:
+            self.capacity.refresh_shared(state, now)
         if output_tokens is not None:
             req.output_tokens = output_tokens
         if prompt_tokens is not None:
@@ -488,6 +493,9 @@ class Scheduler:
                 "profile": b.spec.profile.name if b.spec.profile else None,
                 "gpu_group": b.spec.gpu_group,
                 "shares_gpu_with": [s.backend_id for s in b.gpu_siblings],
+                # Learned: how much its busy siblings' steps slow it (sched/interference.py); 1.0 is sum-of-steps.
+                "interference": {"factor": round(b.interference.factor, 3), "observations": b.interference.count}
+                if b.gpu_siblings else None,
                 "health": b.health.value,
                 "outlier": self.outlier.describe(backend_id, now),
                 "draining": b.draining,
@@ -562,6 +570,8 @@ class Scheduler:
         self._index_dispatch(backend, demand, cached, now)
         backend.add_inflight(req)
         self._request_backend[demand.request_id] = backend.backend_id
+        if backend.gpu_siblings:
+            self.capacity.refresh_shared(backend, now)
         # A stream must show its first token within a few predicted TTFTs; a plain response (no first token
         # is seen before the end) its whole answer within a few predicted end-to-end times.
         o = self.outlier.settings
@@ -605,9 +615,11 @@ class Scheduler:
             if len(self.remote) and self.remote.ahead(pool_name, demand.priority, held_at):
                 break  # another replica's older request goes first (one queue order across replicas)
             ctx = self._ctx(pool, demand, now)
-            choice = pool.policy.choose(demand, candidates, ctx)
+            allowed = candidates if demand.only_backends is None else [
+                b for b in candidates if b.backend_id in demand.only_backends]
+            choice = pool.policy.choose(demand, allowed, ctx) if allowed else None
             if choice is None:
-                if unservable is not None and unservable(demand, candidates, ctx):
+                if not allowed or (unservable is not None and unservable(demand, allowed, ctx)):
                     # Nothing can start it before its deadline: answer now rather than block the queue.
                     pool.hold.pop()
                     events.append(self._expire(demand, now, 429, "overloaded: cannot start before its deadline",
@@ -673,7 +685,8 @@ class Scheduler:
         if demand.api == "embeddings":
             return None
         prompt = demand.prompt_tokens if demand.prompt_tokens_exact else int(demand.prompt_tokens * 0.8)
-        needed = prompt + (demand.max_tokens if demand.max_tokens_explicit else 1)
+        # One sequence of an n > 1 request is what must fit in the context.
+        needed = prompt + (demand.max_tokens // max(1, demand.sequences) if demand.max_tokens_explicit else 1)
         longest = 0
         for bid in pool.backend_ids:
             limit = self.backends[bid].max_request_tokens()

@@ -28,6 +28,9 @@ class Demand:
     # the request's own or the pool's default: a request is refused as too long only on what it really asks.
     prompt_tokens_exact: bool = True
     max_tokens_explicit: bool = True
+    # Only these backends may serve it (a LoRA adapter that only they hold); None: any of the pool's.
+    only_backends: frozenset[str] | None = None
+    sequences: int = 1  # n / best_of: max_tokens bounds them all; each alone needs max_tokens / sequences
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,12 +16,11 @@ from multidict import CIMultiDict
 
 from capbalancer.config import BackendConfig, ClientKey, Config, ModelConfig, backend_spec
 from capbalancer.sched.scheduler import Scheduler
-from capbalancer.server import admin, observe, proxy
+from capbalancer.server import admin, observe, proxy, routes
 from capbalancer.server.driver import SchedulerDriver
 from capbalancer.server.errors import ProxyError, error_response, from_exception
 from capbalancer.server.health import make_poller, poll_target
 from capbalancer.server.metrics import ProxyMetrics
-from capbalancer.server.parsing import OPENAI_PATHS, TGI_PATHS
 from capbalancer.server.proxy import STATE, ProxyState
 from capbalancer.server.relay import Upstream, response_headers
 from capbalancer.server.upstream_http import ResponseTooLarge
@@ -47,12 +46,12 @@ def build_app(state: ProxyState) -> web.Application:
     app = web.Application(client_max_size=1 << 62, middlewares=[_unexpected_errors])
     app[STATE] = state
     observe.install(app, state)
-    for path in (*OPENAI_PATHS, *TGI_PATHS):
-        app.router.add_post(path, proxy.handle)
+    routes.add_routes(app)  # every engine route: see routes.py and docs/routes.md
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/info", tgi_info)
     app.router.add_get("/health", liveness)
     app.router.add_get("/ready", readiness)
+    app.router.add_route("*", "/ping", readiness)  # vLLM's SageMaker health route (GET and POST)
     app.router.add_get("/metrics", own_metrics)
     admin.add_routes(app)
     app.on_startup.append(_startup)
@@ -92,6 +91,8 @@ async def _startup(app: web.Application) -> None:
     state.poller, state.poller_kind, state.make_target = make_poller(targets, state.driver, h.interval_s,
                                                                      h.timeout_s, state.driver.clock)
     await state.poller.start()
+    discovery = asyncio.get_running_loop().create_task(routes.discover_models(state))
+    state.background.add(discovery)
     for _, b in state.config.backends():
         if b.kv_events:
             _subscribe_kv_events(state, b)
@@ -222,6 +223,13 @@ def readiness_answer(state: ProxyState) -> tuple[int, bytes]:
     return (200 if ready else 503), orjson.dumps(details)
 
 
+def hold_queues_full(state: ProxyState) -> bool:
+    """Every pool's hold queue is full: a new request would be answered 429 anyway. Only reads (the front
+    door's thread calls it to shed load before the event loop sees the request)."""
+    pools = list(state.driver.scheduler.pools.values())
+    return bool(pools) and all(len(p.hold) >= p.settings.hold_max_requests for p in pools)
+
+
 def probe_answer(state: ProxyState, path: str) -> tuple[int, bytes] | None:
     if path == "/health":
         return 200, LIVE_BODY
@@ -268,6 +276,7 @@ async def list_models(request: web.Request) -> web.Response:
             for m in config.models.values() if not m.match_any or len(match_any) == len(config.models)
             if _allowed(client, m.name)
             for name in (m.name, *m.aliases)]
+    data.extend(routes.adapter_cards(state))  # LoRA adapters the fleet holds, as vLLM lists them
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 
 

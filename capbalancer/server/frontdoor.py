@@ -13,6 +13,8 @@ busy the loop is:
 - its first bytes are peeked (MSG_PEEK: nothing is consumed). `GET /health` and `GET /ready` are answered
   here with `Connection: close`; /ready reads the scheduler's state through a callable that must only read;
 - past `max_connections` open client connections, anything else is answered 503 + Retry-After at once;
+- while every hold queue is full, a new POST is answered 429 + Retry-After here (the loop would only parse it
+  to say the same), with `Connection: close` so that the client's retry comes back through this door;
 - everything else goes to the loop with `loop.connect_accepted_socket`, unchanged: aiohttp parses it as if
   it had accepted it itself (a connection that sent nothing within `handoff_after_s` goes too: aiohttp's
   idle timeout then applies to it);
@@ -92,6 +94,11 @@ def _overloaded(message: str) -> bytes:
     return _response(503, "Service Unavailable", error_body(503, message, "proxy_overloaded"), "Retry-After: 1\r\n")
 
 
+_SHEDDABLE = (b"POST /v1/", b"POST /generate")  # the proxied API (never the admin API: operators need it most now)
+_SHED = _response(429, "Too Many Requests", error_body(
+    429, "every hold queue of the proxy is full; retry later", "no_capacity"), "Retry-After: 1\r\n")
+
+
 def probe_path(head: bytes) -> str | None | bool:
     """What the first bytes of a connection are: the probe path it asks for (its whole head has arrived),
     False when it is not a probe, None when too few bytes have arrived to tell."""
@@ -111,13 +118,15 @@ class FrontDoor:
 
     def __init__(self, listeners: list[socket.socket], loop: asyncio.AbstractEventLoop,
                  protocol_factory: Callable[[], asyncio.Protocol], probe: ProbeAnswer,
-                 open_connections: Callable[[], int], max_connections: int, handoff_after_s: float = 0.5) -> None:
+                 open_connections: Callable[[], int], max_connections: int, handoff_after_s: float = 0.5,
+                 shed: Callable[[], bool] | None = None) -> None:
         self.listeners = listeners
         self.loop = loop
         self.protocol_factory = protocol_factory
         self.probe = probe
         self.open_connections = open_connections
         self.max_connections = max_connections
+        self.shed = shed
         self._cap = max_connections
         self._cap_at_s = 0.0
         self.handoff_after_s = handoff_after_s
@@ -134,6 +143,7 @@ class FrontDoor:
         self.probes_answered = 0
         self.refused_over_cap = 0
         self.refused_no_fds = 0
+        self.shed_429 = 0
 
     # --- lifecycle (called on the loop) ---------------------------------------------------------------
     def start(self) -> None:
@@ -217,6 +227,7 @@ class FrontDoor:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._pending[conn] = _Pending(time.monotonic())
             self._sel.register(conn, selectors.EVENT_READ, "client")
+            self._readable(conn)  # its request is often there already: one trip through select saved
 
     def _readable(self, conn: socket.socket) -> None:
         pending = self._pending.get(conn)
@@ -246,11 +257,25 @@ class FrontDoor:
         path = probe_path(head)
         if isinstance(path, str) and self._answer_probe(conn, head, path):
             return
+        if head.startswith(_SHEDDABLE) and self._shedding():
+            # Every hold queue is full: the loop would answer 429 after parsing it; answer it here instead, at
+            # no cost to the loop. `Connection: close` brings the client's retry back through this door.
+            self.shed_429 += 1
+            self._refuse(conn, _SHED)
+            return
         if self._over_cap():
             self.refused_over_cap += 1
             self._refuse(conn, _overloaded(f"the proxy is at its connection limit ({self._cap}); retry later"))
             return
         self._hand_over(conn)
+
+    def _shedding(self) -> bool:
+        if self.shed is None:
+            return False
+        try:
+            return self.shed()
+        except Exception:  # a dict resized by the loop while read: let the loop decide
+            return False
 
     def _over_cap(self) -> bool:
         now = time.monotonic()
@@ -274,6 +299,11 @@ class FrontDoor:
         reason = "OK" if status == 200 else "Service Unavailable"
         extra = "Retry-After: 1\r\n" if status == 503 else ""
         self.probes_answered += 1
+        if len(head) == head.index(b"\r\n\r\n") + 4:  # all it sent is consumed: close now, no reset
+            with contextlib.suppress(OSError):
+                conn.send(_response(status, reason, body, extra))
+            self._close(conn)
+            return True
         self._refuse(conn, _response(status, reason, body, extra))
         return True
 

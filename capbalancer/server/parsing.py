@@ -29,6 +29,9 @@ class ParsedRequest:
     prompt_text: str | None = None  # only when asked for (token counting and the prefix key)
     user: str | None = None  # the OpenAI `user` field: a session hint for prefix affinity
     token_ids: list[int] | None = None  # set when a local tokenizer counted the prompt
+    # Sequences generated per prompt (`n`, `best_of`; TGI's `best_of`): each costs its own output and KV.
+    sequences: int = 1
+    previous_id: str | None = None  # /v1/responses `previous_response_id`: only its backend holds it
 
 
 MAX_SESSION_ID_CHARS = 256
@@ -92,7 +95,22 @@ def parse_body(path: str, raw: bytes, keep_text: bool = False) -> ParsedRequest:
             body.get("input") if path == "/v1/embeddings" else body.get("prompt"))
     user = body.get("user")
     return ParsedRequest(model=model, prompt_chars=chars, max_tokens=max_tokens, stream=bool(stream), api=api,
-                         prompt_text=text, user=user if isinstance(user, str) else None)
+                         prompt_text=text, user=user if isinstance(user, str) else None,
+                         sequences=sequences_of(body) if api != "embeddings" else 1)
+
+
+MAX_SEQUENCES = 128  # beyond this a request is the engine's to refuse; the cost model caps its count here
+
+
+def sequences_of(params: dict[str, Any]) -> int:
+    """How many sequences a request generates: the larger of `n` and `best_of` (best_of are all generated,
+    n returned). Invalid values count as 1: the engine answers them with its own 400."""
+    count = 1
+    for key in ("n", "best_of"):
+        value = params.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > count:
+            count = value
+    return min(count, MAX_SEQUENCES)
 
 
 def _content_text(value: Any) -> str:
@@ -123,7 +141,8 @@ def _parse_tgi(path: str, body: dict[str, Any]) -> ParsedRequest:
         raise ProxyError(400, "'parameters' must be an object", param="parameters")
     max_tokens = _check_max_tokens(params.get("max_new_tokens"), "parameters.max_new_tokens")
     stream = path == "/generate_stream" or body.get("stream") is True
-    return ParsedRequest(model=None, prompt_chars=len(inputs), max_tokens=max_tokens, stream=stream, api="tgi")
+    return ParsedRequest(model=None, prompt_chars=len(inputs), max_tokens=max_tokens, stream=stream, api="tgi",
+                         sequences=sequences_of(params))
 
 
 def _check_max_tokens(value: Any, param: str) -> int | None:

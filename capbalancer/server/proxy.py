@@ -22,14 +22,17 @@ import aiohttp
 from aiohttp import web
 
 from capbalancer.config import ClientKey, Config, ModelConfig
+from capbalancer.fleet.models import AdapterIndex
 from capbalancer.sched.estimates import PromptTokenEstimator
 from capbalancer.sched.types import Demand, Dispatch, Expire, Hold, Reject
 from capbalancer.server import access_log
+from capbalancer.server.affinity import ObjectAffinity
 from capbalancer.server.clients import ClientAuth
 from capbalancer.server.driver import SchedulerDriver
 from capbalancer.server.errors import ProxyError, error_response, from_exception, sse_error_event
 from capbalancer.server.metrics import ProxyMetrics
-from capbalancer.server.parsing import ParsedRequest, parse_body, prefix_key, session_of
+from capbalancer.server.model_routing import body_for, pinned_backends, remember_created, resolve_pool
+from capbalancer.server.parsing import ParsedRequest, prefix_key, session_of
 from capbalancer.server.relay import (
     StreamCounter,
     Upstream,
@@ -39,6 +42,7 @@ from capbalancer.server.relay import (
     response_headers,
     usage_from_body,
 )
+from capbalancer.server.route_parsing import parse_route
 from capbalancer.server.upstream_http import ResponseTooLarge, UpstreamHTTPError, UpstreamResponse
 
 log = logging.getLogger("capbalancer.proxy")
@@ -47,6 +51,7 @@ PRIORITY_HEADER = "x-capbalancer-priority"
 DEADLINE_HEADER = "x-capbalancer-deadline-ms"
 BACKEND_HEADER = "x-capbalancer-backend"
 HELD_HEADER = "x-capbalancer-held-ms"
+MODEL_HEADER = "x-capbalancer-model"  # the pool of a request whose body names no model (TGI, SGLang native)
 PROGRESS_EVERY_TOKENS = 16  # scheduler progress updates while streaming: often enough, cheap enough
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_HEADER_NUMBER = 1e9  # priority and deadline (ms, ~11 days) headers beyond this are refused: 400
@@ -74,6 +79,8 @@ class ProxyState:
     # Backends added through the admin API, by name -> (model name, backend): a reload keeps them (the file
     # does not know them) until they are deleted, their model leaves the file, or the file names them itself.
     admin_added: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    adapters: AdapterIndex = field(default_factory=AdapterIndex)  # what each backend serves (its /v1/models)
+    affinity: ObjectAffinity = field(default_factory=ObjectAffinity)  # stored responses -> their backend
     sharing: Any = None  # cluster.sharing.Sharing while replicas share reservations (for /ready)
 
     def count_prompt_tokens(self, pool: ModelConfig, parsed: ParsedRequest) -> int:
@@ -172,7 +179,9 @@ def build_demand(state: ProxyState, request: web.Request, pool: ModelConfig, par
         request_id=str(next(state.ids)),
         pool=pool.name,
         prompt_tokens=state.count_prompt_tokens(pool, parsed),
-        max_tokens=parsed.max_tokens or pool.default_max_tokens,
+        # n / best_of sequences each generate up to max_tokens (and hold their own KV): counted as one
+        # request of their sum, which is what the engine's usage reports.
+        max_tokens=(parsed.max_tokens or pool.default_max_tokens) * parsed.sequences,
         arrival_s=now,
         priority=int(priority) if priority is not None else 0,
         deadline_s=now + deadline_ms / 1000.0 if deadline_ms is not None else None,
@@ -182,6 +191,7 @@ def build_demand(state: ProxyState, request: web.Request, pool: ModelConfig, par
         session_id=session_of(request.headers.get("x-session-id"), parsed),
         prompt_tokens_exact=parsed.token_ids is not None,
         max_tokens_explicit=parsed.max_tokens is not None,
+        sequences=parsed.sequences,
     )
 
 
@@ -200,17 +210,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
             auth.admit(client, time.monotonic())
         raw = await read_body(request, state.config.server.max_body_bytes,
                                   state.config.server.body_read_timeout_s)
-        parsed = parse_body(request.path, raw, keep_text=True)  # the text is the prefix index's key
-        pool = state.config.model_for(parsed.model)
-        if pool is None:
-            served = ", ".join(state.config.served_names())
-            raise ProxyError(404, f"model {parsed.model!r} is not served here; models: {served}",
-                             param="model", code="model_not_found")
+        # The text is the prefix index's key. Routes and their parsing: routes.py, route_parsing.py.
+        parsed = parse_route(request.path, raw, request.headers.get("Content-Type", ""))
+        pool, only_backends = resolve_pool(state, parsed.model or request.headers.get(MODEL_HEADER))
         pool_name = pool.name
         access_log.note(request, request_id=request_id, model=parsed.model, pool=pool.name)
         if client is not None:
             auth.check_model(client, pool.name)
         demand = build_demand(state, request, pool, parsed, client)
+        pinned = pinned_backends(state, parsed, state.driver.clock())
+        demand.only_backends = pinned if pinned is not None else only_backends
         return await Forward(state, request, pool, parsed, demand, raw, request_id, started).run()
     except ProxyError as exc:
         state.metrics.count(pool_name, "-", exc.status)
@@ -288,8 +297,11 @@ class Forward:
         if status < 500 and status != 429:  # the request itself is wrong: retrying it later will not help
             return error_response(status, reason, code=code or "invalid_request", param="messages"
                                   if code == "context_length_exceeded" else None, headers=self._headers(None))
-        return error_response(status, reason, retry_after_s=retry_after_s, code=code or ("no_capacity"
+        resp = error_response(status, reason, retry_after_s=retry_after_s, code=code or ("no_capacity"
                               if status == 429 else "unavailable"), headers=self._headers(None))
+        if status == 429:  # overloaded: the client's retry reconnects, and the front door sheds it cheaply
+            resp.force_close()
+        return resp
 
     def _deliver(self, outcome: UpstreamError | web.Response, backend: str) -> web.Response:
         if isinstance(outcome, UpstreamError):
@@ -330,7 +342,9 @@ class Forward:
                         upstream_resp = await up.pool.request(
                             request.method, raw_path if raw_path.startswith("/") else request.path_qs,
                             up.request_header_list(request.headers, self.request_id,
-                                                  drop_client_auth=bool(self.state.config.clients)), self.raw)
+                                                  drop_client_auth=bool(self.state.config.clients)),
+                            body_for(state, self.pool, self.parsed, request.path, self.raw,
+                                     request.headers.get("Content-Type", ""), up.name))
                     except (UpstreamHTTPError, OSError) as exc:
                         err = classify_upstream_error(exc, timeouts)
                         # Out of file descriptors is the proxy's own fault, never the backend's.
@@ -345,12 +359,14 @@ class Forward:
                         try:
                             body = await upstream_resp.read(state.config.server.max_upstream_body_bytes)
                         except ResponseTooLarge as exc:  # never held whole: 502, the connection closed
+                            fault = True  # an endless or oversized body is the backend's failure (outlier)
                             return classify_upstream_error(exc, timeouts)
                         reuse_connection = True
                         metrics.observe_ttfb(up.name, time.monotonic() - self.started)
                         usage = Usage()
                         if status < 400:
                             usage_from_body(body, usage)
+                            remember_created(state, request.path, up.name, body, driver.clock())
                         ok = status < 400
                         fault = status >= 500
                         metrics.count(self.pool.name, up.name, status)
@@ -360,6 +376,8 @@ class Forward:
                     first = await upstream_resp.read_chunk()
                     metrics.observe_ttfb(up.name, time.monotonic() - self.started)
                     counter = StreamCounter()
+                    if status < 400:
+                        remember_created(state, request.path, up.name, first, driver.clock())
                     if first and counter.feed(first):
                         driver.on_first_token(demand.request_id)
                     sresp = web.StreamResponse(status=status, headers=headers)

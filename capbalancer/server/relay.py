@@ -174,8 +174,12 @@ def _usage_from(obj: object, usage: Usage) -> None:
     if not isinstance(obj, dict):
         return
     u = obj.get("usage")
+    if not isinstance(u, dict) and isinstance(obj.get("meta_info"), dict):
+        u = obj["meta_info"]  # SGLang's native /generate
     if isinstance(u, dict):
         p, c = u.get("prompt_tokens"), u.get("completion_tokens")
+        if p is None and c is None:  # the Responses API and Anthropic's Messages API
+            p, c = u.get("input_tokens"), u.get("output_tokens")
         if isinstance(p, int):
             usage.prompt_tokens = p
         if isinstance(c, int):
@@ -186,7 +190,7 @@ def _usage_from(obj: object, usage: Usage) -> None:
 
 
 def usage_from_body(body: bytes, usage: Usage) -> None:
-    if b'"usage"' not in body and b'"generated_tokens"' not in body:
+    if b'"usage"' not in body and b'"generated_tokens"' not in body and b'"meta_info"' not in body:
         return
     try:
         obj = orjson.loads(body)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -13,7 +14,7 @@ from aiohttp import web
 from capbalancer.config import Config, ServerSettings
 from capbalancer.server import access_log
 from capbalancer.server.admin import reload_config
-from capbalancer.server.app import build_app, build_state, probe_answer
+from capbalancer.server.app import build_app, build_state, hold_queues_full, probe_answer
 from capbalancer.server.frontdoor import FrontDoor, bind_listeners
 from capbalancer.server.http_errors import json_http_errors
 from capbalancer.server.limits import default_max_connections, fd_soft_limit
@@ -42,7 +43,11 @@ def start_front_door(settings: ServerSettings, state: ProxyState, server: web.Se
 
     # `serve --workers N`: N processes listen on one port (SO_REUSEPORT), the kernel spreads connections.
     door = FrontDoor(bind_listeners(settings.host, settings.port, reuse_port=reuse_port()), loop, server,
-                     lambda path: probe_answer(state, path), count, cap)
+                     lambda path: probe_answer(state, path), count, cap, shed=lambda: hold_queues_full(state))
+    # The thread needs the GIL for a few microseconds per connection; a busy loop thread hands it over only every
+    # switch interval (5 ms by default), several times per probe. 0.5 ms bounds that wait (measured:
+    # bench/results/robust-server.md); the loop thread is only asked to switch while the door waits.
+    sys.setswitchinterval(0.0005)
     door.start()
     log.info("accepting on a front-door thread: /health and /ready answered there; at most %d connections", cap)
     return door

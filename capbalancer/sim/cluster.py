@@ -80,7 +80,8 @@ class SimCluster:
 def instance_for(spec: InstanceSpec, profile: Profile, seed: int = 0, gpu: SharedGpu | None = None,
                  enable_prefix_caching: bool = True) -> SimInstance:
     return SimInstance(profile, engine_kind=spec.engine, model=spec.model, time_scale=spec.time_scale, seed=seed,
-                       gpu=gpu, enable_prefix_caching=enable_prefix_caching)
+                       gpu=gpu, enable_prefix_caching=enable_prefix_caching, interference=spec.interference,
+                       lora_modules=dict(spec.lora_modules))
 
 
 def fleet_base_dir(fleet: FleetDescription) -> Path | None:

@@ -55,13 +55,15 @@ async def _serve_until_signal(start) -> None:
               help="Serve every instance of this fleet description instead (each on its own port).")
 @click.option("--only", multiple=True, help="With --cluster: serve only these instance names.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds output lengths of EOS-ended requests.")
+@click.option("--lora-modules", multiple=True, metavar="NAME=PATH",
+              help="LoRA adapters to serve besides the base model, as vLLM's --lora-modules (repeatable).")
 @click.option("--max-concurrent-requests", type=int, default=None,
               help="TGI: answer 429 past this many requests in flight (TGI's default 128).")
 @click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True,
               help="Automatic prefix caching, on by default as in vLLM (sim/prefix_cache.py).")
 def sim(engine: str, profile_ref: str | None, host: str, port: int, model: str | None, time_scale: float,
-        cluster_file: str | None, only: tuple[str, ...], seed: int, max_concurrent_requests: int | None,
-        enable_prefix_caching: bool) -> None:
+        cluster_file: str | None, only: tuple[str, ...], seed: int, lora_modules: tuple[str, ...],
+        max_concurrent_requests: int | None, enable_prefix_caching: bool) -> None:
     """Serve simulated vLLM/TGI/SGLang instances: the same APIs and /metrics as the real engines, with
     continuous batching, paged KV and preemption modelled from a GPU profile."""
     from capbalancer.fleet.description import FleetError, load_fleet
@@ -92,7 +94,8 @@ def sim(engine: str, profile_ref: str | None, host: str, port: int, model: str |
             cluster = SimCluster()
             inst = SimInstance(profile, engine_kind=engine, model=model or profile.model, time_scale=time_scale,
                                seed=seed, max_concurrent_requests=max_concurrent_requests,
-                               enable_prefix_caching=enable_prefix_caching)
+                               enable_prefix_caching=enable_prefix_caching,
+                               lora_modules=dict(m.partition("=")[::2] for m in lora_modules))
             await cluster.add("sim", inst, host, port)
             return cluster
 

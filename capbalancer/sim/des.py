@@ -67,6 +67,7 @@ class DesInstance:
     engine: str = "vllm"
     gpu_group: str | None = None  # instances naming the same group share one GPU
     weight: float | None = None  # the `weighted` policy's static weight (None: from the profile)
+    interference: float = 1.0  # factor on its GPU siblings' steps (sim/gpu_share.py); 1.0: sum-of-steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +125,8 @@ def instances_from_fleet(fleet: FleetDescription | str | Path, apply_time_scale:
         profile = resolve_profile(inst.profile, base)
         if apply_time_scale and inst.time_scale != 1.0:
             profile = dataclasses.replace(profile, step=profile.step.scaled(inst.time_scale))
-        out.append(DesInstance(inst.name, profile, inst.model, inst.engine, inst.gpu_group))
+        out.append(DesInstance(inst.name, profile, inst.model, inst.engine, inst.gpu_group,
+                               interference=inst.interference))
     return out
 
 
@@ -177,7 +179,8 @@ class _Run:
         groups = _gpu_groups(instances, self.engines)
         if groups:
             engine_index = {id(e): k for k, e in enumerate(self.engines)}
-            share_gpus(groups, lambda eng, _now: self.moved.add(engine_index[id(eng)]))
+            share_gpus(groups, lambda eng, _now: self.moved.add(engine_index[id(eng)]),
+                       {id(e): i.interference for i, e in zip(instances, self.engines, strict=True)})
         self.heap: list[tuple[float, int, int, int, int]] = []
         self.seq = 0
         self.scheduled_at: list[float | None] = [None] * len(instances)

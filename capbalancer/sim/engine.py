@@ -211,13 +211,14 @@ class EngineModel:
         self._gpu: GpuMember | None = None  # set by share_gpu: this engine's place on a shared GPU
         self.prefix_cache = PrefixCache(bs) if config.enable_prefix_caching else None
 
-    def share_gpu(self, gpu: SharedGpu, on_change: Callable[[float], None] | None = None) -> None:
+    def share_gpu(self, gpu: SharedGpu, on_change: Callable[[float], None] | None = None,
+                  interference: float = 1.0) -> None:
         """Run on `gpu` with the other engines that joined it: each step of this engine then also waits for
         the busy siblings' steps. `on_change(now)` tells the driver that a sibling moved this engine's next
         event (`next_event_s`) at model time `now`. Join before the first request."""
         if self._gpu is not None:
             raise ValueError("this engine already shares a GPU")
-        self._gpu = gpu.join(self, on_change)
+        self._gpu = gpu.join(self, on_change, interference)
 
     def sibling_changed(self, now: float) -> None:
         """A sibling on this engine's GPU changed its step time at `now`: a plan not started yet takes the

@@ -84,7 +84,8 @@ class SimInstance:
     def __init__(self, profile: Profile, *, engine_kind: str = "vllm", model: str = "sim",
                  time_scale: float = 1.0, seed: int = 0, eos_mean_tokens: float = 200.0,
                  max_concurrent_requests: int | None = None, gpu: SharedGpu | None = None,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, interference: float = 1.0,
+                 lora_modules: dict[str, str] | None = None) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         self.profile = profile
@@ -93,6 +94,9 @@ class SimInstance:
         self.time_scale = time_scale
         self.eos_mean_tokens = eos_mean_tokens
         self.max_concurrent_requests = max_concurrent_requests  # TGI's router limit (None: its default)
+        # LoRA adapters served besides the base model (name -> path), as vLLM's --lora-modules; /v1/models
+        # lists them with the base model as `parent`, and load/unload change them at run time.
+        self.adapters: dict[str, str] = dict(lora_modules or {})
         self.engine = EngineModel(EngineConfig.from_profile(profile, enable_prefix_caching=enable_prefix_caching),
                                   per_token_events=True)
         self.metrics = InstanceMetrics()
@@ -104,7 +108,7 @@ class SimInstance:
         self._task: asyncio.Task | None = None
         self.gpu = gpu
         if gpu is not None:
-            self.engine.share_gpu(gpu, self._sibling_moved)
+            self.engine.share_gpu(gpu, self._sibling_moved, interference)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:

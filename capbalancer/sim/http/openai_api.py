@@ -11,6 +11,7 @@ ids; chat messages go through its chat template. Generated text is one four-char
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -111,12 +112,14 @@ class OpenAIRoutes:
                                 "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
                                 "allow_fine_tuning": False, "organization": "*", "group": None,
                                 "is_blocking": False}]}
-        return web.json_response({"object": "list", "data": [card]}, dumps=lambda o: orjson.dumps(o).decode())
+        cards = [card] + [{**card, "id": name, "root": path, "parent": inst.model, "permission": card["permission"]}
+                          for name, path in inst.adapters.items()]
+        return web.json_response({"object": "list", "data": cards}, dumps=lambda o: orjson.dumps(o).decode())
 
     # --- common ----------------------------------------------------------------------------------
     def _check_model(self, body: dict[str, Any]) -> web.Response | None:
         model = body.get("model")
-        if model is not None and model != self.inst.model:
+        if model is not None and model != self.inst.model and model not in self.inst.adapters:
             return error_response(404, f"The model `{model}` does not exist. Valid aliases: {self.inst.model}.",
                                   "NotFoundError", "model")
         return None
@@ -141,6 +144,83 @@ class OpenAIRoutes:
                                     seed=seed if isinstance(seed, int) else None, token_ids=token_ids)
         except RequestTooLong as exc:
             return bad_request(str(exc), exc.param)
+
+    def _submit_all(self, body: dict[str, Any], prompt_tokens: int, default_max_tokens: int | None,
+                    token_ids: list[int] | None = None) -> list[RequestStream] | web.Response:
+        """`max(n, best_of)` sequences of one prompt, each its own request in the engine, as vLLM's v1 fans
+        a request out into child requests (the children after the first find the prompt in the prefix cache
+        when it is on)."""
+        counts = []
+        for key in ("n", "best_of"):
+            value = body.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                return bad_request(f"{key} must be at least 1, got {value}.", key)
+            counts.append(value or 1)
+        seed = body.get("seed")
+        streams: list[RequestStream] = []
+        for i in range(max(counts)):
+            child = body if i == 0 else {**body, "seed": seed + i if isinstance(seed, int) else None}
+            stream = self._submit(child, prompt_tokens, default_max_tokens, token_ids)
+            if isinstance(stream, web.Response):
+                for s in streams:
+                    self.inst.abort(s.request_id)
+                return stream
+            streams.append(stream)
+        return streams
+
+    @staticmethod
+    def _usage_all(streams: list[RequestStream], details: bool = True) -> dict[str, Any]:
+        generated = sum(s.generated for s in streams)
+        prompt = streams[0].prompt_tokens
+        usage: dict[str, Any] = {"prompt_tokens": prompt, "total_tokens": prompt + generated,
+                                 "completion_tokens": generated}
+        if details:
+            usage["prompt_tokens_details"] = None
+            usage["completion_tokens_details"] = None
+        return usage
+
+    async def _run_streams(self, request: web.Request, streams: list[RequestStream], chunk_of,
+                           usage_chunk, first_chunk_of) -> web.StreamResponse:
+        """n > 1 sequences in one SSE stream: each choice's deltas as they come, tagged with its index."""
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                                       "Cache-Control": "no-cache"})
+        lock = asyncio.Lock()
+        done: set[str] = set()
+
+        async def one(index: int, stream: RequestStream) -> None:
+            sent = 0
+            while True:
+                item = await stream.queue.get()
+                while item is not None and not stream.queue.empty():
+                    item = stream.queue.get_nowait()
+                upto = stream.generated if item is None else item
+                if upto > sent or item is None:
+                    async with lock:
+                        await resp.write(chunk_of(tokens_text(sent, upto),
+                                                  stream.finish_reason if item is None else None, index))
+                    sent = upto
+                if item is None:
+                    done.add(stream.request_id)
+                    return
+
+        try:
+            await resp.prepare(request)
+            if first_chunk_of is not None:
+                for i in range(len(streams)):
+                    await resp.write(first_chunk_of(i))
+            await asyncio.gather(*(one(i, s) for i, s in enumerate(streams)))
+            if usage_chunk is not None:
+                await resp.write(usage_chunk())
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        finally:
+            for s in streams:
+                if s.request_id not in done:
+                    self.inst.abort(s.request_id)
+        return resp
+
+    async def _await_all(self, streams: list[RequestStream]) -> None:
+        await asyncio.gather(*(self._await_finish(s) for s in streams))
 
     @staticmethod
     def _usage(stream: RequestStream, details: bool = True) -> dict[str, Any]:
@@ -223,34 +303,39 @@ class OpenAIRoutes:
         else:
             return bad_request("prompt must be a string or a list of token ids (one prompt per request)", "prompt")
         # max_tokens: OpenAI's and vLLM's default for completions
-        stream = self._submit(body, prompt_tokens, 16, token_ids)
-        if isinstance(stream, web.Response):
-            return stream
+        streams = self._submit_all(body, prompt_tokens, 16, token_ids)
+        if isinstance(streams, web.Response):
+            return streams
+        stream = streams[0]
+        returned = streams[:body.get("n") or 1]  # best_of generates more than it returns
         rid = f"cmpl-{stream.request_id}"
         created = int(time.time())
-        model = self.inst.model
+        model = body.get("model") or self.inst.model
         if not body.get("stream"):
-            await self._await_finish(stream)
+            await self._await_all(streams)
             out = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                   "choices": [{"index": 0, "text": tokens_text(0, stream.generated), "logprobs": None,
-                                "finish_reason": stream.finish_reason, "stop_reason": None, "token_ids": None,
-                                "prompt_logprobs": None, "prompt_token_ids": None, "routed_experts": None}],
-                   "service_tier": None, "system_fingerprint": self.fingerprint, "usage": self._usage(stream),
+                   "choices": [{"index": i, "text": tokens_text(0, s.generated), "logprobs": None,
+                                "finish_reason": s.finish_reason, "stop_reason": None, "token_ids": None,
+                                "prompt_logprobs": None, "prompt_token_ids": None, "routed_experts": None}
+                               for i, s in enumerate(returned)],
+                   "service_tier": None, "system_fingerprint": self.fingerprint, "usage": self._usage_all(streams),
                    "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
             return web.Response(body=orjson.dumps(out), content_type="application/json")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-        def chunk_of(text: str, reason: str | None) -> bytes:
+        def chunk_of(text: str, reason: str | None, index: int = 0) -> bytes:
             obj = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason,
+                   "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason,
                                 "stop_reason": None, "prompt_token_ids": None, "token_ids": None}]}
             return b"data: " + orjson.dumps(obj) + b"\n\n"
 
         def usage_chunk() -> bytes:
             obj = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                   "usage": self._usage(stream, details=False), "system_fingerprint": self.fingerprint}
+                   "usage": self._usage_all(streams, details=False), "system_fingerprint": self.fingerprint}
             return b"data: " + orjson.dumps(obj) + b"\n\n"
 
+        if len(streams) > 1:
+            return await self._run_streams(request, streams, chunk_of, usage_chunk if include_usage else None, None)
         return await self._run_stream(request, stream, chunk_of, usage_chunk if include_usage else None, None)
 
     # --- /v1/chat/completions ------------------------------------------------------------------
@@ -266,29 +351,35 @@ class OpenAIRoutes:
         if not all(isinstance(m, dict) for m in messages):
             return bad_request("each message must be an object", "messages")
         token_ids = tokenizer.encode(tokenizer.render_chat(messages))
-        # max_tokens: vLLM's is up to the context when unset
-        stream = self._submit(body, len(token_ids), None, token_ids)
-        if isinstance(stream, web.Response):
-            return stream
+        # max_tokens: vLLM's is up to the context when unset; chat has no best_of
+        streams = self._submit_all({k: v for k, v in body.items() if k != "best_of"}, len(token_ids), None,
+                                   token_ids)
+        if isinstance(streams, web.Response):
+            return streams
+        stream = streams[0]
         rid = f"chatcmpl-{stream.request_id}"
         created = int(time.time())
-        model = self.inst.model
+        model = body.get("model") or self.inst.model
         if not body.get("stream"):
-            await self._await_finish(stream)
-            message = {"role": "assistant", "content": tokens_text(0, stream.generated), "refusal": None,
-                       "annotations": None, "audio": None, "function_call": None, "reasoning": None}
+            await self._await_all(streams)
+
+            def message(s: RequestStream) -> dict[str, Any]:
+                return {"role": "assistant", "content": tokens_text(0, s.generated), "refusal": None,
+                        "annotations": None, "audio": None, "function_call": None, "reasoning": None}
+
             out = {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                   "choices": [{"index": 0, "message": message, "logprobs": None,
-                                "finish_reason": stream.finish_reason, "stop_reason": None, "token_ids": None,
-                                "routed_experts": None}],
-                   "service_tier": None, "system_fingerprint": self.fingerprint, "usage": self._usage(stream),
+                   "choices": [{"index": i, "message": message(s), "logprobs": None,
+                                "finish_reason": s.finish_reason, "stop_reason": None, "token_ids": None,
+                                "routed_experts": None} for i, s in enumerate(streams)],
+                   "service_tier": None, "system_fingerprint": self.fingerprint, "usage": self._usage_all(streams),
                    "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None,
                    "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
             return web.Response(body=orjson.dumps(out), content_type="application/json")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-        def chunk_of(text: str, reason: str | None) -> bytes:
-            choice: dict[str, Any] = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": reason}
+        def chunk_of(text: str, reason: str | None, index: int = 0) -> bytes:
+            choice: dict[str, Any] = {"index": index, "delta": {"content": text}, "logprobs": None,
+                                      "finish_reason": reason}
             if reason is not None:
                 choice["stop_reason"] = None
             choice["token_ids"] = None
@@ -298,11 +389,17 @@ class OpenAIRoutes:
 
         def usage_chunk() -> bytes:
             obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [], "usage": self._usage(stream, details=False), "system_fingerprint": self.fingerprint}
+                   "choices": [], "usage": self._usage_all(streams, details=False),
+                   "system_fingerprint": self.fingerprint}
             return b"data: " + orjson.dumps(obj) + b"\n\n"
 
-        first = b"data: " + orjson.dumps({
-            "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}], "prompt_token_ids": None, "prompt_text": None}) + b"\n\n"
-        return await self._run_stream(request, stream, chunk_of, usage_chunk if include_usage else None, first)
+        def first_of(index: int) -> bytes:
+            return b"data: " + orjson.dumps({
+                "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}], "prompt_token_ids": None, "prompt_text": None}) + b"\n\n"
+
+        usage = usage_chunk if include_usage else None
+        if len(streams) > 1:
+            return await self._run_streams(request, streams, chunk_of, usage, first_of)
+        return await self._run_stream(request, stream, chunk_of, usage, first_of(0))

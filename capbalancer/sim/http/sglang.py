@@ -9,11 +9,25 @@ by `model_name` plus the rank labels the collector adds.
 
 from __future__ import annotations
 
+import time
+import uuid
+from typing import Any
+
+import orjson
 from aiohttp import web
 
+from capbalancer.sim.http.engine_routes import EngineRoutes
 from capbalancer.sim.http.instance import SimInstance
 from capbalancer.sim.http.metrics import Exposition
-from capbalancer.sim.http.openai_api import OpenAIRoutes
+from capbalancer.sim.http.openai_api import (
+    OpenAIRoutes,
+    bad_request,
+    count_text_tokens,
+    read_json,
+    tokens_text,
+)
+
+SGLANG_DEFAULT_MAX_NEW_TOKENS = 128  # SamplingParams.max_new_tokens in sglang/srt/sampling/sampling_params.py
 
 
 class _HitRate:
@@ -88,15 +102,70 @@ def render_sglang_metrics(inst: SimInstance, throughput: _Throughput, hit_rate: 
 
 def build_sglang_app(inst: SimInstance) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    OpenAIRoutes(inst, owned_by="sglang").add_to(app)
+    api = OpenAIRoutes(inst, owned_by="sglang")
+    api.add_to(app)
+    EngineRoutes(api).add_to(app)
     throughput = _Throughput()
     hit_rate = _HitRate()
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        # SGLang's native API: {"text" | "input_ids", "sampling_params": {...}, "stream"}; the answer is
+        # {"text", "meta_info"}, streamed as SSE frames of the text so far, ended by [DONE].
+        body = await read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        text, ids = body.get("text"), body.get("input_ids")
+        if isinstance(text, str):
+            prompt_tokens = count_text_tokens(text)
+        elif isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids):
+            prompt_tokens = len(ids)
+        else:
+            return bad_request("text (a string) or input_ids (token ids) is required", "text")
+        params = body.get("sampling_params") or {}
+        max_new = params.get("max_new_tokens", SGLANG_DEFAULT_MAX_NEW_TOKENS)
+        stream = api._submit({"max_tokens": max_new, "ignore_eos": bool(params.get("ignore_eos"))}, prompt_tokens,
+                             SGLANG_DEFAULT_MAX_NEW_TOKENS)
+        if isinstance(stream, web.Response):
+            return stream
+        rid = uuid.uuid4().hex
+        started = time.monotonic()
+
+        def frame(upto: int, finished: bool) -> dict[str, Any]:
+            reason = ({"type": "length", "length": upto} if stream.finish_reason == "length"
+                      else {"type": "stop", "matched": 2}) if finished else None
+            return {"text": tokens_text(0, upto), "output_ids": [1000 + i % 24 for i in range(upto)],
+                    "meta_info": {"id": rid, "finish_reason": reason, "prompt_tokens": prompt_tokens,
+                                  "completion_tokens": upto, "cached_tokens": 0,
+                                  "e2e_latency": time.monotonic() - started}}
+
+        if not body.get("stream"):
+            await api._await_finish(stream)
+            return web.Response(body=orjson.dumps(frame(stream.generated, True)), content_type="application/json")
+        return await api._run_stream(
+            request, stream, lambda _text, reason: b"data: " + orjson.dumps(
+                frame(stream.generated, reason is not None)) + b"\n\n", None, None)
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(status=200)
 
     async def model_info(request: web.Request) -> web.Response:
         return web.json_response({"model_path": inst.model, "tokenizer_path": inst.model, "is_generation": True})
+
+    async def encode(request: web.Request) -> web.Response:
+        # SGLang's native embedding route: {"text"} -> {"embedding", "meta_info"}; a prefill and one step.
+        body = await read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        text = body.get("text")
+        if not isinstance(text, str):
+            return bad_request("text (a string) is required", "text")
+        prompt_tokens = count_text_tokens(text)
+        stream = api._submit({"max_tokens": 1, "ignore_eos": True}, prompt_tokens, 1)
+        if isinstance(stream, web.Response):
+            return stream
+        await api._await_finish(stream)
+        return web.json_response({"embedding": [0.0] * 8, "meta_info": {
+            "id": uuid.uuid4().hex, "prompt_tokens": prompt_tokens, "cached_tokens": 0}})
 
     async def get_load(request: web.Request) -> web.Response:
         eng = inst.engine
@@ -112,5 +181,7 @@ def build_sglang_app(inst: SimInstance) -> web.Application:
     app.router.add_get("/health_generate", health)
     app.router.add_get("/get_model_info", model_info)
     app.router.add_get("/get_load", get_load)
+    app.router.add_post("/generate", generate)
+    app.router.add_post("/encode", encode)
     app.router.add_get("/metrics", metrics)
     return app

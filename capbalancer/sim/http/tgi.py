@@ -212,12 +212,17 @@ def build_tgi_app(inst: SimInstance, max_concurrent_requests: int = DEFAULT_MAX_
         return await generate(request, stream_mode=True)
 
     async def compat(request: web.Request) -> web.StreamResponse:
-        # TGI's `/` takes the same body and streams when `"stream": true`.
+        # TGI's `/` (compat_generate in router/src/server.rs) takes the same body, streams when
+        # `"stream": true`, and otherwise wraps the answer in a one-element list, as the HF Inference API
+        # does (huggingface_hub.InferenceClient reads it that way).
         try:
             wants_stream = bool(orjson.loads(await request.read()).get("stream"))
         except (orjson.JSONDecodeError, AttributeError):
             wants_stream = False
-        return await generate(request, stream_mode=wants_stream)
+        resp = await generate(request, stream_mode=wants_stream)
+        if wants_stream or not isinstance(resp, web.Response) or resp.status != 200 or resp.body is None:
+            return resp
+        return web.Response(status=200, body=b"[" + bytes(resp.body) + b"]", content_type="application/json")
 
     app.router.add_get("/health", health)
     app.router.add_get("/info", info)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from capbalancer.sim.http.engine_routes import EngineRoutes
 from capbalancer.sim.http.instance import SimInstance
 from capbalancer.sim.http.metrics import Exposition
 from capbalancer.sim.http.openai_api import OpenAIRoutes
@@ -100,7 +101,9 @@ def render_vllm_metrics(inst: SimInstance) -> str:
 def build_vllm_app(inst: SimInstance, with_metrics: bool = True) -> web.Application:
     """vLLM's routes; without metrics (and /load, /version) it stands for a plain OpenAI-compatible server."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    OpenAIRoutes(inst, owned_by="vllm" if with_metrics else "openai").add_to(app)
+    api = OpenAIRoutes(inst, owned_by="vllm" if with_metrics else "openai")
+    api.add_to(app)
+    EngineRoutes(api).add_to(app)
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(status=200)
