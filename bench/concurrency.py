@@ -137,7 +137,8 @@ def proxy_config_for(backends: list[FaultBackend], per_backend: int, held: int) 
         "timeouts": {"first_byte_s": 600, "stream_idle_s": 600, "total_s": 900}})
     pool = cfg["models"]["m"]
     # Hold as long as it takes (no TTFT objective): this bench measures held connections, not goodput.
-    pool["policy_options"] = {"knee_throughput_fraction": 1.0, "ttft_objective_factor": 0}
+    pool["policy_options"] = {"knee_throughput_fraction": 1.0, "ttft_objective_factor": 0,
+                              "tpot_objective_factor": 0}
     pool["hold"] = {"max_requests": held + 1000, "timeout_s": 600}
     for row in pool["backends"]:
         row["profile"] = str(path)

@@ -86,7 +86,8 @@ def _options(policy: str, saturation: bool) -> DesOptions:
     if saturation:
         # Throughput mode: no objective (the derived TTFT objective off too), requests wait as long as it takes.
         return DesOptions(poll_interval_s=0.25, slo=SLO, hold_max_requests=100_000, hold_timeout_s=3600.0,
-                          policy_options={"ttft_objective_factor": 0} if policy == "capacity" else {})
+                          policy_options={"ttft_objective_factor": 0, "tpot_objective_factor": 0}
+                          if policy == "capacity" else {})
     if policy == "capacity":
         return DesOptions(poll_interval_s=0.25, slo=SLO, hold_max_requests=100_000,
                           hold_timeout_s=SLO.ttft_ms / 1000.0, policy_options={"tpot_slo_ms": SLO.tpot_ms})

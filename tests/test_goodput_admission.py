@@ -123,7 +123,9 @@ def test_des_drain_estimate_refuses_only_what_could_not_start_in_time():
     the excess, not everyone (the cold-start bug refused every newcomer)."""
     inst = [DesInstance("a", resolve_profile("l4/llama-3.1-8b-tp1"))]
     wl = "rate=12,n=600,prompt=300,output=150,seed=3"
-    r = run_des(inst, wl, "capacity", DesOptions(profile_error=0.0))
+    # The default TPOT objective off: it releases seats in bursts whose shared prefill step the TTFT estimate
+    # does not foresee (tests/test_goodput_tpot_default.py); this test is about the drain-rate estimate.
+    r = run_des(inst, wl, "capacity", DesOptions(profile_error=0.0, policy_options={"tpot_objective_factor": 0}))
     served = [x for x in r.records if x.success]
     refused = [x for x in r.records if x.status == 429]
     assert len(served) + len(refused) == 600

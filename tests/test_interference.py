@@ -55,8 +55,9 @@ def test_fleet_interference_key():
 
 
 def _throughput(instances, policy="capacity", n=1200, **policy_options):
-    if policy == "capacity":  # throughput mode: no TTFT objective (refusals would cut the closed loop's work)
-        policy_options = {"ttft_objective_factor": 0, **policy_options}
+    if policy == "capacity":
+        # Throughput at saturation, with no goodput objectives (they cap a busy GPU's batch on their own).
+        policy_options = {"ttft_objective_factor": 0, "tpot_objective_factor": 0, **policy_options}
     opts = DesOptions(poll_interval_s=1.0, policy_options=policy_options)
     result = run_des(instances, f"{bench.WORKLOAD},n={n},concurrency=256,seed=3", policy, opts)
     return bench.steady_throughput(result.records)[0], result

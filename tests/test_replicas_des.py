@@ -10,7 +10,7 @@ from capbalancer.sim.des_replicas import ReplicaOptions, run_des_replicas
 WORKLOAD = "prompt=lognormal:mean=600:sigma=0.8,output=lognormal:mean=200:sigma=0.7,max_tokens=512"
 # Held up to 30 s with no TTFT objective: what sharing must fix shows as late service, not as 429s.
 OPTS = DesOptions(poll_interval_s=0.5, hold_timeout_s=30.0, hold_max_requests=100_000,
-                  policy_options={"ttft_objective_factor": 0})
+                  policy_options={"ttft_objective_factor": 0, "tpot_objective_factor": 0})
 
 
 def fleet() -> list[DesInstance]:

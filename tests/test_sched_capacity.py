@@ -23,6 +23,7 @@ def make(backends, policy="capacity", **options):
         # These tests pin routing with no TTFT objective (they never complete anything, so a default
         # objective would refuse most of their burst): goodput admission has its own tests.
         options.setdefault("ttft_objective_factor", 0)
+        options.setdefault("tpot_objective_factor", 0)  # nor the default TPOT objective (its own tests)
     sched = Scheduler([PoolSettings(name="m", policy=policy, policy_options=options, hold_timeout_s=60.0)])
     for name, prof in backends:
         sched.add_backend(BackendSpec(backend_id=name, pool="m", engine="vllm", profile=prof), 0.0)

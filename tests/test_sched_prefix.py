@@ -19,7 +19,7 @@ def profile(name, step_scale=1.0, kv_tokens=200_000):
 
 def make(backends, policy="capacity", prefix=None):
     # No TTFT objective: these bursts never complete anything (goodput admission has its own tests).
-    options = {"ttft_objective_factor": 0} if policy == "capacity" else {}
+    options = {"ttft_objective_factor": 0, "tpot_objective_factor": 0} if policy == "capacity" else {}
     sched = Scheduler([PoolSettings(name="m", policy=policy, hold_timeout_s=60.0, policy_options=options)],
                       prefix=prefix)
     for name, prof in backends:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from capbalancer.profiling.schema import Profile, StepTimeModel
 from capbalancer.sched.backend import BackendState, InflightRequest
 from capbalancer.sched.interference import MemberCapacity, is_net_negative
+from capbalancer.sched.objectives import derived_tpot_objective_s
 from capbalancer.sched.prefix_index import PrefixIndex
 from capbalancer.sched.types import Demand, HealthSettings
 
@@ -51,14 +52,19 @@ class CapacitySettings:
     ttft_slo_s: float | None = None
     ttft_weight: float = 1.0  # weight of TTFT against the rest of e2e in the routing score
     calibrate: bool = True
-    # Engines sharing a GPU: a backend whose steps cost its busy siblings more throughput than it adds at
-    # saturation (with the interference learned, sched/interference.py) gets no new requests.
-    judge_net_negative: bool = True
     # Goodput by default (sched/admission.py): with no `ttft_slo_s`, a request's TTFT objective is
     # max(floor, factor x its predicted TTFT on the fastest idle backend), counted from its arrival; a request
     # that cannot start within it is refused (429) rather than served late. factor 0: no derived objective.
     ttft_objective_factor: float = 3.0
     ttft_objective_floor_s: float = 2.0
+    # With no `tpot_slo_s`, each backend admits only while its predicted TPOT stays under
+    # max(floor, factor x its own one-sequence TPOT) (sched/objectives.py): a slow GPU's full batch no longer
+    # serves every request too slowly to count. factor 0: fill every seat, as before.
+    tpot_objective_factor: float = 1.5
+    tpot_objective_floor_s: float = 0.1
+    # Engines sharing a GPU: a backend whose steps cost its busy siblings more throughput than it adds at
+    # saturation (with the interference learned, sched/interference.py) gets no new requests.
+    judge_net_negative: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +192,11 @@ class CapacityModel:
                     return None
         tpot_s = (step.decode_step_seconds(batch, int(mean_ctx * batch)) + churn_s_per_seq * batch
                   + shared_s) * tpot_k
-        if s.tpot_slo_s is not None and seqs_now > 0 and tpot_s > s.tpot_slo_s:
+        tpot_objective_s = s.tpot_slo_s
+        if tpot_objective_s is None and s.tpot_objective_factor > 0:
+            tpot_objective_s = derived_tpot_objective_s(step, int(mean_ctx), s.tpot_objective_factor,
+                                                        s.tpot_objective_floor_s, tpot_k)
+        if tpot_objective_s is not None and seqs_now > 0 and tpot_s > tpot_objective_s:
             fits_compute = False
             if not full:
                 return None

@@ -20,8 +20,8 @@ from capbalancer.sched.policies import PolicyContext, register
 from capbalancer.sched.types import Demand
 
 OPTION_NAMES = ("kv_growth_reserve", "kv_high_watermark", "knee_throughput_fraction", "tpot_slo_ms",
-                "ttft_slo_ms", "ttft_weight", "calibrate", "hold", "judge_net_negative", "ttft_objective_factor",
-                "ttft_objective_floor_ms")
+                "ttft_slo_ms", "ttft_weight", "calibrate", "hold", "ttft_objective_factor", "ttft_objective_floor_ms",
+                "tpot_objective_factor", "tpot_objective_floor_ms", "judge_net_negative")
 
 
 def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, bool]:
@@ -39,10 +39,13 @@ def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, 
         ttft_slo_s=None if ttft_slo_ms is None else float(ttft_slo_ms) / 1000.0,
         ttft_weight=float(options.get("ttft_weight", defaults.ttft_weight)),
         calibrate=bool(options.get("calibrate", 1)),
-        judge_net_negative=bool(options.get("judge_net_negative", 1)),
         ttft_objective_factor=float(options.get("ttft_objective_factor", defaults.ttft_objective_factor)),
         ttft_objective_floor_s=float(options.get("ttft_objective_floor_ms",
                                                  defaults.ttft_objective_floor_s * 1000.0)) / 1000.0,
+        tpot_objective_factor=float(options.get("tpot_objective_factor", defaults.tpot_objective_factor)),
+        tpot_objective_floor_s=float(options.get("tpot_objective_floor_ms",
+                                                 defaults.tpot_objective_floor_s * 1000.0)) / 1000.0,
+        judge_net_negative=bool(options.get("judge_net_negative", 1)),
     )
     return settings, bool(options.get("hold", 1))
 
