@@ -325,11 +325,7 @@ class _Run:
             if now > self.opts.max_sim_seconds:
                 break
             if kind == _ENGINE:
-                if b != self.version[a]:
-                    continue
-                self.scheduled_at[a] = None
-                self.handle_engine_events(a, self.engines[a].advance_to(now))
-                self.reschedule(a)
+                self.on_engine_event(a, b, now)
             elif kind == _ARRIVAL:
                 self.arrive(a, now)
                 if self.wl.concurrency is None and self.next_arrival < n:
@@ -345,10 +341,21 @@ class _Run:
                 self.handle_sched_events(self.sched.tick(now), now)
                 self.ensure_tick()
                 self.push(now + self.opts.poll_interval_s, _POLL)
-            moved = self.moved
-            while moved:
-                self.reschedule(moved.pop())  # may compose a plan, which may move a sibling again
+            self.reschedule_moved()
         return now
+
+    def on_engine_event(self, backend: int, version: int, now: float) -> None:
+        """An engine's scheduled step came due; a stale one (rescheduled since) is dropped."""
+        if version != self.version[backend]:
+            return
+        self.scheduled_at[backend] = None
+        self.handle_engine_events(backend, self.engines[backend].advance_to(now))
+        self.reschedule(backend)
+
+    def reschedule_moved(self) -> None:
+        moved = self.moved
+        while moved:
+            self.reschedule(moved.pop())  # may compose a plan, which may move a sibling again
 
 
 def run_des(

@@ -183,11 +183,7 @@ class ReplicaRun(_Run):
             if now > self.opts.max_sim_seconds:
                 break
             if kind == _ENGINE:
-                if b != self.version[a]:
-                    continue
-                self.scheduled_at[a] = None
-                self.handle_engine_events(a, self.engines[a].advance_to(now))
-                self.reschedule(a)
+                self.on_engine_event(a, b, now)
             elif kind == _ARRIVAL:
                 self.arrive(a, now)
                 if self.wl.concurrency is None and self.next_arrival < n:
@@ -208,9 +204,7 @@ class ReplicaRun(_Run):
                 self.push(now + self.ropts.share_interval_s, _SHARE, a)
             else:
                 self.receive(a, self.deliveries.pop(b), now)
-            moved = self.moved
-            while moved:
-                self.reschedule(moved.pop())
+            self.reschedule_moved()
         return now
 
 

@@ -175,11 +175,7 @@ class SessionRun(des._Run):
             if now > self.opts.max_sim_seconds:
                 break
             if kind == des._ENGINE:
-                if b != self.version[a]:
-                    continue
-                self.scheduled_at[a] = None
-                self.handle_engine_events(a, self.engines[a].advance_to(now))
-                self.reschedule(a)
+                self.on_engine_event(a, b, now)
             elif kind == des._ARRIVAL:
                 self.arrive(a, now)
             elif kind == des._TICK:
@@ -192,9 +188,7 @@ class SessionRun(des._Run):
                 self.handle_sched_events(self.sched.tick(now), now)
                 self.ensure_tick()
                 self.push(now + self.opts.poll_interval_s, des._POLL)
-            moved = self.moved
-            while moved:
-                self.reschedule(moved.pop())
+            self.reschedule_moved()
         return now
 
 
