@@ -259,16 +259,26 @@ class EngineRoutes:
                       "usage": {"input_tokens": done.prompt_tokens, "output_tokens": done.generated}})
 
     # --- pooling routes ----------------------------------------------------------------------------
-    async def embeddings(self, request: web.Request) -> web.Response:
+    async def _pooling_input(self, request: web.Request, missing: str
+                             ) -> tuple[dict[str, Any], list[str], int] | web.Response:
+        """The body, its `input` texts and their prefilled token count, or the error answer (bad JSON, no input,
+        engine refused)."""
         body = await self._body(request)
         if isinstance(body, web.Response):
             return body
         texts = _texts(body.get("input"))
         if not texts:
-            return bad_request("input must be a string, a list of strings or a list of token ids", "input")
+            return bad_request(missing, "input")
         tokens = await self._prefill(texts, body)
         if isinstance(tokens, web.Response):
             return tokens
+        return body, texts, tokens
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        read = await self._pooling_input(request, "input must be a string, a list of strings or a list of token ids")
+        if isinstance(read, web.Response):
+            return read
+        body, texts, tokens = read
         b64 = body.get("encoding_format") == "base64"  # the openai SDK asks for base64 by default
         data = []
         for i, text in enumerate(texts):
@@ -279,29 +289,19 @@ class EngineRoutes:
                       "model": self._model(body), "data": data, "usage": self._pool_usage(tokens)})
 
     async def pooling(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        if isinstance(body, web.Response):
-            return body
-        texts = _texts(body.get("input"))
-        if not texts:
-            return bad_request("input is required", "input")
-        tokens = await self._prefill(texts, body)
-        if isinstance(tokens, web.Response):
-            return tokens
+        read = await self._pooling_input(request, "input is required")
+        if isinstance(read, web.Response):
+            return read
+        body, texts, tokens = read
         return _json({"id": f"pool-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                       "model": self._model(body), "usage": self._pool_usage(tokens),
                       "data": [{"index": i, "object": "pooling", "data": _vector(t)} for i, t in enumerate(texts)]})
 
     async def classify(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        if isinstance(body, web.Response):
-            return body
-        texts = _texts(body.get("input"))
-        if not texts:
-            return bad_request("input is required", "input")
-        tokens = await self._prefill(texts, body)
-        if isinstance(tokens, web.Response):
-            return tokens
+        read = await self._pooling_input(request, "input is required")
+        if isinstance(read, web.Response):
+            return read
+        body, texts, tokens = read
         data = []
         for i, t in enumerate(texts):
             p = (_vector(t)[0] + 1.0) / 2.0
