@@ -332,17 +332,25 @@ class _Run:
                     self.push(self.requests[self.next_arrival].arrival_s, _ARRIVAL, self.next_arrival)
                     self.next_arrival += 1
             elif kind == _TICK:
-                if self.tick_at is not None and now >= self.tick_at:
-                    self.tick_at = None
-                self.handle_sched_events(self.sched.tick(now), now)
-                self.ensure_tick()
+                self.on_tick(now)
             else:
-                self.poll(now)
-                self.handle_sched_events(self.sched.tick(now), now)
-                self.ensure_tick()
-                self.push(now + self.opts.poll_interval_s, _POLL)
+                self.on_poll(now)
             self.reschedule_moved()
         return now
+
+    def on_tick(self, now: float) -> None:
+        """The scheduler's own timer (a hold deadline, a planned release) came due."""
+        if self.tick_at is not None and now >= self.tick_at:
+            self.tick_at = None
+        self.handle_sched_events(self.sched.tick(now), now)
+        self.ensure_tick()
+
+    def on_poll(self, now: float) -> None:
+        """The proxy's metrics poll: snapshots in, the scheduler ticks, the next poll is due an interval later."""
+        self.poll(now)
+        self.handle_sched_events(self.sched.tick(now), now)
+        self.ensure_tick()
+        self.push(now + self.opts.poll_interval_s, _POLL)
 
     def on_engine_event(self, backend: int, version: int, now: float) -> None:
         """An engine's scheduled step came due; a stale one (rescheduled since) is dropped."""

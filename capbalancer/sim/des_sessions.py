@@ -179,15 +179,9 @@ class SessionRun(des._Run):
             elif kind == des._ARRIVAL:
                 self.arrive(a, now)
             elif kind == des._TICK:
-                if self.tick_at is not None and now >= self.tick_at:
-                    self.tick_at = None
-                self.handle_sched_events(self.sched.tick(now), now)
-                self.ensure_tick()
+                self.on_tick(now)
             else:
-                self.poll(now)
-                self.handle_sched_events(self.sched.tick(now), now)
-                self.ensure_tick()
-                self.push(now + self.opts.poll_interval_s, des._POLL)
+                self.on_poll(now)
             self.reschedule_moved()
         return now
 
