@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from capbalancer.loadtest.procs import stop_process_group
 from capbalancer.planning.plan import PlanFile, PlannedInstance
 from capbalancer.planning.render_common import write_common, write_yaml
 from capbalancer.planning.render_scripts import tgi_args, vllm_args
@@ -123,18 +124,6 @@ def ready(url: str) -> bool:
             return resp.status == 200
     except (OSError, urllib.error.URLError):
         return False
-
-
-def stop_process(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
 
 
 def _tail(path: Path, chars: int = 2000) -> str:
@@ -242,7 +231,7 @@ def run_local(plan: PlanFile, out_dir: Path, engine: str, time_scale: float = 1.
         return 0
     finally:
         if proxy is not None:
-            stop_process(proxy)
+            stop_process_group(proxy, STOP_GRACE_S)
             echo("stopped the proxy")
         stop_all(started)
         for s, handler in previous.items():
