@@ -41,7 +41,7 @@ from capbalancer.fleet.detect import (
 )
 from capbalancer.fleet.promtext import ParseError
 from capbalancer.fleet.snapshot import EngineSnapshot
-from capbalancer.server.limits import is_fd_exhaustion
+from capbalancer.server.limits import is_fd_exhaustion, read_body_bounded
 
 __all__ = ["PollTarget", "MonitorSink", "FleetMonitor", "MAX_BODY_BYTES"]
 
@@ -280,16 +280,7 @@ class FleetMonitor:
         try:
             async with session.get(url, headers=state.target.headers, allow_redirects=False,
                                    timeout=aiohttp.ClientTimeout(total=self._timeout_s)) as resp:
-                if resp.content_length is not None and resp.content_length > MAX_BODY_BYTES:
-                    raise _Failed(f"body of {resp.content_length} bytes is too large")
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in resp.content.iter_chunked(64 * 1024):
-                    size += len(chunk)
-                    if size > MAX_BODY_BYTES:
-                        raise _Failed(f"body over {MAX_BODY_BYTES} bytes")
-                    chunks.append(chunk)
-                return _Response(resp.status, b"".join(chunks))
+                return _Response(resp.status, await read_body_bounded(resp, MAX_BODY_BYTES, _Failed))
         except asyncio.TimeoutError:
             raise _Failed(f"timed out after {self._timeout_s:g}s") from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:

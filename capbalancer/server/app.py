@@ -20,6 +20,7 @@ from capbalancer.server import admin, observe, proxy, routes
 from capbalancer.server.driver import SchedulerDriver
 from capbalancer.server.errors import ProxyError, error_response, from_exception
 from capbalancer.server.health import make_poller, poll_target
+from capbalancer.server.limits import read_body_bounded
 from capbalancer.server.metrics import ProxyMetrics
 from capbalancer.server.proxy import STATE, ProxyState
 from capbalancer.server.relay import Upstream, response_headers
@@ -308,7 +309,8 @@ async def _pass_through_get(state: ProxyState, pool: ModelConfig, path: str,
                 headers = up.request_header_list(request.headers, proxy.request_id_of(request),
                                                  drop_client_auth=bool(state.config.clients))
                 async with up.session.get(up.base_url + path, headers=CIMultiDict(headers)) as resp:
-                    body = await _read_bounded(resp, state.config.server.max_upstream_body_bytes)
+                    body = await read_body_bounded(resp, state.config.server.max_upstream_body_bytes,
+                                                   ResponseTooLarge)
                     headers = response_headers(resp.headers)
                     headers[proxy.BACKEND_HEADER] = b.name
                     return web.Response(status=resp.status, body=body, headers=headers)
@@ -317,14 +319,3 @@ async def _pass_through_get(state: ProxyState, pool: ModelConfig, path: str,
     return None
 
 
-async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    if resp.content_length is not None and resp.content_length > limit:
-        raise ResponseTooLarge(f"body of {resp.content_length} bytes")
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise ResponseTooLarge(f"body over {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)

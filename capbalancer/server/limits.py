@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("capbalancer.server")
 
@@ -69,3 +74,19 @@ def is_fd_exhaustion(exc: BaseException | None) -> bool:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
+
+
+async def read_body_bounded(resp: aiohttp.ClientResponse, limit_bytes: int,
+                            too_large: Callable[[str], Exception]) -> bytes:
+    """A whole aiohttp response body, or `too_large(reason)` raised as soon as it is known to pass `limit_bytes`
+    (from Content-Length before reading, else while reading): memory stays bounded whatever the engine sends."""
+    if resp.content_length is not None and resp.content_length > limit_bytes:
+        raise too_large(f"body of {resp.content_length} bytes is too large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit_bytes:
+            raise too_large(f"body over {limit_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
