@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import threading
+import time
 
 import pytest
 from faults import Proxy
@@ -92,7 +93,12 @@ def rig():
         config = {"models": {"m": {"backends": [{"name": "junk", "url": f"http://127.0.0.1:{server.port}",
                                                   "engine": "openai"}]}},
                   "timeouts": {"first_byte_s": 2.0, "stream_idle_s": 2.0, "total_s": 5.0},
-                  "retries": {"max_attempts": 1}}
+                  "retries": {"max_attempts": 1},
+                  # A garbage answer may rightly mark the backend down (a stream cut mid-way does at once, and
+                  # a /health answer starved on a loaded box can time out): each example first waits for it
+                  # to be routable again (`wait_routable`). Polls every 0.1 s keep that wait short; a long
+                  # poll timeout keeps a slow-but-sane /health from counting as a failure.
+                  "health": {"interval_s": 0.1, "timeout_s": 10.0}}
         with Proxy(config=config) as proxy:
             yield server, proxy
             assert proxy.alive(), proxy.log()[-3000:]
@@ -140,6 +146,23 @@ def http_response(draw) -> bytes:
             + b"".join(events))
 
 
+def wait_routable(proxy: Proxy, timeout_s: float = 15.0) -> None:
+    """Until /ready lists the backend as routable: what one example did to it (marked down by a cut stream)
+    must not decide the next example's answer, or the fuzz fails on a 503 that belongs to the previous one."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        try:
+            conn.request("GET", "/ready")
+            resp = conn.getresponse()
+            if "junk" in json.loads(resp.read()).get("routable_backends", []):
+                return
+        finally:
+            conn.close()
+        assert time.monotonic() < deadline, "the backend never became routable again: " + proxy.log()[-2000:]
+        time.sleep(0.02)
+
+
 def ask(proxy: Proxy, stream: bool) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=20)
     try:
@@ -161,6 +184,7 @@ def ask(proxy: Proxy, stream: bool) -> tuple[int, dict[str, str], bytes]:
 def test_garbage_from_a_backend_never_makes_a_500(rig, response: bytes, stream: bool) -> None:
     server, proxy = rig
     server.response = response
+    wait_routable(proxy)
     status, headers, body = ask(proxy, stream)
     assert status != 500, (response[:200], body[:300])
     generated = None
