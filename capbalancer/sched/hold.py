@@ -11,7 +11,7 @@ from capbalancer.sched.types import Demand
 
 @dataclass(order=True, slots=True)
 class _Entry:
-    sort_key: tuple[int, int]  # (-priority, arrival sequence)
+    sort_key: tuple[int, int, int]  # (-priority, 0 if it goes ahead of its priority else 1, arrival sequence)
     demand: Demand = field(compare=False)
     held_at_s: float = field(compare=False)
     deadline_s: float = field(compare=False)
@@ -33,9 +33,11 @@ class HoldQueue:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._by_id
 
-    def push(self, demand: Demand, now: float, deadline_s: float) -> int:
+    def push(self, demand: Demand, now: float, deadline_s: float, ahead: bool = False) -> int:
+        """Queue `demand`; `ahead`: before every request of its priority not itself ahead (fair shedding's
+        under-served size class, sched/fairness.py), in arrival order among those."""
         seq = next(self._seq)
-        entry = _Entry((-demand.priority, seq), demand, now, deadline_s)
+        entry = _Entry((-demand.priority, 0 if ahead else 1, seq), demand, now, deadline_s)
         heapq.heappush(self._heap, entry)
         heapq.heappush(self._deadlines, (deadline_s, seq, entry))
         self._by_id[demand.request_id] = entry
@@ -44,6 +46,10 @@ class HoldQueue:
     def position_of(self, entry: _Entry) -> int:
         # Exact position is O(n); cheap enough for a header and only computed on hold.
         return sum(1 for e in self._by_id.values() if e.sort_key < entry.sort_key)
+
+    def count_ahead(self, priority: int) -> int:
+        """Requests that a newcomer of `priority` queued `ahead` would find in front of it."""
+        return sum(1 for e in self._by_id.values() if e.sort_key[:2] < (-priority, 1))
 
     def peek(self) -> tuple[Demand, float] | None:
         self._skip_removed()
