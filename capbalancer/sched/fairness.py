@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 SMALLEST_LONG_PROMPT_TOKENS = 1024  # class 0 is every prompt below this; each class above doubles it
 MAX_CLASS = 5  # 32k tokens and longer share one class
 DEFAULT_MARGIN = 0.05
+DEFAULT_RAMP = 0.1
 
 
 @dataclass(slots=True)
@@ -46,7 +47,9 @@ class FairShare:
     margin: float = DEFAULT_MARGIN  # service ratios this close count as equal (no action)
     window_s: float = 30.0  # time constant of the decayed counts: long enough to span a burst
     min_arrivals: float = 8.0  # a class judged on fewer (decayed) arrivals is left alone
+    ramp: float = DEFAULT_RAMP  # past the margin by this much, every over-served newcomer is shed
     classes: dict[int, _ClassCounts] = field(default_factory=dict)
+    shed_credit: float = 0.0
 
     @staticmethod
     def size_class(prompt_tokens: int) -> int:
@@ -87,6 +90,24 @@ class FairShare:
         if mine > min(ratios.values()) + self.margin:
             return 1
         return 0
+
+    def should_shed(self, prompt_tokens: int, now: float) -> bool:
+        """Whether to refuse this over-served newcomer: a share of them that grows with how far its class is
+        ahead of the worst-served one (all of them `ramp` past the margin), spread evenly by a running credit
+        rather than drawn at random. Shedding every one at once overshoots: the room it frees takes a while to
+        reach the under-served class, and meanwhile its own ratio falls below theirs (levelling down)."""
+        ratios = self._ratios(now)
+        mine = ratios.get(self.size_class(prompt_tokens))
+        if mine is None or len(ratios) < 2:
+            return False
+        excess = mine - min(ratios.values()) - self.margin
+        if excess <= 0:
+            return False
+        self.shed_credit += min(1.0, excess / self.ramp)
+        if self.shed_credit >= 1.0:
+            self.shed_credit -= 1.0
+            return True
+        return False
 
     def describe(self, now: float) -> dict[str, float]:
         """Service ratio per class (for /admin and benches): key = the class's smallest prompt, in tokens."""

@@ -26,6 +26,7 @@ class HoldQueue:
         self._by_id: dict[str, _Entry] = {}
         self._deadlines: list[tuple[float, int, _Entry]] = []  # min-heap by deadline, lazily cleaned
         self._seq = itertools.count()
+        self.ahead_count = 0  # entries pushed `ahead` still queued
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -38,6 +39,7 @@ class HoldQueue:
         under-served size class, sched/fairness.py), in arrival order among those."""
         seq = next(self._seq)
         entry = _Entry((-demand.priority, 0 if ahead else 1, seq), demand, now, deadline_s)
+        self.ahead_count += ahead
         heapq.heappush(self._heap, entry)
         heapq.heappush(self._deadlines, (deadline_s, seq, entry))
         self._by_id[demand.request_id] = entry
@@ -63,6 +65,7 @@ class HoldQueue:
         entry = heapq.heappop(self._heap)
         entry.removed = True
         del self._by_id[entry.demand.request_id]
+        self.ahead_count -= entry.sort_key[1] == 0
         return entry.demand, entry.held_at_s
 
     def remove(self, request_id: str) -> Demand | None:
@@ -70,6 +73,7 @@ class HoldQueue:
         if entry is None:
             return None
         entry.removed = True
+        self.ahead_count -= entry.sort_key[1] == 0
         return entry.demand
 
     def head_priority(self) -> int | None:
@@ -93,6 +97,7 @@ class HoldQueue:
         self._heap.clear()
         self._by_id.clear()
         self._deadlines.clear()
+        self.ahead_count = 0
         return out
 
     def next_deadline_s(self) -> float | None:

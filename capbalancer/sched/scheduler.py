@@ -317,8 +317,8 @@ class Scheduler:
             return Reject(429, "overloaded: this request cannot start within its time-to-first-token objective",
                           settings.retry_after_s)
         standing = fair.standing(demand.prompt_tokens, now) if fair is not None and by_objective else 0
-        if standing > 0:
-            # Its size class is served more than another: its room goes to that one (sched/fairness.py).
+        if standing > 0 and pool.hold.ahead_count and fair.should_shed(demand.prompt_tokens, now):
+            # Its size class is served more than another, whose requests wait: the room goes to them.
             pool.rejected_total += 1
             return Reject(429, "overloaded: shed to keep service fair across request sizes", settings.retry_after_s)
         # An under-served size class goes ahead of the rest of its priority: only those ahead of it count.
