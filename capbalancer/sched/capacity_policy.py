@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from capbalancer.sched.admission import derived_objective_s
 from capbalancer.sched.backend import BackendState
 from capbalancer.sched.capacity import CapacityModel, CapacitySettings
+from capbalancer.sched.fairness import DEFAULT_MARGIN, FairShare
 from capbalancer.sched.policies import PolicyContext, register
 from capbalancer.sched.prefix_wait import should_wait
 from capbalancer.sched.types import Demand
@@ -23,7 +24,7 @@ from capbalancer.sched.types import Demand
 OPTION_NAMES = ("kv_growth_reserve", "kv_high_watermark", "knee_throughput_fraction", "tpot_slo_ms",
                 "ttft_slo_ms", "ttft_weight", "calibrate", "hold", "ttft_objective_factor", "ttft_objective_floor_ms",
                 "tpot_objective_factor", "tpot_objective_floor_ms", "judge_net_negative",
-                "tpot_slo_margin", "prefix_tie_fraction")
+                "tpot_slo_margin", "fair_shedding", "fair_shedding_margin", "prefix_tie_fraction")
 
 
 def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, bool]:
@@ -57,9 +58,11 @@ def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, 
 class CapacityPolicy:
     name = "capacity"
 
-    def __init__(self, settings: CapacitySettings, hold: bool = True) -> None:
+    def __init__(self, settings: CapacitySettings, hold: bool = True, fair: FairShare | None = None) -> None:
         self.settings = settings
         self.hold = hold
+        # Under overload, every prompt-size class loses the same share (sched/fairness.py); None: shed by cost.
+        self.fair = fair
         self._model: CapacityModel | None = None
         self._turn = 0
 
@@ -168,7 +171,14 @@ class CapacityPolicy:
 
 def _make(options: dict[str, float], rng: random.Random) -> CapacityPolicy:
     settings, hold = settings_from_options(options)
-    return CapacityPolicy(settings, hold)
+    return CapacityPolicy(settings, hold, fair_share_from_options(options))
+
+
+def fair_share_from_options(options: dict[str, float]) -> FairShare | None:
+    """`fair_shedding` 1 (default): equal service across prompt sizes under overload; 0: cost-weighted."""
+    if not float(options.get("fair_shedding", 1)):
+        return None
+    return FairShare(margin=float(options.get("fair_shedding_margin", DEFAULT_MARGIN)))
 
 
 register("capacity")(_make)

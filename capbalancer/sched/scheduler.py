@@ -281,6 +281,10 @@ class Scheduler:
             pool.rejected_total += 1
             return Reject(503, "no healthy backend for this model", settings.retry_after_s)
         ctx = self._ctx(pool, demand, now)
+        # Fair shedding across prompt sizes (sched/fairness.py): None when the policy sheds by cost.
+        fair = getattr(pool.policy, "fair", None)
+        if fair is not None:
+            fair.on_arrival(demand.prompt_tokens, now)
         # Goodput: the first token is due by the TTFT objective, counted from arrival (sched/admission.py).
         objective = getattr(pool.policy, "ttft_deadline_s", None)
         objective_deadline = objective(demand, candidates, ctx) if objective is not None else None
@@ -315,7 +319,13 @@ class Scheduler:
             pool.rejected_total += 1
             return Reject(429, "overloaded: this request cannot start within its time-to-first-token objective",
                           settings.retry_after_s)
-        ahead = len(pool.hold)
+        standing = fair.standing(demand.prompt_tokens, now) if fair is not None and by_objective else 0
+        if standing > 0 and pool.hold.ahead_count and fair.should_shed(demand.prompt_tokens, now):
+            # Its size class is served more than another, whose requests wait: the room goes to them.
+            pool.rejected_total += 1
+            return Reject(429, "overloaded: shed to keep service fair across request sizes", settings.retry_after_s)
+        # An under-served size class goes ahead of the rest of its priority: only those ahead of it count.
+        ahead = len(pool.hold) if standing == 0 else pool.hold.count_ahead(demand.priority)
         wait_s = pool.drain.wait_s(ahead)
         if len(self.remote):
             # With other replicas, the queue that matters is the fleet's: one replica's share of the releases,
@@ -332,7 +342,7 @@ class Scheduler:
                           "time-to-first-token objective", max(settings.retry_after_s, wait_s))
         if not len(pool.hold):
             pool.drain.on_backlog(now)
-        position = pool.hold.push(demand, now, start_by)
+        position = pool.hold.push(demand, now, start_by, ahead=standing < 0)
         self._held_pool[demand.request_id] = demand.pool
         pool.held_total += 1
         return Hold(reason=reason, queue_position=position)
@@ -487,6 +497,9 @@ class Scheduler:
                 "expired_total": pool.expired_total,
                 "expected_output_tokens": pool.output_lengths.mean_output_tokens,
             }
+            fair = getattr(pool.policy, "fair", None)
+            if fair is not None:  # share of each prompt-size class started lately (sched/fairness.py)
+                out["pools"][name]["fair_service_by_prompt_tokens"] = fair.describe(now)
         for backend_id, b in self.backends.items():
             snap = b.snapshot
             out["backends"][backend_id] = {
@@ -581,6 +594,9 @@ class Scheduler:
         timeout_s = (o.first_token_timeout_s(estimate.ttft_s) if demand.stream
                      else max(o.first_token_timeout_min_s, o.first_token_timeout_factor * estimate.e2e_s))
         heapq.heappush(self._first_token_due, (now + timeout_s, demand.request_id))
+        fair = getattr(pool.policy, "fair", None)
+        if fair is not None:
+            fair.on_start(demand.prompt_tokens, now)
 
     def _index_dispatch(self, backend: BackendState, demand: Demand, cached_tokens: int, now: float) -> None:
         """The prompt's blocks are on `backend` now. Its cache holds what its KV can keep besides the KV that
