@@ -37,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from faults import Proxy, proc_rss_kb  # noqa: E402
+from faults import ADMIN_TOKEN_ENV, Proxy, proc_rss_kb  # noqa: E402
 from support import PYTHON, capbalancer, free_port, running  # noqa: E402
 
 PROFILE = "a100-80g/llama-2-7b-tp1"
@@ -186,6 +186,17 @@ def pms(values: list[float], q: float) -> float | None:
 
 # --- one run ------------------------------------------------------------------------------------------------
 
+def admin_view(port: int) -> dict[str, Any]:
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/admin/backends", headers={"Authorization": "Bearer bench"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+    except OSError:
+        return {}
+
+
 def unloaded_ttft(port: int, n: int, max_tokens: int) -> list[float]:
     async def run() -> list[float]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -209,9 +220,10 @@ def run_one(variant: str, engines: list[str], args: argparse.Namespace) -> dict[
     loop, _, flag = variant.partition("+")
     config: dict[str, Any] = {"models": {"m": {"backends": [
         {"url": u, "name": f"sim{i}", "engine": "vllm", "profile": PROFILE} for i, u in enumerate(engines)]}}}
+    config["server"] = {"admin_token_env": ADMIN_TOKEN_ENV}  # /admin/backends at the end: the proxy's counts
     if flag == "noaccept":
-        config["server"] = {"accept_thread": False}
-    with Proxy(config=config, extra_args=("--loop", loop, "--log-level", "warning")) as proxy:
+        config["server"]["accept_thread"] = False
+    with Proxy(config=config, extra_args=("--loop", loop, "--log-level", "warning"), admin_token="bench") as proxy:
         time.sleep(1.5)  # a few health/metrics polls: every engine routable and calibrated
         base = unloaded_ttft(proxy.port, args.unloaded_requests, args.max_tokens)
         tmp = tempfile.mkdtemp(prefix="capb-overload-")
@@ -234,6 +246,7 @@ def run_one(variant: str, engines: list[str], args: argparse.Namespace) -> dict[
             w.stop.set()
             w.join()
         alive = proxy.alive()
+        admin = admin_view(proxy.port)
     merged: dict[str, Any] = {"ttft_s": [], "held_ms": [], "status": {}, "errors": {}, "connect_s": []}
     for i in range(args.workers):
         part = json.loads(Path(tmp, f"w{i}.json").read_text())
@@ -268,6 +281,10 @@ def run_one(variant: str, engines: list[str], args: argparse.Namespace) -> dict[
         "connected": len(merged["connect_s"]), "connect_p99_ms": pms(merged["connect_s"], 0.99),
         "backlog_max": max((q for _, q in sample.values), default=0),
         "rss_peak_mb": max((r for r, _ in sample.values), default=0) / 1024,
+        # The proxy's own counts: held, refused at submit, expired in the queue; what the door shed at arrival.
+        "pool": {k: admin.get("pools", {}).get("m", {}).get(k) for k in ("held_total", "rejected_total",
+                                                                        "expired_total")},
+        "overload": admin.get("overload"),
     }
 
 

@@ -86,6 +86,9 @@ class HealthConfig:
 class RetrySettings:
     max_attempts: int = 2  # attempts in all (1 = no retry); only before any byte reached the client
     max_total_s: float = 10.0  # no new attempt once this long has passed since the first
+    # A request with no first token when the first-token timer runs out (outlier.first_token_timeout_*) and
+    # nothing sent to the client yet is cancelled upstream and retried on another backend (within the two above).
+    first_token_timeout: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,8 +491,9 @@ def parse_config(data: Any, where: str = "<config>", base_dir: Path | None = Non
                           failure_threshold=h.integer("failure_threshold", 3),
                           success_threshold=h.integer("success_threshold", 1),
                           stale_after_s=h.number("stale_after_s", 3.0))
-    rt = top.child("retries", ("max_attempts", "max_total_s"))
-    retries = RetrySettings(max_attempts=rt.integer("max_attempts", 2), max_total_s=rt.number("max_total_s", 10.0))
+    rt = top.child("retries", ("max_attempts", "max_total_s", "first_token_timeout"))
+    retries = RetrySettings(max_attempts=rt.integer("max_attempts", 2), max_total_s=rt.number("max_total_s", 10.0),
+                            first_token_timeout=rt.boolean("first_token_timeout", True))
 
     models_data = top.data.get("models") or {}
     if not isinstance(models_data, dict):

@@ -55,6 +55,15 @@ class SchedulerError(KeyError):
     pass
 
 
+def _can_ever_take(backend: BackendState, needed_tokens: int | None) -> bool:
+    """Whether `backend` can ever serve a request needing this much context (max model length, whole KV): one
+    that cannot is never a candidate (the engine would only answer 400 after the request waited for it)."""
+    if needed_tokens is None:
+        return True
+    limit = backend.max_request_tokens()
+    return limit is None or needed_tokens <= limit
+
+
 @dataclass(slots=True)
 class PoolState:
     settings: PoolSettings
@@ -95,6 +104,9 @@ class Scheduler:
         self.outlier = OutlierDetector(outlier or OutlierSettings())
         # (due time, request id): requests whose first token is overdue then (`check_first_tokens`).
         self._first_token_due: list[tuple[float, str]] = []
+        # Requests found overdue by `check_first_tokens`, until the driver takes them (`take_overdue`): it may
+        # cancel one that has sent nothing to its client yet and retry it elsewhere.
+        self._overdue: list[str] = []
         # Which prompt prefixes each backend probably holds (DESIGN invariant 7): fed on dispatch and finish,
         # and by KV events where an engine publishes them; the cost model counts what it predicts cached.
         self.prefix = PrefixIndex(prefix or PrefixSettings())
@@ -275,8 +287,10 @@ class Scheduler:
         if too_long is not None:
             pool.rejected_total += 1
             return too_long
+        needed = self._needed_tokens(demand)
         candidates = [b for b in self._routable(pool, now) if b.backend_id not in excluded
-                      and (demand.only_backends is None or b.backend_id in demand.only_backends)]
+                      and (demand.only_backends is None or b.backend_id in demand.only_backends)
+                      and _can_ever_take(b, needed)]
         if not candidates:
             pool.rejected_total += 1
             return Reject(503, "no healthy backend for this model", settings.retry_after_s)
@@ -455,10 +469,16 @@ class Scheduler:
             if req.first_token_at_s is not None or req.overdue:
                 continue
             req.overdue = True
+            self._overdue.append(request_id)
             self.capacity.record_overdue(state, req, now)
             if state.backend_id in self.backends:
                 self._outlier_failure(state, now, "no first token in time")
         return []
+
+    def take_overdue(self) -> list[str]:
+        """The requests `check_first_tokens` found overdue since the last call."""
+        taken, self._overdue = self._overdue, []
+        return taken
 
     def next_first_token_due_s(self) -> float | None:
         due = self._first_token_due
@@ -635,8 +655,7 @@ class Scheduler:
                 break  # another replica's older request goes first (one queue order across replicas)
             ctx = self._ctx(pool, demand, now)
             ctx.wait_for_prefix = True
-            allowed = candidates if demand.only_backends is None else [
-                b for b in candidates if b.backend_id in demand.only_backends]
+            allowed = self._able(candidates, demand)
             choice = pool.policy.choose(demand, allowed, ctx) if allowed else None
             if choice is None and ctx.waiting_for is not None:
                 # The head waits for its prefix's backend: the requests behind it may still take the room.
@@ -649,6 +668,13 @@ class Scheduler:
                     events.append(self._expire(demand, now, 429, "overloaded: cannot start before its deadline",
                                                pool.settings))
                     continue
+                if len(allowed) < len(candidates):
+                    # Only some backends can ever take the head (its prompt is beyond the others' max length): it
+                    # waits for those alone, which stay reserved for it (it keeps its place), and the requests
+                    # behind it may take the rest (issue 14: no head-of-line blocking).
+                    reserved = {b.backend_id for b in allowed}
+                    events.extend(self._release_behind(
+                        pool, [b for b in candidates if b.backend_id not in reserved], now))
                 break
             pool.hold.pop()
             self._held_pool.pop(demand.request_id, None)
@@ -667,8 +693,7 @@ class Scheduler:
                 break
             ctx = self._ctx(pool, demand, now)
             ctx.wait_for_prefix = True
-            allowed = candidates if demand.only_backends is None else [
-                b for b in candidates if b.backend_id in demand.only_backends]
+            allowed = self._able(candidates, demand)
             choice = pool.policy.choose(demand, allowed, ctx) if allowed else None
             if choice is None:
                 if ctx.waiting_for is not None:
@@ -730,11 +755,9 @@ class Scheduler:
         """400 at once for a request longer than every backend of its pool can ever hold (max model length or
         KV capacity): holding it would only block the queue until a backend is idle, and then the engine says
         no anyway. Estimated prompt sizes get a margin, so an estimate never refuses what would have fitted."""
-        if demand.api == "embeddings":
+        needed = self._needed_tokens(demand)
+        if needed is None:
             return None
-        prompt = demand.prompt_tokens if demand.prompt_tokens_exact else int(demand.prompt_tokens * 0.8)
-        # One sequence of an n > 1 request is what must fit in the context.
-        needed = prompt + (demand.max_tokens // max(1, demand.sequences) if demand.max_tokens_explicit else 1)
         longest = 0
         for bid in pool.backend_ids:
             limit = self.backends[bid].max_request_tokens()
@@ -746,6 +769,22 @@ class Scheduler:
         return Reject(400, f"this model's maximum context length is {longest} tokens; the request needs about "
                       f"{needed} ({demand.prompt_tokens} in the prompt, max_tokens {demand.max_tokens})",
                       0.0, code="context_length_exceeded")
+
+    @staticmethod
+    def _needed_tokens(demand: Demand) -> int | None:
+        """Tokens of context one sequence of `demand` needs at the least (None: no limit applies). Estimated
+        prompt sizes get a 20% margin, so an estimate never refuses what would have fitted."""
+        if demand.api == "embeddings":
+            return None
+        prompt = demand.prompt_tokens if demand.prompt_tokens_exact else int(demand.prompt_tokens * 0.8)
+        # One sequence of an n > 1 request is what must fit in the context.
+        return prompt + (demand.max_tokens // max(1, demand.sequences) if demand.max_tokens_explicit else 1)
+
+    def _able(self, candidates: list[BackendState], demand: Demand) -> list[BackendState]:
+        """The candidates `demand` may use (its pinned backends) and that can ever take it (max length, KV)."""
+        needed = self._needed_tokens(demand)
+        return [b for b in candidates if (demand.only_backends is None or b.backend_id in demand.only_backends)
+                and _can_ever_take(b, needed)]
 
     def _record_costs(self, state: BackendState, req: InflightRequest, now: float) -> None:
         self.capacity.record_completion(state, req, now)

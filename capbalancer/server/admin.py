@@ -60,6 +60,8 @@ def _admin(handler):  # noqa: ANN001, ANN202  # small decorator: auth + OpenAI-s
 async def backends(state: ProxyState, request: web.Request) -> web.Response:
     out = state.driver.scheduler.describe(state.driver.clock())
     out["poller"] = state.poller_kind
+    if state.gate is not None:  # refusal at arrival (server/overload.py): the loop's lag, what the door shed
+        out["overload"] = state.gate.describe()
     # `engine` is the one in use (detected, for `auto`); the configured one tells an `auto` backend apart.
     configured = {b.name: b.engine for _, b in state.config.backends()}
     for name, row in out["backends"].items():

@@ -36,6 +36,8 @@ class SchedulerDriver:
         self._waiters: dict[str, asyncio.Future[Event]] = {}
         self._wake = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
+        # request id -> what to call if its first token is overdue (the relay cancels and retries it).
+        self._first_token_watch: dict[str, Callable[[], None]] = {}
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -80,6 +82,13 @@ class SchedulerDriver:
     def cancel(self, request_id: str) -> None:
         self._handle(self.scheduler.cancel(request_id, self.clock()))
         self.metrics.held.set(self.scheduler.held_count())
+
+    def watch_first_token(self, request_id: str, on_overdue: Callable[[], None] | None) -> None:
+        """Call `on_overdue` if the request's first-token timer runs out (None: stop watching)."""
+        if on_overdue is None:
+            self._first_token_watch.pop(request_id, None)
+        else:
+            self._first_token_watch[request_id] = on_overdue
 
     def on_first_token(self, request_id: str) -> None:
         self.scheduler.on_first_token(request_id, self.clock())
@@ -161,6 +170,10 @@ class SchedulerDriver:
                 await asyncio.sleep(delay)
                 now = self.clock()
                 self._handle(self.scheduler.check_first_tokens(now))
+                for request_id in self.scheduler.take_overdue():
+                    on_overdue = self._first_token_watch.pop(request_id, None)
+                    if on_overdue is not None:
+                        on_overdue()
                 if self.scheduler.held_count():
                     self._handle(self.scheduler.tick(now))
             except asyncio.CancelledError:

@@ -15,6 +15,8 @@ busy the loop is:
 - past `max_connections` open client connections, anything else is answered 503 + Retry-After at once;
 - while every hold queue is full, a new POST is answered 429 + Retry-After here (the loop would only parse it
   to say the same), with `Connection: close` so that the client's retry comes back through this door;
+- likewise a new POST that could not start within its TTFT objective (the loop's lag plus the hold queue's
+  wait past the most its objective allows, judged on what the loop publishes: server/overload.py);
 - everything else goes to the loop with `loop.connect_accepted_socket`, unchanged: aiohttp parses it as if
   it had accepted it itself (a connection that sent nothing within `handoff_after_s` goes too: aiohttp's
   idle timeout then applies to it);
@@ -99,6 +101,12 @@ _SHED = _response(429, "Too Many Requests", error_body(
     429, "every hold queue of the proxy is full; retry later", "no_capacity"), "Retry-After: 1\r\n")
 
 
+def _late(retry_after_s: float) -> bytes:
+    return _response(429, "Too Many Requests", error_body(
+        429, "overloaded: this request cannot start within its time-to-first-token objective; retry later",
+        "no_capacity"), f"Retry-After: {retry_after_s:.0f}\r\n")
+
+
 def probe_path(head: bytes) -> str | None | bool:
     """What the first bytes of a connection are: the probe path it asks for (its whole head has arrived),
     False when it is not a probe, None when too few bytes have arrived to tell."""
@@ -119,7 +127,8 @@ class FrontDoor:
     def __init__(self, listeners: list[socket.socket], loop: asyncio.AbstractEventLoop,
                  protocol_factory: Callable[[], asyncio.Protocol], probe: ProbeAnswer,
                  open_connections: Callable[[], int], max_connections: int, handoff_after_s: float = 0.5,
-                 shed: Callable[[], bool] | None = None) -> None:
+                 shed: Callable[[], bool] | None = None,
+                 judge: Callable[[bytes], float | None] | None = None) -> None:
         self.listeners = listeners
         self.loop = loop
         self.protocol_factory = protocol_factory
@@ -127,6 +136,8 @@ class FrontDoor:
         self.open_connections = open_connections
         self.max_connections = max_connections
         self.shed = shed
+        # A new request's head -> Retry-After seconds when it would be refused anyway (server/overload.py).
+        self.judge = judge
         self._cap = max_connections
         self._cap_at_s = 0.0
         self.handoff_after_s = handoff_after_s
@@ -263,6 +274,13 @@ class FrontDoor:
             self.shed_429 += 1
             self._refuse(conn, _SHED)
             return
+        if head.startswith(_SHEDDABLE) and self.judge is not None:
+            retry_after = self._judge(head)
+            if retry_after is not None:
+                # It could not start within its TTFT objective: 429 at arrival, not after the loop's backlog.
+                self.shed_429 += 1
+                self._refuse(conn, _late(retry_after))
+                return
         if self._over_cap():
             self.refused_over_cap += 1
             self._refuse(conn, _overloaded(f"the proxy is at its connection limit ({self._cap}); retry later"))
@@ -276,6 +294,12 @@ class FrontDoor:
             return self.shed()
         except Exception:  # a dict resized by the loop while read: let the loop decide
             return False
+
+    def _judge(self, head: bytes) -> float | None:
+        try:
+            return self.judge(head) if self.judge is not None else None
+        except Exception:  # what the loop published was mid-update: let the loop decide
+            return None
 
     def _over_cap(self) -> bool:
         now = time.monotonic()

@@ -82,6 +82,7 @@ class ProxyState:
     adapters: AdapterIndex = field(default_factory=AdapterIndex)  # what each backend serves (its /v1/models)
     affinity: ObjectAffinity = field(default_factory=ObjectAffinity)  # stored responses -> their backend
     sharing: Any = None  # cluster.sharing.Sharing while replicas share reservations (for /ready)
+    gate: Any = None  # server.overload.OverloadGate while the front door sheds at arrival
 
     def count_prompt_tokens(self, pool: ModelConfig, parsed: ParsedRequest) -> int:
         """Exact with the pool's tokenizer when it has one, else estimated from characters."""
@@ -253,6 +254,8 @@ class Forward:
         last: UpstreamError | web.Response | None = None
         while True:
             decision = state.driver.submit(demand, tried)
+            if state.gate is not None and not tried:  # the verdict the front door refuses by (server/overload.py)
+                state.gate.on_decision(demand.pool, decision, len(self.raw), time.monotonic())
             if isinstance(decision, Reject):
                 return self._final_error(last, decision.status, decision.reason, decision.retry_after_s,
                                          decision.code)
@@ -280,6 +283,9 @@ class Forward:
                 return outcome  # a stream: already sent
             retryable = (outcome.retryable if isinstance(outcome, UpstreamError)
                          else outcome.status in RETRYABLE_STATUSES)
+            if isinstance(outcome, UpstreamError) and outcome.code == "first_token_timeout":
+                # Long past its objective already: judged afresh as it is sent again (its hold, its objective).
+                demand.arrival_s, demand.deadline_s = state.driver.clock(), None
             out_of_budget = (len(tried) >= retries.max_attempts
                              or time.monotonic() - self.started >= retries.max_total_s)
             if not retryable or out_of_budget:
@@ -334,9 +340,20 @@ class Forward:
         phase = "first byte"
         # Outlier evidence (sched/outlier.py): True the backend failed, False it answered, None no telling.
         fault: bool | None = None
+        overdue = False
         try:
             try:
                 async with asyncio.timeout_at(min(t_start + timeouts.first_byte_s, total_deadline)) as timer:
+                    if state.config.retries.first_token_timeout:
+                        def on_overdue() -> None:
+                            # No first token within the first-token timer and nothing sent to the client yet:
+                            # give up on this backend now (the upstream request is cancelled) and retry elsewhere.
+                            nonlocal overdue
+                            if phase == "first byte":
+                                overdue = True
+                                timer.reschedule(loop.time())
+
+                        driver.watch_first_token(demand.request_id, on_overdue)
                     raw_path = request.raw_path
                     try:
                         upstream_resp = await up.pool.request(
@@ -370,7 +387,7 @@ class Forward:
                         ok = status < 400
                         fault = status >= 500
                         metrics.count(self.pool.name, up.name, status)
-                        return web.Response(status=status, body=body, headers=headers)
+                        return self._close_if_congested(web.Response(status=status, body=body, headers=headers))
                     # A stream: wait for its first bytes before answering, so that a first-byte timeout
                     # is still a clean 504 rather than a broken stream.
                     first = await upstream_resp.read_chunk()
@@ -380,8 +397,9 @@ class Forward:
                         remember_created(state, request.path, up.name, first, driver.clock())
                     if first and counter.feed(first):
                         driver.on_first_token(demand.request_id)
-                    sresp = web.StreamResponse(status=status, headers=headers)
+                    sresp = self._close_if_congested(web.StreamResponse(status=status, headers=headers))
                     phase = "stream"
+                    driver.watch_first_token(demand.request_id, None)
                     timer.reschedule(min(loop.time() + timeouts.stream_idle_s, total_deadline))
                     await sresp.prepare(request)
                     metrics.count(self.pool.name, up.name, status)
@@ -408,6 +426,10 @@ class Forward:
                 return sresp
             except TimeoutError:
                 fault = True
+                if overdue:
+                    return UpstreamError(504, f"backend {up.name} produced no first token within the first-token "
+                                         "timer; cancelled there", retryable=True, backend_down=False,
+                                         code="first_token_timeout")
                 if phase == "first byte":
                     elapsed = loop.time() - t_start
                     which = "total" if elapsed >= timeouts.total_s - 1e-3 else "first-byte"
@@ -433,6 +455,7 @@ class Forward:
                 return await self._break_stream(sresp, 502, f"backend {up.name} connection lost mid-stream",
                                                 "backend_disconnected")
         finally:
+            driver.watch_first_token(demand.request_id, None)
             gauge.dec()
             if upstream_resp is not None:
                 if reuse_connection:
@@ -453,6 +476,13 @@ class Forward:
                 state.estimator(self.pool.name).observe(self.parsed.prompt_chars, prompt_tokens)
             if ok:
                 metrics.observe_latency(self.pool.name, time.monotonic() - self.started)
+
+    def _close_if_congested(self, resp: web.StreamResponse) -> web.StreamResponse:
+        """While the front door sheds at arrival, a keep-alive client's next request must meet it too."""
+        gate = self.state.gate
+        if gate is not None and gate.congested():
+            resp.force_close()
+        return resp
 
     async def _break_stream(self, sresp: web.StreamResponse | None, status: int, message: str,
                             code: str) -> web.StreamResponse | UpstreamError:

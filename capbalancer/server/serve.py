@@ -18,6 +18,7 @@ from capbalancer.server.app import build_app, build_state, hold_queues_full, pro
 from capbalancer.server.frontdoor import FrontDoor, bind_listeners
 from capbalancer.server.http_errors import json_http_errors
 from capbalancer.server.limits import default_max_connections, fd_soft_limit
+from capbalancer.server.overload import OverloadGate
 from capbalancer.server.proxy import ProxyState
 
 log = logging.getLogger("capbalancer.server")
@@ -42,8 +43,12 @@ def start_front_door(settings: ServerSettings, state: ProxyState, server: web.Se
     from capbalancer.cluster.workers import reuse_port
 
     # `serve --workers N`: N processes listen on one port (SO_REUSEPORT), the kernel spreads connections.
+    # Refusal at arrival: the loop publishes what a newcomer would face, the door judges each new request.
+    gate = state.gate = OverloadGate(state.driver.scheduler)
+    gate.start()
     door = FrontDoor(bind_listeners(settings.host, settings.port, reuse_port=reuse_port()), loop, server,
-                     lambda path: probe_answer(state, path), count, cap, shed=lambda: hold_queues_full(state))
+                     lambda path: probe_answer(state, path), count, cap, shed=lambda: hold_queues_full(state),
+                     judge=gate.judge_head)
     # The thread needs the GIL for a few microseconds per connection; a busy loop thread hands it over only every
     # switch interval (5 ms by default), several times per probe. 0.5 ms bounds that wait (measured:
     # bench/results/robust-server.md); the loop thread is only asked to switch while the door waits.
@@ -107,6 +112,8 @@ async def serve(config: Config, *, config_path: str | None = None,
     finally:
         if door is not None:
             door.stop()
+        if state.gate is not None:
+            await state.gate.stop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
