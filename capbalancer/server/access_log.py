@@ -118,10 +118,11 @@ class LineWriter(logging.Handler):
 
     Handing a line over is a deque append (atomic under the GIL) and, only when the thread sleeps, one wake:
     a lock and a condition per line cost the event loop more than the line itself (bench/results/dataplane.md).
-    The thread then waits BATCH_WAIT_S for more lines, so a busy proxy writes once per batch."""
+    The thread then waits BATCH_WAIT_S for more lines, so a busy proxy wakes it (and hands it the GIL, which
+    stalls the loop until the thread gets a core) at most 1/BATCH_WAIT_S times a second."""
 
     MAX_PENDING = 10_000
-    BATCH_WAIT_S = 0.005
+    BATCH_WAIT_S = 0.05
 
     def __init__(self, fd: int) -> None:
         super().__init__()

@@ -444,7 +444,6 @@ class FastProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         route = FAST_ROUTES.get(self.url)
-        settings = self.server.settings
         if (route is None or parser.get_method() != route[0] or parser.get_http_version() != "1.1"
                 or parser.should_upgrade() or self.closing or self.server.shutting_down):
             raise _HandOver
@@ -465,7 +464,7 @@ class FastProtocol(asyncio.Protocol):
             elif low in (b"transfer-encoding", b"expect", b"upgrade", b"content-encoding"):
                 raise _HandOver  # framing and codings aiohttp's parser judges (a compressed body: its 400 or 415)
             add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
-        if length is None or length > settings.max_body_bytes:
+        if length is None or length > state.config.server.max_body_bytes:  # (a reload may change it)
             raise _HandOver
         raw = self.raw
         head_end = raw.find(b"\r\n\r\n")
