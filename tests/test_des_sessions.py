@@ -44,3 +44,13 @@ def test_shape_spec_errors_name_the_problem():
     with pytest.raises(WorkloadSpecError, match="rate, not concurrency"):
         parse_workload("shape=agentic,concurrency=4")
     assert parse_workload("shape=shared-prompt:tenants=2,n=10").shape == "shared-prompt:tenants=2"
+
+
+def test_refused_turns_end_there_and_the_session_goes_on():
+    # Past the fleet's capacity with a short hold queue, turns are refused (429): each refused turn is resolved
+    # once and its session's next turn still comes (the run used to crash on the first refusal).
+    res = run_des(FLEET, "shape=multi-turn:turns=2-3:think=0.1,n=200,rate=300,output=lognormal:mean=150:sigma=0.5,"
+                  "seed=1", "capacity",
+                  DesOptions(poll_interval_s=0.25, hold_max_requests=4, hold_timeout_s=0.5))
+    assert res.summary["failed"] > 0
+    assert res.summary["completed"] + res.summary["failed"] == 200

@@ -213,6 +213,31 @@ def test_the_response_affinity_map_is_bounded_in_size_and_time():
     assert m.backend_of("resp_3", 22.0) == "b9" and m.backend_of("resp_4", 22.0) is None
 
 
+def test_a_response_created_through_another_proxy_is_found_on_its_backend(fleet: Proxy):
+    """Another worker or replica (here a second proxy process) never saw the object created: it asks the
+    backends, finds the one holding it, and remembers it."""
+    client = openai.OpenAI(base_url=fleet.url + "/v1", api_key="none", max_retries=0)
+    created = []
+    for i in range(4):
+        raw = client.responses.with_raw_response.create(model="chat", input=f"elsewhere {i}", max_output_tokens=2)
+        created.append((raw.parse(), raw.headers["x-capbalancer-backend"]))
+    with Proxy(config=fleet.config) as other:
+        _wait_discovered(other)
+        other_client = openai.OpenAI(base_url=other.url + "/v1", api_key="none", max_retries=0)
+        for resp, backend in created:
+            raw = other_client.responses.with_raw_response.retrieve(resp.id)
+            assert raw.headers["x-capbalancer-backend"] == backend and raw.parse().id == resp.id
+            status, hdrs, _ = other.request("POST", "/v1/responses", {"model": "chat", "input": "more",
+                                                                      "max_output_tokens": 2,
+                                                                      "previous_response_id": resp.id})
+            assert status == 200 and hdrs["x-capbalancer-backend"] == backend
+        status, _, raw = other.request("GET", "/v1/responses/resp_nobody_has_this")
+        assert status == 404 and json.loads(raw)["error"]["code"] == "not_found"
+        status, _, raw = other.request("POST", "/v1/responses", {"model": "chat", "input": "x",
+                                                                 "previous_response_id": "resp_nobody"})
+        assert status == 404 and json.loads(raw)["error"]["param"] == "previous_response_id"
+
+
 def test_streamed_responses_are_pinned_from_their_first_event(fleet: Proxy):
     client = openai.OpenAI(base_url=fleet.url + "/v1", api_key="none", max_retries=0)
     for i in range(4):

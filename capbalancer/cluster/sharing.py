@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import Counter, Gauge, Histogram
 
+from capbalancer.background import stop_requested, stop_task
 from capbalancer.cluster import wire
 from capbalancer.cluster.localstore import default_replica_id
 from capbalancer.cluster.redis_store import RedisStore, StoreError
@@ -69,10 +70,7 @@ class Sharing:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="sharing")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         # Leave at once so the others stop counting our (now finished) requests before the TTL ends.
         with contextlib.suppress(*StoreError):
             async with asyncio.timeout(self.settings.timeout_ms / 1000.0):
@@ -139,6 +137,8 @@ class Sharing:
             except Exception as exc:  # a bug in one round must not end sharing for good
                 log.exception("sharing round failed")
                 self._degrade(type(exc).__name__)
+            if stop_requested():  # the store client may have swallowed our cancellation
+                return
             await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
 
 

@@ -9,12 +9,12 @@ released by whatever freed room, at once. It is also the fleet monitor's sink (`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
 
+from capbalancer.background import stop_task
 from capbalancer.fleet.snapshot import EngineSnapshot
 from capbalancer.sched.backend import Health
 from capbalancer.sched.scheduler import Scheduler
@@ -44,9 +44,7 @@ class SchedulerDriver:
 
     async def stop(self) -> None:
         if self._timer is not None:
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
+            await stop_task(self._timer)
             self._timer = None
 
     # --- requests --------------------------------------------------------------------------------

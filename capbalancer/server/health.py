@@ -8,7 +8,6 @@ standalone and gains engine snapshots when the monitor is installed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 import time
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from capbalancer.background import stop_task
 from capbalancer.config import BackendConfig
 from capbalancer.server.limits import is_fd_exhaustion
 
@@ -64,9 +64,7 @@ class HealthPoller:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
         if self._session is not None:
             await self._session.close()
 

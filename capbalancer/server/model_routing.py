@@ -19,6 +19,8 @@ from capbalancer.server.parsing import ParsedRequest
 from capbalancer.server.route_parsing import rewrite_model
 
 if TYPE_CHECKING:
+    from multidict import CIMultiDictProxy
+
     from capbalancer.server.proxy import ProxyState
 
 # Routes whose answer creates an object the engine keeps, and how its id appears in the first bytes.
@@ -50,14 +52,19 @@ def resolve_pool(state: ProxyState, name: str | None) -> tuple[ModelConfig, froz
                      code="model_not_found")
 
 
-def pinned_backends(state: ProxyState, parsed: ParsedRequest, now: float) -> frozenset[str] | None:
+async def pinned_backends(state: ProxyState, parsed: ParsedRequest, now: float, client_headers: CIMultiDictProxy[str],
+                          request_id: str) -> frozenset[str] | None:
     """A continuation of a stored response may go only where that response lives."""
     if parsed.previous_id is None:
         return None
     backend = state.affinity.backend_of(parsed.previous_id, now)
+    if backend is None:  # created through another worker or replica, or before a restart: ask the backends
+        from capbalancer.server.locate import locate_object  # locate imports proxy, which imports this module
+
+        backend = await locate_object(state, parsed.previous_id, client_headers, request_id)
     if backend is None:
-        raise ProxyError(404, f"previous response {parsed.previous_id!r} is not known here (never created "
-                         "through this proxy, or forgotten)", param="previous_response_id", code="not_found")
+        raise ProxyError(404, f"previous response {parsed.previous_id!r} is not held by any backend (never "
+                         "created, or expired)", param="previous_response_id", code="not_found")
     return frozenset({backend})
 
 

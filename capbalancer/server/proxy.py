@@ -218,7 +218,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if client is not None:
             auth.check_model(client, pool.name)
         demand = build_demand(state, request, pool, parsed, client)
-        pinned = pinned_backends(state, parsed, state.driver.clock())
+        pinned = await pinned_backends(state, parsed, state.driver.clock(), request.headers, request_id)
         demand.only_backends = pinned if pinned is not None else only_backends
         return await Forward(state, request, pool, parsed, demand, raw, request_id, started).run()
     except ProxyError as exc:

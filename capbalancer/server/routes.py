@@ -32,6 +32,7 @@ from capbalancer.config import ModelConfig
 from capbalancer.fleet.models import parse_model_list
 from capbalancer.server import access_log, proxy
 from capbalancer.server.errors import ProxyError, error_response, from_exception
+from capbalancer.server.locate import locate_object
 from capbalancer.server.model_routing import body_for, resolve_pool
 from capbalancer.server.proxy import BACKEND_HEADER, MODEL_HEADER, STATE, ProxyState, read_body, request_id_of
 from capbalancer.server.relay import Upstream, UpstreamError, classify_upstream_error, response_headers
@@ -195,10 +196,12 @@ async def handle_sticky(request: web.Request) -> web.StreamResponse:
         raw, _ = await _admitted_body(state, request)
         object_id = request.match_info["response_id"]
         backend = state.affinity.backend_of(object_id, state.driver.clock())
+        if backend is None:  # created through another worker or replica, or before a restart: ask the backends
+            backend = await locate_object(state, object_id, request.headers, request_id)
         up = state.upstreams.get(backend) if backend is not None else None
         if up is None:
-            raise ProxyError(404, f"response {object_id!r} is not known here (never created through this proxy, "
-                             "forgotten, or its backend was removed)", param="response_id", code="not_found")
+            raise ProxyError(404, f"response {object_id!r} is not held by any backend (never created, expired, or "
+                             "its backend was removed)", param="response_id", code="not_found")
         pool_name = state.driver.scheduler.backends[backend].spec.pool if backend in \
             state.driver.scheduler.backends else "-"
         access_log.note(request, request_id=request_id, pool=pool_name)

@@ -142,8 +142,10 @@ class SessionRun(des._Run):
             if isinstance(ev, Finished):
                 self.next_turn(int(ev.request_id), ev.time_s)
 
-    def fail(self, i: int, status: int, reason: str, now: float) -> None:
-        super().fail(i, status, reason, now)
+    def fail(self, i: int, status: int, reason: str, now: float, retry_after_s: float = 0.0) -> None:
+        # A refused turn ends where it was refused: the session's next turn follows after its think time (the
+        # base class's closed-loop backoff is for the plain runner's client slots, which sessions do not use).
+        super().fail(i, status, reason, now, retry_after_s)
         self.next_turn(i, now)
 
     def next_turn(self, i: int, now: float) -> None:
@@ -152,7 +154,7 @@ class SessionRun(des._Run):
         if ti + 1 < len(s.turns):
             self.push(now + s.turns[ti].think_s, des._ARRIVAL, i + 1)
 
-    def done(self, now: float) -> None:
+    def done(self, now: float, backoff_s: float = 0.0) -> None:
         self.resolved += 1
         self.last_done_s = max(self.last_done_s, now)
 

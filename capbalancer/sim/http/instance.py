@@ -18,6 +18,7 @@ import itertools
 import uuid
 from dataclasses import dataclass, field
 
+from capbalancer.background import stop_task
 from capbalancer.profiling.schema import Profile
 from capbalancer.sim import tokenizer
 from capbalancer.sim.engine import (
@@ -123,9 +124,7 @@ class SimInstance:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
             self._task = None
 
     # --- clocks --------------------------------------------------------------------------------
