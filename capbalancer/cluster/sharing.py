@@ -22,7 +22,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from capbalancer.background import stop_requested, stop_task
 from capbalancer.cluster import wire
 from capbalancer.cluster.localstore import default_replica_id
-from capbalancer.cluster.redis_store import RedisStore, StoreError
+from capbalancer.cluster.stores import StoreError, open_store
 from capbalancer.config import SharingConfig
 from capbalancer.server.driver import SchedulerDriver
 from capbalancer.server.metrics import ProxyMetrics
@@ -63,7 +63,7 @@ class Sharing:
         self.replica_id = settings.replica_id or default_replica_id()
         self.status = SharingStatus()
         self._metrics = _Metrics(metrics)
-        self._store = RedisStore(settings.store_url, settings.namespace, settings.timeout_ms / 1000.0)
+        self._store = open_store(settings.store_url, settings.namespace, settings.timeout_ms / 1000.0)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:

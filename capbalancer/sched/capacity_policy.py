@@ -16,13 +16,15 @@ from collections.abc import Sequence
 from capbalancer.sched.admission import derived_objective_s
 from capbalancer.sched.backend import BackendState
 from capbalancer.sched.capacity import CapacityModel, CapacitySettings
+from capbalancer.sched.fairness import DEFAULT_MARGIN, FairShare
 from capbalancer.sched.policies import PolicyContext, register
+from capbalancer.sched.prefix_wait import should_wait
 from capbalancer.sched.types import Demand
 
 OPTION_NAMES = ("kv_growth_reserve", "kv_high_watermark", "knee_throughput_fraction", "tpot_slo_ms",
                 "ttft_slo_ms", "ttft_weight", "calibrate", "hold", "ttft_objective_factor", "ttft_objective_floor_ms",
                 "tpot_objective_factor", "tpot_objective_floor_ms", "judge_net_negative",
-                "tpot_slo_margin")
+                "tpot_slo_margin", "fair_shedding", "fair_shedding_margin", "prefix_tie_fraction")
 
 
 def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, bool]:
@@ -48,6 +50,7 @@ def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, 
                                                  defaults.tpot_objective_floor_s * 1000.0)) / 1000.0,
         judge_net_negative=bool(options.get("judge_net_negative", 1)),
         tpot_slo_margin=float(options.get("tpot_slo_margin", defaults.tpot_slo_margin)),
+        prefix_tie_fraction=float(options.get("prefix_tie_fraction", defaults.prefix_tie_fraction)),
     )
     return settings, bool(options.get("hold", 1))
 
@@ -55,9 +58,11 @@ def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, 
 class CapacityPolicy:
     name = "capacity"
 
-    def __init__(self, settings: CapacitySettings, hold: bool = True) -> None:
+    def __init__(self, settings: CapacitySettings, hold: bool = True, fair: FairShare | None = None) -> None:
         self.settings = settings
         self.hold = hold
+        # Under overload, every prompt-size class loses the same share (sched/fairness.py); None: shed by cost.
+        self.fair = fair
         self._model: CapacityModel | None = None
         self._turn = 0
 
@@ -88,6 +93,9 @@ class CapacityPolicy:
         if index is None or not (hashes or demand.session_id is not None):
             index = None
         held: list[tuple[int, int]] | None = None
+        best_j = -1
+        roomless: list[int] = []  # candidates with no room now (only counted when prefixes are known)
+        scored: list[tuple[int, float]] = []
         if index is not None:
             held = [index.expected_cached_tokens(b.backend_id, hashes, demand.prefix.block_tokens, prompt,
                                                  demand.session_id) for b in candidates]
@@ -102,8 +110,30 @@ class CapacityPolicy:
             else:
                 cached, shared = held[j]
                 score = model.score(b, prompt, expected, now, deadline, cached, shared, recompute)
+                if score is None:
+                    roomless.append(j)
+                else:
+                    scored.append((j, score))
             if score is not None and score < best_score:
-                best, best_score = b, score
+                best, best_score, best_j = b, score, j
+        if best is not None and held is not None and len(scored) > 1:
+            # Near-ties go to where the prefix is, else to the session's last backend: predictions closer than
+            # `prefix_tie_fraction` are within calibration noise, and moving a conversation for no predicted gain
+            # only spreads its cache over two backends (the rotation of exact ties is for new work).
+            limit = best_score * (1.0 + self.settings.prefix_tie_fraction)
+            session_backend = index.session_backend(demand.session_id) if index is not None else None
+            near = [(j, sc) for j, sc in scored if sc <= limit]
+            if len(near) > 1:
+                j, sc = max(near, key=lambda x: (held[x[0]][0], candidates[x[0]].backend_id == session_backend,
+                                                  -x[1]))
+                best, best_score, best_j = candidates[j], sc, j
+        if best is not None and ctx.wait_for_prefix and held is not None and roomless:
+            # A held request being released: the backend holding most of its prefix may be worth waiting for.
+            hj = max(roomless, key=lambda j: held[j][0])
+            if held[hj][0] > held[best_j][0] and should_wait(model, candidates[hj], best, best_score, demand,
+                                                             expected, now):
+                ctx.waiting_for = candidates[hj].backend_id
+                return None
         if best is None and not self.hold:
             for b in candidates:
                 est = model.estimate(b, demand, expected, now)
@@ -141,7 +171,14 @@ class CapacityPolicy:
 
 def _make(options: dict[str, float], rng: random.Random) -> CapacityPolicy:
     settings, hold = settings_from_options(options)
-    return CapacityPolicy(settings, hold)
+    return CapacityPolicy(settings, hold, fair_share_from_options(options))
+
+
+def fair_share_from_options(options: dict[str, float]) -> FairShare | None:
+    """`fair_shedding` 1 (default): equal service across prompt sizes under overload; 0: cost-weighted."""
+    if not float(options.get("fair_shedding", 1)):
+        return None
+    return FairShare(margin=float(options.get("fair_shedding_margin", DEFAULT_MARGIN)))
 
 
 register("capacity")(_make)

@@ -11,7 +11,7 @@ from capbalancer.sched.types import Demand
 
 @dataclass(order=True, slots=True)
 class _Entry:
-    sort_key: tuple[int, int]  # (-priority, arrival sequence)
+    sort_key: tuple[int, int, int]  # (-priority, 0 if it goes ahead of its priority else 1, arrival sequence)
     demand: Demand = field(compare=False)
     held_at_s: float = field(compare=False)
     deadline_s: float = field(compare=False)
@@ -26,6 +26,7 @@ class HoldQueue:
         self._by_id: dict[str, _Entry] = {}
         self._deadlines: list[tuple[float, int, _Entry]] = []  # min-heap by deadline, lazily cleaned
         self._seq = itertools.count()
+        self.ahead_count = 0  # entries pushed `ahead` still queued
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -33,9 +34,12 @@ class HoldQueue:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._by_id
 
-    def push(self, demand: Demand, now: float, deadline_s: float) -> int:
+    def push(self, demand: Demand, now: float, deadline_s: float, ahead: bool = False) -> int:
+        """Queue `demand`; `ahead`: before every request of its priority not itself ahead (fair shedding's
+        under-served size class, sched/fairness.py), in arrival order among those."""
         seq = next(self._seq)
-        entry = _Entry((-demand.priority, seq), demand, now, deadline_s)
+        entry = _Entry((-demand.priority, 0 if ahead else 1, seq), demand, now, deadline_s)
+        self.ahead_count += ahead
         heapq.heappush(self._heap, entry)
         heapq.heappush(self._deadlines, (deadline_s, seq, entry))
         self._by_id[demand.request_id] = entry
@@ -44,6 +48,10 @@ class HoldQueue:
     def position_of(self, entry: _Entry) -> int:
         # Exact position is O(n); cheap enough for a header and only computed on hold.
         return sum(1 for e in self._by_id.values() if e.sort_key < entry.sort_key)
+
+    def count_ahead(self, priority: int) -> int:
+        """Requests that a newcomer of `priority` queued `ahead` would find in front of it."""
+        return sum(1 for e in self._by_id.values() if e.sort_key[:2] < (-priority, 1))
 
     def peek(self) -> tuple[Demand, float] | None:
         self._skip_removed()
@@ -57,6 +65,7 @@ class HoldQueue:
         entry = heapq.heappop(self._heap)
         entry.removed = True
         del self._by_id[entry.demand.request_id]
+        self.ahead_count -= entry.sort_key[1] == 0
         return entry.demand, entry.held_at_s
 
     def remove(self, request_id: str) -> Demand | None:
@@ -64,7 +73,13 @@ class HoldQueue:
         if entry is None:
             return None
         entry.removed = True
+        self.ahead_count -= entry.sort_key[1] == 0
         return entry.demand
+
+    def first(self, n: int) -> list[tuple[Demand, float]]:
+        """The first `n` entries in queue order, left in the queue (O(queue length))."""
+        live = (e for e in self._heap if not e.removed)
+        return [(e.demand, e.held_at_s) for e in heapq.nsmallest(n, live)]
 
     def head_priority(self) -> int | None:
         self._skip_removed()
@@ -87,6 +102,7 @@ class HoldQueue:
         self._heap.clear()
         self._by_id.clear()
         self._deadlines.clear()
+        self.ahead_count = 0
         return out
 
     def next_deadline_s(self) -> float | None:

@@ -47,6 +47,9 @@ from capbalancer.sched.types import (
     Route,
 )
 
+# Held requests looked at past a head that waits for its prefix's backend, per release (each look is O(queue)).
+RELEASE_LOOKAHEAD = 16
+
 
 class SchedulerError(KeyError):
     pass
@@ -278,6 +281,10 @@ class Scheduler:
             pool.rejected_total += 1
             return Reject(503, "no healthy backend for this model", settings.retry_after_s)
         ctx = self._ctx(pool, demand, now)
+        # Fair shedding across prompt sizes (sched/fairness.py): None when the policy sheds by cost.
+        fair = getattr(pool.policy, "fair", None)
+        if fair is not None:
+            fair.on_arrival(demand.prompt_tokens, now)
         # Goodput: the first token is due by the TTFT objective, counted from arrival (sched/admission.py).
         objective = getattr(pool.policy, "ttft_deadline_s", None)
         objective_deadline = objective(demand, candidates, ctx) if objective is not None else None
@@ -312,7 +319,13 @@ class Scheduler:
             pool.rejected_total += 1
             return Reject(429, "overloaded: this request cannot start within its time-to-first-token objective",
                           settings.retry_after_s)
-        ahead = len(pool.hold)
+        standing = fair.standing(demand.prompt_tokens, now) if fair is not None and by_objective else 0
+        if standing > 0 and pool.hold.ahead_count and fair.should_shed(demand.prompt_tokens, now):
+            # Its size class is served more than another, whose requests wait: the room goes to them.
+            pool.rejected_total += 1
+            return Reject(429, "overloaded: shed to keep service fair across request sizes", settings.retry_after_s)
+        # An under-served size class goes ahead of the rest of its priority: only those ahead of it count.
+        ahead = len(pool.hold) if standing == 0 else pool.hold.count_ahead(demand.priority)
         wait_s = pool.drain.wait_s(ahead)
         if len(self.remote):
             # With other replicas, the queue that matters is the fleet's: one replica's share of the releases,
@@ -329,7 +342,7 @@ class Scheduler:
                           "time-to-first-token objective", max(settings.retry_after_s, wait_s))
         if not len(pool.hold):
             pool.drain.on_backlog(now)
-        position = pool.hold.push(demand, now, start_by)
+        position = pool.hold.push(demand, now, start_by, ahead=standing < 0)
         self._held_pool[demand.request_id] = demand.pool
         pool.held_total += 1
         return Hold(reason=reason, queue_position=position)
@@ -484,6 +497,9 @@ class Scheduler:
                 "expired_total": pool.expired_total,
                 "expected_output_tokens": pool.output_lengths.mean_output_tokens,
             }
+            fair = getattr(pool.policy, "fair", None)
+            if fair is not None:  # share of each prompt-size class started lately (sched/fairness.py)
+                out["pools"][name]["fair_service_by_prompt_tokens"] = fair.describe(now)
         for backend_id, b in self.backends.items():
             snap = b.snapshot
             out["backends"][backend_id] = {
@@ -578,6 +594,9 @@ class Scheduler:
         timeout_s = (o.first_token_timeout_s(estimate.ttft_s) if demand.stream
                      else max(o.first_token_timeout_min_s, o.first_token_timeout_factor * estimate.e2e_s))
         heapq.heappush(self._first_token_due, (now + timeout_s, demand.request_id))
+        fair = getattr(pool.policy, "fair", None)
+        if fair is not None:
+            fair.on_start(demand.prompt_tokens, now)
 
     def _index_dispatch(self, backend: BackendState, demand: Demand, cached_tokens: int, now: float) -> None:
         """The prompt's blocks are on `backend` now. Its cache holds what its KV can keep besides the KV that
@@ -615,9 +634,14 @@ class Scheduler:
             if len(self.remote) and self.remote.ahead(pool_name, demand.priority, held_at):
                 break  # another replica's older request goes first (one queue order across replicas)
             ctx = self._ctx(pool, demand, now)
+            ctx.wait_for_prefix = True
             allowed = candidates if demand.only_backends is None else [
                 b for b in candidates if b.backend_id in demand.only_backends]
             choice = pool.policy.choose(demand, allowed, ctx) if allowed else None
+            if choice is None and ctx.waiting_for is not None:
+                # The head waits for its prefix's backend: the requests behind it may still take the room.
+                events.extend(self._release_behind(pool, candidates, now))
+                break
             if choice is None:
                 if not allowed or (unservable is not None and unservable(demand, allowed, ctx)):
                     # Nothing can start it before its deadline: answer now rather than block the queue.
@@ -627,6 +651,30 @@ class Scheduler:
                     continue
                 break
             pool.hold.pop()
+            self._held_pool.pop(demand.request_id, None)
+            self._dispatch(choice, demand, pool, now)
+            pool.drain.on_release(now)
+            events.append(Dispatch(demand.request_id, choice.backend_id, now - held_at))
+        return events
+
+    def _release_behind(self, pool: PoolState, candidates: list[BackendState], now: float) -> list[Event]:
+        """Past a head that waits for the backend holding its prefix (sched/prefix_wait.py): release the next
+        few held requests, in queue order, that can go now, skipping those that wait too; stop at the first that
+        finds no room at all (queue order holds for the rest)."""
+        events: list[Event] = []
+        for demand, held_at in pool.hold.first(RELEASE_LOOKAHEAD)[1:]:
+            if len(self.remote) and self.remote.ahead(demand.pool, demand.priority, held_at):
+                break
+            ctx = self._ctx(pool, demand, now)
+            ctx.wait_for_prefix = True
+            allowed = candidates if demand.only_backends is None else [
+                b for b in candidates if b.backend_id in demand.only_backends]
+            choice = pool.policy.choose(demand, allowed, ctx) if allowed else None
+            if choice is None:
+                if ctx.waiting_for is not None:
+                    continue
+                break
+            pool.hold.remove(demand.request_id)
             self._held_pool.pop(demand.request_id, None)
             self._dispatch(choice, demand, pool, now)
             pool.drain.on_release(now)
