@@ -23,7 +23,7 @@ from capbalancer.sched.types import Demand
 OPTION_NAMES = ("kv_growth_reserve", "kv_high_watermark", "knee_throughput_fraction", "tpot_slo_ms",
                 "ttft_slo_ms", "ttft_weight", "calibrate", "hold", "ttft_objective_factor", "ttft_objective_floor_ms",
                 "tpot_objective_factor", "tpot_objective_floor_ms", "judge_net_negative",
-                "tpot_slo_margin", "fair_shedding", "fair_shedding_margin")
+                "tpot_slo_margin", "fair_shedding", "fair_shedding_margin", "adapt_kv_reserve")
 
 
 def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, bool]:
@@ -49,6 +49,8 @@ def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, 
                                                  defaults.tpot_objective_floor_s * 1000.0)) / 1000.0,
         judge_net_negative=bool(options.get("judge_net_negative", 1)),
         tpot_slo_margin=float(options.get("tpot_slo_margin", defaults.tpot_slo_margin)),
+        # Learned per backend unless the user fixed the share (sched/kv_reserve.py).
+        adapt_kv_reserve=bool(options.get("adapt_kv_reserve", "kv_growth_reserve" not in options)),
     )
     return settings, bool(options.get("hold", 1))
 
