@@ -20,6 +20,7 @@ every run's full loadtest document.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from capbalancer.fleet.adapters import snapshot_from_metrics  # noqa: E402
 from capbalancer.loadtest.demo import (  # noqa: E402
     DEMO_INSTANCES,
     DemoSettings,
@@ -48,11 +51,19 @@ from capbalancer.loadtest.demo import (  # noqa: E402
 from capbalancer.loadtest.procs import ProcessGroup, process_group, start_process, wait_http  # noqa: E402
 from capbalancer.loadtest.report import _json_safe, result_document  # noqa: E402
 from capbalancer.loadtest.runner import LoadtestResult, run_loadtest  # noqa: E402
+from capbalancer.loadtest.sessions import SessionWorkload, parse_workload_spec  # noqa: E402
+from capbalancer.loadtest.workloads import parse_length  # noqa: E402
 
 PEER_PACKAGES = {"vllm-router": "vllm-router==0.1.17", "sglang-router": "sglang-router==0.3.2"}
 ALL_TARGETS = ("direct", "capbalancer-round_robin", "capbalancer-capacity", "vllm-router-round_robin",
                "vllm-router-power_of_two", "sglang-router-round_robin", "sglang-router-power_of_two",
-               "nginx-least_conn")
+               "nginx-least_conn",
+               # prefix-aware (issue 13): the peers' own prefix routers; the sim serves what they call on workers
+               # (/tokenize, /v1/completions/render, /v1/chat/completions/render)
+               "capbalancer-cache_aware", "capbalancer-llm_d", "vllm-router-cache_aware",
+               "sglang-router-cache_aware")
+PREFIX_TARGETS = ("capbalancer-capacity", "capbalancer-cache_aware", "capbalancer-llm_d", "vllm-router-cache_aware",
+                  "sglang-router-cache_aware")
 
 
 class Skip(Exception):
@@ -65,6 +76,26 @@ class Outcome:
     result: LoadtestResult | None = None
     skipped: str | None = None
     setup_s: float = 0.0
+    hit_rate: float | None = None  # the engines' own prefix-cache hits over queried prompt tokens, this run
+
+
+def cache_counters(worker_urls: list[str]) -> tuple[float, float]:
+    """(hit, queried) prompt tokens summed over the workers' vllm:prefix_cache_* counters."""
+    hits = queries = 0.0
+    for url in worker_urls:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+            snap = snapshot_from_metrics("vllm", resp.read().decode(), 0.0)
+        hits += snap.prefix_cache_hits_tokens_total or 0.0
+        queries += snap.prefix_cache_queries_tokens_total or 0.0
+    return hits, queries
+
+
+def reset_caches(worker_urls: list[str]) -> None:
+    """Every target starts with empty prefix caches (POST /reset_prefix_cache, as vLLM's dev mode)."""
+    for url in worker_urls:
+        req = urllib.request.Request(url + "/reset_prefix_cache", data=b"", method="POST")
+        with contextlib.suppress(OSError), urllib.request.urlopen(req, timeout=10):
+            pass
 
 
 def peer_venv(cache_dir: Path, name: str) -> Path:
@@ -177,7 +208,7 @@ def start_target(target: str, group: ProcessGroup, fleet_path: Path, worker_urls
 
 
 def run_targets(targets: list[str], settings: DemoSettings, work_dir: Path, cache_dir: Path,
-                allow_apt: bool, say: Callable[[str], None]) -> list[Outcome]:
+                allow_apt: bool, say: Callable[[str], None], workload: str = "none") -> list[Outcome]:
     ports = free_ports(len(DEMO_INSTANCES))
     worker_urls = [f"http://127.0.0.1:{p}" for p in ports]
     fleet_path = write_fleet(work_dir, ports, settings.time_scale)
@@ -200,24 +231,34 @@ def run_targets(targets: list[str], settings: DemoSettings, work_dir: Path, cach
                     continue
                 setup_s = time.monotonic() - t0
                 say(f"[{target}] {url} up in {setup_s:.1f} s; running load ...")
-                result = _run(run_loadtest(loadtest_config(url, settings, target)))
-                outcomes.append(Outcome(target, result=result, setup_s=setup_s))
+                config = loadtest_config(url, settings, target)
+                kind, options = parse_workload_spec(workload)
+                if kind != "none":
+                    config.workload = SessionWorkload(kind, options, parse_length(settings.output_len),
+                                                      seed=settings.seed)
+                reset_caches(worker_urls)
+                hits0, queries0 = cache_counters(worker_urls)
+                result = _run(run_loadtest(config))
+                hits1, queries1 = cache_counters(worker_urls)
+                hit_rate = (hits1 - hits0) / (queries1 - queries0) if queries1 > queries0 else None
+                outcomes.append(Outcome(target, result=result, setup_s=setup_s, hit_rate=hit_rate))
             _wait_idle(worker_urls, timeout_s=settings.drain_s)
     return outcomes
 
 
 def format_table(outcomes: list[Outcome], settings: DemoSettings) -> str:
-    header = ["target", "done", "failed", "req/s", "tok/s", "goodput", "SLO %", "p50 TTFT", "p99 TTFT",
+    header = ["target", "done", "failed", "req/s", "tok/s", "goodput", "SLO %", "hit", "p50 TTFT", "p99 TTFT",
               "p99 TPOT", "errors"]
     rows = [header]
     for o in outcomes:
         if o.result is None:
-            rows.append([o.target, "-", "-", "-", "-", "-", "-", "-", "-", "-", f"skipped: {o.skipped}"[:60]])
+            rows.append([o.target, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", f"skipped: {o.skipped}"[:60]])
             continue
         s = o.result.summary
         rows.append([o.target, str(s["completed"]), str(s["failed"]), f"{s['request_throughput']:.2f}",
                      f"{s['output_throughput']:.0f}", f"{s['request_goodput']:.2f}",
-                     f"{100 * s['slo_attainment']:.0f}", f"{s['median_ttft_ms']:.0f}", f"{s['p99_ttft_ms']:.0f}",
+                     f"{100 * s['slo_attainment']:.0f}", "-" if o.hit_rate is None else f"{o.hit_rate:.3f}",
+                     f"{s['median_ttft_ms']:.0f}", f"{s['p99_ttft_ms']:.0f}",
                      f"{s['p99_tpot_ms']:.0f}", ",".join(f"{k}:{v}" for k, v in o.result.errors.items()) or "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i in (0, len(header) - 1) else c.rjust(w)
@@ -233,8 +274,11 @@ def format_table(outcomes: list[Outcome], settings: DemoSettings) -> str:
 def main(argv: list[str] | None = None) -> int:
     defaults = DemoSettings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma-separated subset of: "
-                        + ", ".join(ALL_TARGETS))
+    parser.add_argument("--targets", default=None, help="comma-separated subset of: " + ", ".join(ALL_TARGETS)
+                        + " (default: all; with --workload, the prefix-aware ones)")
+    parser.add_argument("--workload", default="none",
+                        help="sessions as `capbalancer loadtest --workload` sends them (multi-turn, shared-prompt, "
+                             "agentic, options after ':'); the rate is then turns per second")
     parser.add_argument("--duration", type=float, default=defaults.duration_s)
     parser.add_argument("--request-rate", type=float, default=defaults.request_rate_per_s)
     parser.add_argument("--time-scale", type=float, default=defaults.time_scale)
@@ -244,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write every run's loadtest document here")
     parser.add_argument("--logs", type=Path, default=None, help="keep process logs here")
     args = parser.parse_args(argv)
+    if args.targets is None:
+        args.targets = ",".join(PREFIX_TARGETS if args.workload != "none" else ALL_TARGETS)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = sorted(set(targets) - set(ALL_TARGETS))
     if unknown:
@@ -254,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = args.logs or Path(tmp)
         work_dir.mkdir(parents=True, exist_ok=True)
         outcomes = run_targets(targets, settings, work_dir, args.cache_dir, args.apt,
-                               say=lambda m: print(m, file=sys.stderr, flush=True))
+                               say=lambda m: print(m, file=sys.stderr, flush=True), workload=args.workload)
     print(format_table(outcomes, settings))
     if args.json:
         args.json.write_text(json.dumps(_json_safe({o.target: result_document(o.result) if o.result else

@@ -185,6 +185,24 @@ def fit_engine_prefill(probes: list[Probe]) -> dict[str, float]:
     return {"prefill_seconds_per_token": max(slope, 0.0), "fixed_seconds": max(my - slope * mx, 0.0)}
 
 
+def fit_frontend(real: list[Probe], bare_sim: list[Probe]) -> dict[str, float]:
+    """The real API server's time the simulator lacks: least squares, over the probe's cold and repeated
+    prompts, of (real client TTFT - real engine prefill) - (the same on the sim without a front end), on prompt
+    tokens: (seconds a request, seconds a prompt token). What both share (client, HTTP, the first decode step's
+    hand-back) cancels."""
+    sim_by = {p.prompt_tokens: p for p in bare_sim}
+    xs, ys = [], []
+    for r in real:
+        s = sim_by[r.prompt_tokens]
+        for real_gap, sim_gap in ((r.cold_ttft_ms - r.cold_prefill_ms, s.cold_ttft_ms - s.cold_prefill_ms),
+                                  (r.warm_ttft_ms - r.warm_prefill_ms, s.warm_ttft_ms - s.warm_prefill_ms)):
+            xs.append(float(r.prompt_tokens))
+            ys.append((real_gap - sim_gap) / 1000)
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs))
+    return {"frontend_seconds": max(my - slope * mx, 0.0), "frontend_seconds_per_prompt_token": slope}
+
+
 def _ratio(sim: float, real: float) -> str:
     return f"{sim / real:.2f}" if real else "n/a"
 
@@ -225,6 +243,9 @@ def main() -> None:
     parser.add_argument("--fit-prefill", action="store_true",
                         help="give the sim the prefill cost per token the real ENGINE shows in the probe (its own "
                              "prefill-time histogram over the cold prompts), not the client-side fit")
+    parser.add_argument("--fit-frontend", action="store_true",
+                        help="give the sim the real API server's front-end time (sim profile frontend_seconds and "
+                             "_per_prompt_token), fit on the probe against a sim probe without it")
     parser.add_argument("--skip-probe", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -247,18 +268,29 @@ def main() -> None:
             if args.fit_prefill:
                 fitted = fit_engine_prefill(probes)
                 save_profile(replace(load_profile(prof), step=replace(load_profile(prof).step, **fitted)), prof)
+            if args.fit_frontend:
+                with sim_server(prof) as sim_url:
+                    bare = probe(sim_url, "sim-bare")
+                front = fit_frontend([p for p in probes if p.target == "real"], bare)
+                print(f"front end fit: {front['frontend_seconds'] * 1000:.1f} ms + "
+                      f"{front['frontend_seconds_per_prompt_token'] * 1e6:.1f} us/token")
+                save_profile(replace(load_profile(prof), **front), prof)
         replays.append(replay(url, "real", tmp, args.requests, args.users, args.seed))
         with sim_server(prof) as sim_url:
             if not args.skip_probe:
                 probes += probe(sim_url, "sim")
             replays.append(replay(sim_url, "sim", tmp, args.requests, args.users, args.seed))
-        step = load_profile(prof).step
-    print(f"profile {args.profile.name}: {step}")
+        final = load_profile(prof)
+        step = final.step
+    print(f"profile {args.profile.name}: {step}; front end {final.frontend_seconds * 1000:.1f} ms + "
+          f"{final.frontend_seconds_per_prompt_token * 1e6:.1f} us/token")
     print(markdown(probes, replays) if probes else markdown([], replays).split("\n\n", 1)[-1])
     print(f"({time.monotonic() - started:.0f} s)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"step": asdict(step), "probes": [asdict(p) for p in probes],
+        args.json.write_text(json.dumps({"step": asdict(step), "frontend_seconds": final.frontend_seconds,
+                                         "frontend_seconds_per_prompt_token": final.frontend_seconds_per_prompt_token,
+                                         "probes": [asdict(p) for p in probes],
                                          "replays": [asdict(r) for r in replays]}, indent=1) + "\n")
 
 

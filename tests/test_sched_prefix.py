@@ -233,3 +233,41 @@ def test_proxy_keys_share_across_aliases_and_never_across_pools_or_adapters():
     assert key("m", pool="other")[0].hashes[0] != base.hashes[0]
     assert session_of(None, parsed) == "alice" and session_of("s-1", parsed) == "s-1"
     assert session_of("x" * 1000, parsed) == "x" * 256
+
+
+def _two_full_backends(max_tokens):
+    """a and b, two seats each, both full; a holds the prefix `shared`. Returns (sched, shared ids)."""
+    prof = Profile(name="p", gpu="p", model="m", tp=1, engine="vllm", kv_capacity_tokens=200_000,
+                   step=StepTimeModel(fixed_seconds=0.010, prefill_seconds_per_token=0.0001,
+                                      decode_seconds_per_seq=0.0002, context_seconds_per_token=1e-7),
+                   max_num_seqs=2, max_num_batched_tokens=2048, max_model_len=200_000)
+    sched = make([("a", prof), ("b", prof)])
+    shared = tokens(1, 1792)
+    for rid, ids, where in (("a0", shared, "a"), ("b0", tokens(2, 64), "b"), ("a1", tokens(3, 64), "a"),
+                            ("b1", tokens(4, 64), "b")):
+        d = demand(rid, ids, max_tokens)
+        d.only_backends = frozenset({where})
+        assert sched.submit(d, 0.0) == Route(where)
+    return sched, shared
+
+
+def test_a_held_request_waits_for_its_prefix_holder_while_the_ones_behind_take_the_room():
+    sched, shared = _two_full_backends(max_tokens=20)
+    turn = demand("turn", shared + tokens(5, 64), 20, now=0.1)
+    other = demand("other", tokens(6, 64), 20, now=0.1)
+    assert not isinstance(sched.submit(turn, 0.1), Route) and not isinstance(sched.submit(other, 0.1), Route)
+    # b frees a seat first: recomputing 1,792 tokens there costs more than waiting for one of a's short
+    # requests to end, so the turn stays held and the request behind it takes b's seat.
+    events = sched.finish("b0", 0.2, output_tokens=20)
+    assert [(e.request_id, e.backend_id) for e in events] == [("other", "b")]
+    assert sched.is_held("turn")
+    events = sched.finish("a1", 0.3, output_tokens=20)
+    assert [(e.request_id, e.backend_id) for e in events] == [("turn", "a")]
+
+
+def test_a_held_request_does_not_wait_for_a_holder_that_frees_room_too_late():
+    # a's requests are long (2,000 expected tokens each): waiting for one to end costs more than the recompute.
+    sched, shared = _two_full_backends(max_tokens=2000)
+    assert not isinstance(sched.submit(demand("turn", shared + tokens(5, 64), 2000, now=0.1), 0.1), Route)
+    events = sched.finish("b0", 0.2, output_tokens=2000)
+    assert [(e.request_id, e.backend_id) for e in events] == [("turn", "b")]

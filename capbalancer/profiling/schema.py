@@ -92,6 +92,12 @@ class Profile:
     engine_version: str | None = None
     engine_flags: dict[str, str] = field(default_factory=dict)
     notes: str = ""
+    # The API server's own time per request before the engine sees it (parsing, validation, tokenizing, the
+    # hand-off to the engine process), and per prompt token (tokenizing): on a GPU host a few ms next to the
+    # prefill, on a CPU host that shares cores with the engine tens of ms. The simulator's HTTP front waits this
+    # long before queueing a request (sim/http/instance.py). 0: not measured.
+    frontend_seconds: float = 0.0
+    frontend_seconds_per_prompt_token: float = 0.0
 
     @property
     def num_gpu_blocks(self) -> int:
@@ -113,6 +119,9 @@ class Profile:
         out = dataclasses.asdict(self)
         if self.fit is None:
             out.pop("fit")
+        for name in ("frontend_seconds", "frontend_seconds_per_prompt_token"):
+            if not out[name]:
+                out.pop(name)  # unmeasured: profiles saved before the field existed stay byte-identical
         return out
 
     @classmethod
@@ -150,6 +159,10 @@ class Profile:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ProfileError(f"{where}.{name}: must be a positive integer, got {value!r}")
+        for name in ("frontend_seconds", "frontend_seconds_per_prompt_token"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ProfileError(f"{where}.{name}: must be a finite number >= 0, got {value!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ProfileError(f"{where}.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         for f in dataclasses.fields(StepTimeModel):

@@ -74,6 +74,9 @@ class CapacitySettings:
     # itself keeps filling to it, so its requests' TPOTs scatter around the SLO and half of them miss it
     # (measured, bench/prefix.py at 3x load: 926 of 2,528 requests on the H100 missed by 0-5 ms).
     tpot_slo_margin: float = 0.1
+    # Routing scores within this fraction of the best count as a tie, which the prefix holder (else the session's
+    # last backend) wins: calibration moves predictions by more than that between requests.
+    prefix_tie_fraction: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,12 +18,14 @@ from capbalancer.sched.backend import BackendState
 from capbalancer.sched.capacity import CapacityModel, CapacitySettings
 from capbalancer.sched.fairness import DEFAULT_MARGIN, FairShare
 from capbalancer.sched.policies import PolicyContext, register
+from capbalancer.sched.prefix_wait import should_wait
 from capbalancer.sched.types import Demand
 
 OPTION_NAMES = ("kv_growth_reserve", "kv_high_watermark", "knee_throughput_fraction", "tpot_slo_ms",
                 "ttft_slo_ms", "ttft_weight", "calibrate", "hold", "ttft_objective_factor", "ttft_objective_floor_ms",
                 "tpot_objective_factor", "tpot_objective_floor_ms", "judge_net_negative",
-                "tpot_slo_margin", "fair_shedding", "fair_shedding_margin", "adapt_kv_reserve")
+                "tpot_slo_margin", "fair_shedding", "fair_shedding_margin", "prefix_tie_fraction",
+                "adapt_kv_reserve")
 
 
 def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, bool]:
@@ -49,6 +51,7 @@ def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, 
                                                  defaults.tpot_objective_floor_s * 1000.0)) / 1000.0,
         judge_net_negative=bool(options.get("judge_net_negative", 1)),
         tpot_slo_margin=float(options.get("tpot_slo_margin", defaults.tpot_slo_margin)),
+        prefix_tie_fraction=float(options.get("prefix_tie_fraction", defaults.prefix_tie_fraction)),
         # Learned per backend unless the user fixed the share (sched/kv_reserve.py).
         adapt_kv_reserve=bool(options.get("adapt_kv_reserve", "kv_growth_reserve" not in options)),
     )
@@ -93,6 +96,9 @@ class CapacityPolicy:
         if index is None or not (hashes or demand.session_id is not None):
             index = None
         held: list[tuple[int, int]] | None = None
+        best_j = -1
+        roomless: list[int] = []  # candidates with no room now (only counted when prefixes are known)
+        scored: list[tuple[int, float]] = []
         if index is not None:
             held = [index.expected_cached_tokens(b.backend_id, hashes, demand.prefix.block_tokens, prompt,
                                                  demand.session_id) for b in candidates]
@@ -107,8 +113,30 @@ class CapacityPolicy:
             else:
                 cached, shared = held[j]
                 score = model.score(b, prompt, expected, now, deadline, cached, shared, recompute)
+                if score is None:
+                    roomless.append(j)
+                else:
+                    scored.append((j, score))
             if score is not None and score < best_score:
-                best, best_score = b, score
+                best, best_score, best_j = b, score, j
+        if best is not None and held is not None and len(scored) > 1:
+            # Near-ties go to where the prefix is, else to the session's last backend: predictions closer than
+            # `prefix_tie_fraction` are within calibration noise, and moving a conversation for no predicted gain
+            # only spreads its cache over two backends (the rotation of exact ties is for new work).
+            limit = best_score * (1.0 + self.settings.prefix_tie_fraction)
+            session_backend = index.session_backend(demand.session_id) if index is not None else None
+            near = [(j, sc) for j, sc in scored if sc <= limit]
+            if len(near) > 1:
+                j, sc = max(near, key=lambda x: (held[x[0]][0], candidates[x[0]].backend_id == session_backend,
+                                                  -x[1]))
+                best, best_score, best_j = candidates[j], sc, j
+        if best is not None and ctx.wait_for_prefix and held is not None and roomless:
+            # A held request being released: the backend holding most of its prefix may be worth waiting for.
+            hj = max(roomless, key=lambda j: held[j][0])
+            if held[hj][0] > held[best_j][0] and should_wait(model, candidates[hj], best, best_score, demand,
+                                                             expected, now):
+                ctx.waiting_for = candidates[hj].backend_id
+                return None
         if best is None and not self.hold:
             for b in candidates:
                 est = model.estimate(b, demand, expected, now)

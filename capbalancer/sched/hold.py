@@ -76,6 +76,11 @@ class HoldQueue:
         self.ahead_count -= entry.sort_key[1] == 0
         return entry.demand
 
+    def first(self, n: int) -> list[tuple[Demand, float]]:
+        """The first `n` entries in queue order, left in the queue (O(queue length))."""
+        live = (e for e in self._heap if not e.removed)
+        return [(e.demand, e.held_at_s) for e in heapq.nsmallest(n, live)]
+
     def head_priority(self) -> int | None:
         self._skip_removed()
         return self._heap[0].demand.priority if self._heap else None

@@ -28,6 +28,10 @@ class PolicyContext:
     expected_output_tokens: int  # what the scheduler expects this demand to generate
     capacity: CapacityModel  # the scheduler's model (default settings, shared online corrections)
     prefix: PrefixIndex | None = None  # the scheduler's prefix index (sched/prefix_index.py)
+    # Releasing a held request: it may keep waiting for the backend holding its prefix (sched/prefix_wait.py);
+    # the policy names that backend in `waiting_for` when it does.
+    wait_for_prefix: bool = False
+    waiting_for: str | None = None
 
 
 class Policy(Protocol):

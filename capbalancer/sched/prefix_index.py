@@ -254,6 +254,11 @@ class PrefixIndex:
         pinned = int(pinned_tokens * factor)
         return cached, (pinned if pinned < cached else cached)
 
+    def session_backend(self, session_id: str | None) -> str | None:
+        """The backend a session's last request went to (None: no session, or forgotten)."""
+        s = self.sessions.get(session_id) if session_id is not None else None
+        return s.backend_id if s is not None else None
+
     # --- what the scheduler did ---------------------------------------------------------------------
     def on_dispatch(self, request_id: str, backend_id: str, hashes: Sequence[int], prompt_tokens: int,
                     session_id: str | None, predicted_cached_tokens: int, capacity_blocks: int | None) -> None:

@@ -48,6 +48,9 @@ from capbalancer.sched.types import (
     Route,
 )
 
+# Held requests looked at past a head that waits for its prefix's backend, per release (each look is O(queue)).
+RELEASE_LOOKAHEAD = 16
+
 
 class SchedulerError(KeyError):
     pass
@@ -637,9 +640,14 @@ class Scheduler:
             if len(self.remote) and self.remote.ahead(pool_name, demand.priority, held_at):
                 break  # another replica's older request goes first (one queue order across replicas)
             ctx = self._ctx(pool, demand, now)
+            ctx.wait_for_prefix = True
             allowed = candidates if demand.only_backends is None else [
                 b for b in candidates if b.backend_id in demand.only_backends]
             choice = pool.policy.choose(demand, allowed, ctx) if allowed else None
+            if choice is None and ctx.waiting_for is not None:
+                # The head waits for its prefix's backend: the requests behind it may still take the room.
+                events.extend(self._release_behind(pool, candidates, now))
+                break
             if choice is None:
                 if not allowed or (unservable is not None and unservable(demand, allowed, ctx)):
                     # Nothing can start it before its deadline: answer now rather than block the queue.
@@ -649,6 +657,30 @@ class Scheduler:
                     continue
                 break
             pool.hold.pop()
+            self._held_pool.pop(demand.request_id, None)
+            self._dispatch(choice, demand, pool, now)
+            pool.drain.on_release(now)
+            events.append(Dispatch(demand.request_id, choice.backend_id, now - held_at))
+        return events
+
+    def _release_behind(self, pool: PoolState, candidates: list[BackendState], now: float) -> list[Event]:
+        """Past a head that waits for the backend holding its prefix (sched/prefix_wait.py): release the next
+        few held requests, in queue order, that can go now, skipping those that wait too; stop at the first that
+        finds no room at all (queue order holds for the rest)."""
+        events: list[Event] = []
+        for demand, held_at in pool.hold.first(RELEASE_LOOKAHEAD)[1:]:
+            if len(self.remote) and self.remote.ahead(demand.pool, demand.priority, held_at):
+                break
+            ctx = self._ctx(pool, demand, now)
+            ctx.wait_for_prefix = True
+            allowed = candidates if demand.only_backends is None else [
+                b for b in candidates if b.backend_id in demand.only_backends]
+            choice = pool.policy.choose(demand, allowed, ctx) if allowed else None
+            if choice is None:
+                if ctx.waiting_for is not None:
+                    continue
+                break
+            pool.hold.remove(demand.request_id)
             self._held_pool.pop(demand.request_id, None)
             self._dispatch(choice, demand, pool, now)
             pool.drain.on_release(now)

@@ -77,11 +77,16 @@ class SimCluster:
         self.served.clear()
 
 
+# (seconds a request, seconds a prompt token) of API-server time; None: each profile's own figure.
+FrontEnd = tuple[float | None, float | None]
+
+
 def instance_for(spec: InstanceSpec, profile: Profile, seed: int = 0, gpu: SharedGpu | None = None,
-                 enable_prefix_caching: bool = True) -> SimInstance:
+                 enable_prefix_caching: bool = True, frontend: FrontEnd = (None, None)) -> SimInstance:
     return SimInstance(profile, engine_kind=spec.engine, model=spec.model, time_scale=spec.time_scale, seed=seed,
                        gpu=gpu, enable_prefix_caching=enable_prefix_caching, interference=spec.interference,
-                       lora_modules=dict(spec.lora_modules))
+                       lora_modules=dict(spec.lora_modules), frontend_seconds=frontend[0],
+                       frontend_seconds_per_prompt_token=frontend[1])
 
 
 def fleet_base_dir(fleet: FleetDescription) -> Path | None:
@@ -91,7 +96,7 @@ def fleet_base_dir(fleet: FleetDescription) -> Path | None:
 
 
 async def serve_fleet(fleet: FleetDescription, names: Iterable[str] | None = None, seed: int = 0,
-                      enable_prefix_caching: bool = True) -> SimCluster:
+                      enable_prefix_caching: bool = True, frontend: FrontEnd = (None, None)) -> SimCluster:
     """Start every instance of `fleet` (or those named) on its own host:port; instances of one gpu_group
     share one simulated GPU (capbalancer/sim/gpu_share.py)."""
     wanted = set(names) if names is not None else None
@@ -110,7 +115,7 @@ async def serve_fleet(fleet: FleetDescription, names: Iterable[str] | None = Non
                 raise ValueError(f"{fleet.source}: instance {spec.name!r}: engine {spec.engine!r} cannot be simulated")
             profile = resolve_profile(spec.profile, base)
             gpu = gpus.get(spec.gpu_group) if spec.gpu_group is not None else None
-            await cluster.add(spec.name, instance_for(spec, profile, seed + k, gpu, enable_prefix_caching), spec.host,
+            await cluster.add(spec.name, instance_for(spec, profile, seed + k, gpu, enable_prefix_caching, frontend), spec.host,
                               spec.port)
     except BaseException:
         await cluster.stop()

@@ -61,9 +61,15 @@ async def _serve_until_signal(start) -> None:
               help="TGI: answer 429 past this many requests in flight (TGI's default 128).")
 @click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True,
               help="Automatic prefix caching, on by default as in vLLM (sim/prefix_cache.py).")
+@click.option("--frontend-ms", type=float, default=None,
+              help="API-server time per request before the engine queues it, in ms (default: the profile's "
+                   "frontend_seconds, 0 when unmeasured; bench/results/prefix3.md).")
+@click.option("--frontend-us-per-token", type=float, default=None,
+              help="API-server time per prompt token (tokenizing), in µs (default: the profile's).")
 def sim(engine: str, profile_ref: str | None, host: str, port: int, model: str | None, time_scale: float,
         cluster_file: str | None, only: tuple[str, ...], seed: int, lora_modules: tuple[str, ...],
-        max_concurrent_requests: int | None, enable_prefix_caching: bool) -> None:
+        max_concurrent_requests: int | None, enable_prefix_caching: bool, frontend_ms: float | None,
+        frontend_us_per_token: float | None) -> None:
     """Serve simulated vLLM/TGI/SGLang instances: the same APIs and /metrics as the real engines, with
     continuous batching, paged KV and preemption modelled from a GPU profile."""
     from capbalancer.fleet.description import FleetError, load_fleet
@@ -74,6 +80,11 @@ def sim(engine: str, profile_ref: str | None, host: str, port: int, model: str |
 
     if time_scale <= 0:
         raise click.BadParameter("must be > 0", param_hint="--time-scale")
+    for value, hint in ((frontend_ms, "--frontend-ms"), (frontend_us_per_token, "--frontend-us-per-token")):
+        if value is not None and value < 0:
+            raise click.BadParameter("must be >= 0", param_hint=hint)
+    frontend = (None if frontend_ms is None else frontend_ms / 1000.0,
+                None if frontend_us_per_token is None else frontend_us_per_token / 1e6)
     if cluster_file:
         try:
             fleet = load_fleet(cluster_file)
@@ -81,7 +92,8 @@ def sim(engine: str, profile_ref: str | None, host: str, port: int, model: str |
             raise click.ClickException(str(exc)) from None
 
         async def start() -> SimCluster:
-            return await serve_fleet(fleet, names=only or None, seed=seed, enable_prefix_caching=enable_prefix_caching)
+            return await serve_fleet(fleet, names=only or None, seed=seed, enable_prefix_caching=enable_prefix_caching,
+                                     frontend=frontend)
     else:
         if not profile_ref:
             raise click.UsageError("give --profile (or --cluster FILE)")
@@ -95,7 +107,8 @@ def sim(engine: str, profile_ref: str | None, host: str, port: int, model: str |
             inst = SimInstance(profile, engine_kind=engine, model=model or profile.model, time_scale=time_scale,
                                seed=seed, max_concurrent_requests=max_concurrent_requests,
                                enable_prefix_caching=enable_prefix_caching,
-                               lora_modules=dict(m.partition("=")[::2] for m in lora_modules))
+                               lora_modules=dict(m.partition("=")[::2] for m in lora_modules),
+                               frontend_seconds=frontend[0], frontend_seconds_per_prompt_token=frontend[1])
             await cluster.add("sim", inst, host, port)
             return cluster
 

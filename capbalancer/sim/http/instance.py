@@ -86,7 +86,8 @@ class SimInstance:
                  time_scale: float = 1.0, seed: int = 0, eos_mean_tokens: float = 200.0,
                  max_concurrent_requests: int | None = None, gpu: SharedGpu | None = None,
                  enable_prefix_caching: bool = True, interference: float = 1.0,
-                 lora_modules: dict[str, str] | None = None) -> None:
+                 lora_modules: dict[str, str] | None = None, frontend_seconds: float | None = None,
+                 frontend_seconds_per_prompt_token: float | None = None) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         self.profile = profile
@@ -98,6 +99,14 @@ class SimInstance:
         # LoRA adapters served besides the base model (name -> path), as vLLM's --lora-modules; /v1/models
         # lists them with the base model as `parent`, and load/unload change them at run time.
         self.adapters: dict[str, str] = dict(lora_modules or {})
+        # The API server's time before the engine sees a request (None: the profile's figure): host CPU, not GPU,
+        # so it is not scaled by time_scale.
+        self.frontend_seconds = profile.frontend_seconds if frontend_seconds is None else frontend_seconds
+        self.frontend_seconds_per_prompt_token = (profile.frontend_seconds_per_prompt_token
+                                                  if frontend_seconds_per_prompt_token is None
+                                                  else frontend_seconds_per_prompt_token)
+        if self.frontend_seconds < 0 or self.frontend_seconds_per_prompt_token < 0:
+            raise ValueError("front-end latency must be >= 0")
         self.engine = EngineModel(EngineConfig.from_profile(profile, enable_prefix_caching=enable_prefix_caching),
                                   per_token_events=True)
         self.metrics = InstanceMetrics()
@@ -143,6 +152,13 @@ class SimInstance:
     @property
     def in_flight(self) -> int:
         return len(self._streams)
+
+    async def front_end(self, prompt_tokens: int) -> None:
+        """Wait what the real API server spends on a request before its engine queues it: clients see it in
+        their TTFT, the engine's own histograms (queue, prefill, TTFT from arrival at the engine) do not."""
+        delay_s = self.frontend_seconds + self.frontend_seconds_per_prompt_token * prompt_tokens
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         self.engine.check_fits(prompt_tokens, max_tokens)

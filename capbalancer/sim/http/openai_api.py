@@ -302,6 +302,7 @@ class OpenAIRoutes:
             prompt_tokens = len(prompt)
         else:
             return bad_request("prompt must be a string or a list of token ids (one prompt per request)", "prompt")
+        await self.inst.front_end(prompt_tokens)
         # max_tokens: OpenAI's and vLLM's default for completions
         streams = self._submit_all(body, prompt_tokens, 16, token_ids)
         if isinstance(streams, web.Response):
@@ -351,6 +352,7 @@ class OpenAIRoutes:
         if not all(isinstance(m, dict) for m in messages):
             return bad_request("each message must be an object", "messages")
         token_ids = tokenizer.encode(tokenizer.render_chat(messages))
+        await self.inst.front_end(len(token_ids))
         # max_tokens: vLLM's is up to the context when unset; chat has no best_of
         streams = self._submit_all({k: v for k, v in body.items() if k != "best_of"}, len(token_ids), None,
                                    token_ids)

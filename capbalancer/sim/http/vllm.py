@@ -15,6 +15,7 @@ from capbalancer.sim.http.engine_routes import EngineRoutes
 from capbalancer.sim.http.instance import SimInstance
 from capbalancer.sim.http.metrics import Exposition
 from capbalancer.sim.http.openai_api import OpenAIRoutes
+from capbalancer.sim.http.render import add_render_routes
 
 VLLM_VERSION = "0.32.0"
 
@@ -129,6 +130,7 @@ def build_vllm_app(inst: SimInstance, with_metrics: bool = True) -> web.Applicat
 
     app.router.add_get("/health", health)
     if with_metrics:
+        add_render_routes(app, api)  # vLLM's own routes (a plain OpenAI server has none)
         app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
         app.router.add_get("/ping", health)
         app.router.add_get("/version", version)
