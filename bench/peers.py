@@ -246,7 +246,7 @@ def run_targets(targets: list[str], settings: DemoSettings, work_dir: Path, cach
     return outcomes
 
 
-def format_table(outcomes: list[Outcome], settings: DemoSettings) -> str:
+def format_table(outcomes: list[Outcome], settings: DemoSettings, workload: str = "none") -> str:
     header = ["target", "done", "failed", "req/s", "tok/s", "goodput", "SLO %", "hit", "p50 TTFT", "p99 TTFT",
               "p99 TPOT", "errors"]
     rows = [header]
@@ -264,8 +264,10 @@ def format_table(outcomes: list[Outcome], settings: DemoSettings) -> str:
     lines = ["  ".join(c.ljust(w) if i in (0, len(header) - 1) else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    what = (f"prompt {settings.prompt_len}" if workload == "none" else
+            f"sessions {workload} (turns a second; hit = engines' prefix-cache hits / queried tokens)")
     lines.append(f"load: {settings.request_rate_per_s:g} req/s Poisson for {settings.duration_s:g} s, seed "
-                 f"{settings.seed}, prompt {settings.prompt_len}, output {settings.output_len} (ignore_eos), "
+                 f"{settings.seed}, {what}, output {settings.output_len} (ignore_eos), "
                  f"time_scale {settings.time_scale:g}; SLO TTFT <= {settings.slo.ttft_ms:g} ms, "
                  f"TPOT <= {settings.slo.tpot_ms:g} ms; latencies in ms")
     return "\n".join(lines)
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         work_dir.mkdir(parents=True, exist_ok=True)
         outcomes = run_targets(targets, settings, work_dir, args.cache_dir, args.apt,
                                say=lambda m: print(m, file=sys.stderr, flush=True), workload=args.workload)
-    print(format_table(outcomes, settings))
+    print(format_table(outcomes, settings, args.workload))
     if args.json:
         args.json.write_text(json.dumps(_json_safe({o.target: result_document(o.result) if o.result else
                                                     {"skipped": o.skipped} for o in outcomes})))

@@ -67,6 +67,9 @@ class ServerSettings:
     # Accept connections on a thread of their own that answers /health and /ready itself: probes stay fast
     # while the event loop is saturated, and the backlog is drained whatever the loop is doing.
     accept_thread: bool = True
+    # The client-facing server of the proxied routes: `httptools` (server/fastserver.py: an asyncio.Protocol on
+    # httptools, handing everything it does not vouch for to aiohttp) or `aiohttp` (aiohttp's server for all).
+    http_server: str = "httptools"
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,7 +458,7 @@ _CLIENT_KEYS = ("name", "key", "key_env", "priority", "rate_limit_rps", "rate_li
 _SERVER_KEYS = ("host", "port", "max_body_bytes", "max_header_bytes", "drain_timeout_s", "body_read_timeout_s",
                 "idle_timeout_s", "admin_token_env", "access_log", "tracing", "max_upstream_body_bytes",
                 "max_upstream_header_bytes", "max_upstream_headers", "max_admin_body_bytes", "max_connections",
-                "accept_thread")
+                "accept_thread", "http_server")
 
 
 def parse_config(data: Any, where: str = "<config>", base_dir: Path | None = None) -> Config:
@@ -476,6 +479,7 @@ def parse_config(data: Any, where: str = "<config>", base_dir: Path | None = Non
                             max_admin_body_bytes=s.integer("max_admin_body_bytes", 1024 * 1024, minimum=1024),
                             max_connections=s.integer("max_connections", 0, minimum=0),
                             accept_thread=s.boolean("accept_thread", True),
+                            http_server=s.choice("http_server", "httptools", ("httptools", "aiohttp")),
                             access_log=s.boolean("access_log", True), tracing=s.boolean("tracing", False))
     if server.tracing:
         try:

@@ -163,7 +163,8 @@ def apply_config(state: ProxyState, new: Config) -> list[str]:
     old = state.config
     changes: list[str] = []
     # Set when the listening socket, its server and the pollers were made: a reload cannot change them.
-    restart_only = [f"server.{k}" for k in ("host", "port", "max_header_bytes", "idle_timeout_s", "drain_timeout_s")
+    restart_only = [f"server.{k}" for k in ("host", "port", "max_header_bytes", "idle_timeout_s", "drain_timeout_s",
+                                                 "http_server")
                     if getattr(new.server, k) != getattr(old.server, k)]
     if new.health != old.health:
         restart_only.append("health")

@@ -15,6 +15,7 @@ from capbalancer.config import Config, ServerSettings
 from capbalancer.server import access_log
 from capbalancer.server.admin import reload_config
 from capbalancer.server.app import build_app, build_state, hold_queues_full, probe_answer
+from capbalancer.server.fastserver import FastServer
 from capbalancer.server.frontdoor import FrontDoor, bind_listeners
 from capbalancer.server.http_errors import json_http_errors
 from capbalancer.server.limits import default_max_connections, fd_soft_limit
@@ -33,16 +34,18 @@ def install_uvloop() -> str:
 
 
 def start_front_door(settings: ServerSettings, state: ProxyState, server: web.Server,
-                     loop: asyncio.AbstractEventLoop) -> FrontDoor:
+                     loop: asyncio.AbstractEventLoop, fast: FastServer | None = None) -> FrontDoor:
     """Listen on a thread of its own that answers probes and caps connections (server/frontdoor.py)."""
     cap = settings.max_connections or default_max_connections(fd_soft_limit())
     # aiohttp's live connections (a dict; len() of it is atomic under the GIL, so the thread may read it).
     connections = getattr(server, "_connections", None)
     count = (lambda: len(connections)) if isinstance(connections, dict) else (lambda: len(server.connections))
+    if fast is not None:  # its own connections and those it handed to aiohttp
+        count = fast.connection_count
     from capbalancer.cluster.workers import reuse_port
 
     # `serve --workers N`: N processes listen on one port (SO_REUSEPORT), the kernel spreads connections.
-    door = FrontDoor(bind_listeners(settings.host, settings.port, reuse_port=reuse_port()), loop, server,
+    door = FrontDoor(bind_listeners(settings.host, settings.port, reuse_port=reuse_port()), loop, fast or server,
                      lambda path: probe_answer(state, path), count, cap, shed=lambda: hold_queues_full(state))
     # The thread needs the GIL for a few microseconds per connection; a busy loop thread hands it over only every
     # switch interval (5 ms by default), several times per probe. 0.5 ms bounds that wait (measured:
@@ -75,9 +78,15 @@ async def serve(config: Config, *, config_path: str | None = None,
 
     loop = asyncio.get_running_loop()
     door = None
+    # The proxied routes on httptools, the rest handed to aiohttp's server (server/fastserver.py).
+    fast = FastServer(app, runner.server, settings) if settings.http_server == "httptools" else None
+    listener: asyncio.AbstractServer | None = None
     try:
         if settings.accept_thread:
-            door = start_front_door(settings, state, runner.server, loop)
+            door = start_front_door(settings, state, runner.server, loop, fast)
+        elif fast is not None:
+            listener = await loop.create_server(fast, settings.host, settings.port, backlog=4096, reuse_address=True,
+                                                reuse_port=reuse_port() or None)
         else:
             site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True,
                                reuse_port=reuse_port() or None)  # `serve --workers N`: N processes on one port
@@ -110,6 +119,10 @@ async def serve(config: Config, *, config_path: str | None = None,
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+        if listener is not None:
+            listener.close()
+        if fast is not None:  # its requests in progress finish first (then the upstream pools close)
+            await fast.shutdown(settings.drain_timeout_s)
         await runner.cleanup()
         if on_exit is not None:
             await on_exit()
