@@ -35,9 +35,11 @@ def test_sharing_replicas_keep_one_proxys_quality_and_unshared_ones_do_not():
     one = run_des_replicas(big, wl, "capacity", OPTS, ReplicaOptions(replicas=1), seed=1).summary
     shared = run_des_replicas(big, wl, "capacity", OPTS, ReplicaOptions(replicas=3), seed=1).summary
     unshared = run_des_replicas(big, wl, "capacity", OPTS, ReplicaOptions(replicas=3, sharing=False), seed=1).summary
-    # Measured: preemptions 0 / 2 / 109, p99 TTFT 1430 / 1400 / 17258 ms (one, shared, unshared).
+    # Measured: preemptions 0 / 0 / 41, p99 TTFT 1333 / 1402 / 2009 ms (one, shared, unshared). Before the TPOT
+    # prediction counted a backend's recent prefill load (sched/prefill_rate.py), which spreads what each unshared
+    # replica sends, unshared was 109 preemptions and 17258 ms.
     assert shared["preemptions"] <= one["preemptions"] + 5 and unshared["preemptions"] > 10 * (shared["preemptions"] + 1)
-    assert shared["p99_ttft_ms"] <= 1.2 * one["p99_ttft_ms"] and unshared["p99_ttft_ms"] > 3 * one["p99_ttft_ms"]
+    assert shared["p99_ttft_ms"] <= 1.2 * one["p99_ttft_ms"] and unshared["p99_ttft_ms"] > 1.3 * one["p99_ttft_ms"]
 
 
 def test_store_never_answering_is_exactly_unshared():

@@ -11,6 +11,8 @@ from enum import Enum
 
 from capbalancer.fleet.snapshot import EngineSnapshot
 from capbalancer.sched.interference import InterferenceEstimate
+from capbalancer.sched.kv_reserve import KvReserveScale
+from capbalancer.sched.prefill_rate import PrefillRate
 from capbalancer.sched.types import BackendSpec, HealthSettings
 
 
@@ -126,6 +128,10 @@ class BackendState:
     gpu_siblings: list[BackendState] = field(default_factory=list, repr=False, compare=False)
     # How much the busy siblings' steps slow this one, learned from its TPOTs (sched/interference.py).
     interference: InterferenceEstimate = field(default_factory=InterferenceEstimate, repr=False)
+    # The share of remaining KV growth to keep free here, scaled by its engine's preemptions (sched/kv_reserve.py).
+    kv_reserve: KvReserveScale = field(default_factory=KvReserveScale, repr=False)
+    # Prompt tokens sent here lately, per second (sched/prefill_rate.py): a growing batch's prefill load.
+    recent_prefill: PrefillRate = field(default_factory=PrefillRate, repr=False)
 
     @property
     def backend_id(self) -> str:
@@ -158,6 +164,7 @@ class BackendState:
         if req.first_token_at_s is None:
             self.own_pending_prefill_tokens += req.prefill_tokens
         self.own_sent_since_snapshot += 1
+        self.recent_prefill.add(req.prefill_tokens, req.dispatched_at_s)
 
     def _sent_after_snapshot(self, req: InflightRequest) -> bool:
         return self.snapshot is None or req.dispatched_at_s > self.snapshot.taken_at_s

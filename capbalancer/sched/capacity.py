@@ -35,12 +35,17 @@ GENERIC_STEP = StepTimeModel(fixed_seconds=0.015, prefill_seconds_per_token=0.00
 GENERIC_MAX_NUM_SEQS = 256
 GENERIC_MAX_BATCHED_TOKENS = 2048
 CORRECTION_BOUNDS = (0.1, 20.0)
+TTFT_MARGIN_FACTOR = 1.1  # a first token predicted at t is dispatched only if 1.1 t + 30 ms meets its deadline
+TTFT_MARGIN_S = 0.03
+MAX_PREFILL_SHARE = 0.9  # of the GPU's time: the decode step of a backend busy prefilling is at most 10x
 MIN_CHURN_OUTPUT_TOKENS = 16.0  # a floor so a population of tiny outputs does not divide by ~0
 
 
 @dataclass(frozen=True, slots=True)
 class CapacitySettings:
     kv_growth_reserve: float = 0.5  # fraction of expected remaining output growth reserved in KV
+    # Scale that fraction per backend by what its engine's preemptions say (sched/kv_reserve.py).
+    adapt_kv_reserve: bool = True
     kv_high_watermark: float = 0.95  # admit while projected KV stays below this fraction of capacity
     # Batch cap where decode throughput reaches this fraction of its best (1.0 = off). Off by default:
     # with prefill churn the linear model puts the knee too early (measured: -13% throughput on a
@@ -88,6 +93,9 @@ class Estimate:
     e2e_s: float
     fits_memory: bool
     fits_compute: bool
+    # The batch at which the predicted TPOT reaches the TPOT objective (the user's or the derived one), which
+    # stops admission before the seats run out; None: no objective.
+    tpot_seats: int | None = None
 
     @property
     def admits(self) -> bool:
@@ -160,13 +168,15 @@ class CapacityModel:
         seqs_now, kv_used = state.load_view(now, self.health)
         seqs_after = seqs_now + 1
         own_growth = state.fleet_kv_growth_tokens
-        reserve = s.kv_growth_reserve
+        reserve = state.kv_reserve.reserve(s.kv_growth_reserve) if s.adapt_kv_reserve else s.kv_growth_reserve
         # A prefix held by requests running there needs no new KV; one only cached (evictable) does.
         new_kv = prompt_tokens - shared_kv_tokens + reserve * expected_output_tokens
         kv_projected = int(kv_used + reserve * own_growth + new_kv)
         kv_capacity = state.kv_capacity_tokens()
         fits_memory = (kv_capacity is None or seqs_now == 0
                        or kv_projected <= kv_capacity * s.kv_high_watermark)
+        if not fits_memory:
+            state.kv_reserve.memory_bound = True  # the reserve binds here: it may learn to be smaller
 
         # Compute: seats are the engine's, fewer when KV cannot hold that many sequences of this size.
         mean_ctx = (kv_used + new_kv) / seqs_after
@@ -197,8 +207,16 @@ class CapacityModel:
                 fits_compute = False
                 if not full:
                     return None
-        tpot_s = (step.decode_step_seconds(batch, int(mean_ctx * batch)) + churn_s_per_seq * batch
-                  + shared_s) * tpot_k
+        decode_s = step.decode_step_seconds(batch, int(mean_ctx * batch)) + shared_s
+        tpot_s = (decode_s + churn_s_per_seq * batch) * tpot_k
+        # A growing batch: prompts sent lately take a share f of the GPU beyond the steady churn, and every
+        # decode step waits for them (sched/prefill_rate.py).
+        prefill_share = state.recent_prefill.per_s(now) * step.prefill_seconds_per_token * ttft_k
+        if prefill_share > 0:
+            growing_s = decode_s * tpot_k / (1.0 - prefill_share if prefill_share < MAX_PREFILL_SHARE
+                                             else 1.0 - MAX_PREFILL_SHARE)
+            if growing_s > tpot_s:
+                tpot_s = growing_s
         tpot_objective_s = None if s.tpot_slo_s is None else s.tpot_slo_s * (1.0 - s.tpot_slo_margin)
         if tpot_objective_s is None and s.tpot_objective_factor > 0:
             tpot_objective_s = derived_tpot_objective_s(step, int(mean_ctx), s.tpot_objective_factor,
@@ -207,6 +225,12 @@ class CapacityModel:
             fits_compute = False
             if not full:
                 return None
+        tpot_seats = None
+        if full and tpot_objective_s is not None:
+            # TPOT = (fixed + per_seq x batch + siblings) x correction: solved for the batch at the objective.
+            per_seq_s = step.decode_seconds_per_seq + step.context_seconds_per_token * mean_ctx + churn_s_per_seq
+            room_s = tpot_objective_s / tpot_k - step.fixed_seconds - shared_s
+            tpot_seats = max(1, int(room_s / per_seq_s)) if per_seq_s > 0 and room_s > 0 else 1
         # Time to first token: the prefill backlog ahead of it in chunks of the step token budget, each
         # chunk riding on a decode step, plus the wait for a seat if the batch is full.
         running = seqs_now if seqs_now < seats else seats
@@ -233,13 +257,15 @@ class CapacityModel:
             # length of that prefill (their steps wait for it), a cost the newcomer's own latency omits.
             e2e_s += (prompt_tokens - cached_tokens) * step.prefill_seconds_per_token * ttft_k * running
         if not full:
-            if deadline_s is not None and now + ttft_s > deadline_s:
+            # A request released near its deadline must not come in just late: predictions are ~5-30% off
+            # (chunked prefill steps shared with the rest of a burst), so a margin is kept (TTFT_MARGIN_*).
+            if deadline_s is not None and now + ttft_s * TTFT_MARGIN_FACTOR + TTFT_MARGIN_S > deadline_s:
                 return None
             return e2e_s
         return Estimate(
             backend_id=state.backend_id, seqs_after=seqs_after, seats=seats, kv_projected_tokens=kv_projected,
             kv_capacity_tokens=kv_capacity, ttft_s=ttft_s, tpot_s=tpot_s, e2e_s=e2e_s,
-            fits_memory=fits_memory, fits_compute=fits_compute,
+            fits_memory=fits_memory, fits_compute=fits_compute, tpot_seats=tpot_seats,
         )
 
     def interference_factor(self, state: BackendState) -> float:

@@ -24,7 +24,8 @@ from capbalancer.sched.types import Demand
 OPTION_NAMES = ("kv_growth_reserve", "kv_high_watermark", "knee_throughput_fraction", "tpot_slo_ms",
                 "ttft_slo_ms", "ttft_weight", "calibrate", "hold", "ttft_objective_factor", "ttft_objective_floor_ms",
                 "tpot_objective_factor", "tpot_objective_floor_ms", "judge_net_negative",
-                "tpot_slo_margin", "fair_shedding", "fair_shedding_margin", "prefix_tie_fraction")
+                "tpot_slo_margin", "fair_shedding", "fair_shedding_margin", "prefix_tie_fraction",
+                "adapt_kv_reserve")
 
 
 def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, bool]:
@@ -51,6 +52,8 @@ def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, 
         judge_net_negative=bool(options.get("judge_net_negative", 1)),
         tpot_slo_margin=float(options.get("tpot_slo_margin", defaults.tpot_slo_margin)),
         prefix_tie_fraction=float(options.get("prefix_tie_fraction", defaults.prefix_tie_fraction)),
+        # Learned per backend unless the user fixed the share (sched/kv_reserve.py).
+        adapt_kv_reserve=bool(options.get("adapt_kv_reserve", "kv_growth_reserve" not in options)),
     )
     return settings, bool(options.get("hold", 1))
 

@@ -1,7 +1,8 @@
 """How much more load a pool can take now: the signal for an autoscaler (pure; no clock of its own).
 
 For each routable backend the capacity model says how many sequences of a typical request's size it can
-run at once (its seats: engine limit, KV capacity at that size) and how many it runs now; the free seats,
+run at once (its seats: engine limit, KV capacity at that size, and the batch where its TPOT objective stops
+admission) and how many it runs now; the free seats,
 summed over the pool, less the requests already held at the proxy, are the pool's headroom. Negative
 headroom is demand the pool cannot serve yet: add instances. The ratio scales it by the pool's seats, so
 one target (say 0.2) fits pools of any size.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from capbalancer.sched.capacity import CapacityModel, CapacitySettings
 from capbalancer.sched.scheduler import Scheduler
 from capbalancer.sched.types import Demand
 
@@ -41,9 +43,15 @@ def pool_headroom(scheduler: Scheduler, pool_name: str, now: float,
     expected_out = pool.output_lengths.expected(max_tokens)
     probe = Demand(request_id="headroom-probe", pool=pool_name, prompt_tokens=max(1, typical_prompt_tokens),
                    max_tokens=max_tokens, arrival_s=now)
+    # The pool's own capacity settings where its policy has them: its TPOT objective (the user's or the derived
+    # default) caps a backend's batch before its seats run out, and free seats past that cap are not headroom.
+    settings = getattr(pool.policy, "settings", None)
+    model = (CapacityModel(scheduler.health, settings) if isinstance(settings, CapacitySettings)
+             else scheduler.capacity)
     seats = busy = 0
     for backend in scheduler.routable_backends(pool_name):
-        est = scheduler.capacity.estimate(backend, probe, expected_out, now)
-        seats += est.seats
-        busy += min(est.seats, est.seqs_after - 1)
+        est = model.estimate(backend, probe, expected_out, now)
+        cap = est.seats if est.tpot_seats is None or est.tpot_seats > est.seats else est.tpot_seats
+        seats += cap
+        busy += min(cap, est.seqs_after - 1)
     return Headroom(seats=seats, busy_seats=busy, held=len(pool.hold))

@@ -33,6 +33,7 @@ from capbalancer.sched.outlier import OutlierDetector, OutlierSettings
 from capbalancer.sched.policies import Policy, PolicyContext, make_policy
 from capbalancer.sched.prefix_index import PrefixIndex, PrefixSettings
 from capbalancer.sched.remote import RemoteView, ReplicaState, local_state
+from capbalancer.sched.retry_spread import RetrySpread
 from capbalancer.sched.types import (
     BackendSpec,
     Decision,
@@ -77,6 +78,8 @@ class PoolState:
     # How fast held requests leave the queue for a backend: tells a newcomer whether it could leave the
     # queue before its deadline at all (sched/admission.py).
     drain: DrainRate = field(default_factory=DrainRate)
+    # Retry-After of overload refusals, spread at the pool's start rate (sched/retry_spread.py).
+    retry: RetrySpread = field(default_factory=RetrySpread)
 
     @property
     def release_rate_per_s(self) -> float | None:
@@ -186,6 +189,7 @@ class Scheduler:
         if state is None:
             return []
         state.take_snapshot(snapshot)
+        state.kv_reserve.observe(snapshot.preemptions_total, now)
         if state.gpu_siblings:
             self.capacity.refresh_shared(state, now)
         hits = getattr(snapshot, "prefix_cache_hits_tokens_total", None)
@@ -318,7 +322,7 @@ class Scheduler:
             reason = "queue-order"
         if len(pool.hold) >= settings.hold_max_requests:
             pool.rejected_total += 1
-            return Reject(429, "hold queue is full", settings.retry_after_s)
+            return Reject(429, "hold queue is full", pool.retry.retry_after_s(now, settings.retry_after_s))
         deadline = demand.deadline_s
         # Under a TTFT objective the hold ends when the request could no longer start in time even on the
         # fastest idle backend; under the plain hold timeout (header, or objectives off) it ends at the deadline.
@@ -332,12 +336,13 @@ class Scheduler:
             # Refused now (429: overloaded, come back later) rather than held only to be served late.
             pool.rejected_total += 1
             return Reject(429, "overloaded: this request cannot start within its time-to-first-token objective",
-                          settings.retry_after_s)
+                          pool.retry.retry_after_s(now, settings.retry_after_s))
         standing = fair.standing(demand.prompt_tokens, now) if fair is not None and by_objective else 0
         if standing > 0 and pool.hold.ahead_count and fair.should_shed(demand.prompt_tokens, now):
             # Its size class is served more than another, whose requests wait: the room goes to them.
             pool.rejected_total += 1
-            return Reject(429, "overloaded: shed to keep service fair across request sizes", settings.retry_after_s)
+            return Reject(429, "overloaded: shed to keep service fair across request sizes",
+                          pool.retry.retry_after_s(now, settings.retry_after_s))
         # An under-served size class goes ahead of the rest of its priority: only those ahead of it count.
         ahead = len(pool.hold) if standing == 0 else pool.hold.count_ahead(demand.priority)
         wait_s = pool.drain.wait_s(ahead)
@@ -353,7 +358,7 @@ class Scheduler:
             # holding it would only make everything behind it later too.
             pool.rejected_total += 1
             return Reject(429, f"overloaded: the hold queue would take ~{wait_s:.1f}s, past this request's "
-                          "time-to-first-token objective", max(settings.retry_after_s, wait_s))
+                          "time-to-first-token objective", pool.retry.retry_after_s(now, max(settings.retry_after_s, wait_s)))
         if not len(pool.hold):
             pool.drain.on_backlog(now)
         position = pool.hold.push(demand, now, start_by, ahead=standing < 0)
@@ -445,7 +450,7 @@ class Scheduler:
                 self._held_pool.pop(demand.request_id, None)
                 pool.expired_total += 1
                 events.append(Expire(demand.request_id, 429, "overloaded: held past its deadline with no backend "
-                                     "free", pool.settings.retry_after_s))
+                                     "free", pool.retry.retry_after_s(now, pool.settings.retry_after_s)))
             if len(pool.hold):
                 events.extend(self._release(name, now))
         return events
@@ -617,6 +622,7 @@ class Scheduler:
         fair = getattr(pool.policy, "fair", None)
         if fair is not None:
             fair.on_start(demand.prompt_tokens, now)
+        pool.retry.on_start(now)
 
     def _index_dispatch(self, backend: BackendState, demand: Demand, cached_tokens: int, now: float) -> None:
         """The prompt's blocks are on `backend` now. Its cache holds what its KV can keep besides the KV that
@@ -666,7 +672,7 @@ class Scheduler:
                     # Nothing can start it before its deadline: answer now rather than block the queue.
                     pool.hold.pop()
                     events.append(self._expire(demand, now, 429, "overloaded: cannot start before its deadline",
-                                               pool.settings))
+                                               pool.settings, pool.retry.retry_after_s(now, pool.settings.retry_after_s)))
                     continue
                 if len(allowed) < len(candidates):
                     # Only some backends can ever take the head (its prompt is beyond the others' max length): it
@@ -714,12 +720,14 @@ class Scheduler:
         return [self._expire(d, now, 503, "no healthy backend for this model", pool.settings)
                 for d, _ in pool.hold.drain_all()]
 
-    def _expire(self, demand: Demand, now: float, status: int, reason: str, settings: PoolSettings) -> Expire:
+    def _expire(self, demand: Demand, now: float, status: int, reason: str, settings: PoolSettings,
+                retry_after_s: float | None = None) -> Expire:
         self._held_pool.pop(demand.request_id, None)
         pool = self.pools.get(demand.pool)
         if pool is not None:
             pool.expired_total += 1
-        return Expire(demand.request_id, status, reason, settings.retry_after_s)
+        return Expire(demand.request_id, status, reason,
+                      settings.retry_after_s if retry_after_s is None else retry_after_s)
 
     def _retire(self, backend_id: str) -> None:
         state = self.backends.pop(backend_id, None)

@@ -56,6 +56,9 @@ def error_response(status: int, message: str, *, code: str | None = None, param:
     hdrs = dict(headers or {})
     if retry_after_s is not None:
         hdrs["Retry-After"] = retry_after_header(retry_after_s)
+        # The same to the millisecond (OpenAI's clients read it first): refusals spread below a second apart
+        # (sched/retry_spread.py) would all round up to the same whole second.
+        hdrs["retry-after-ms"] = str(max(1, int(retry_after_s * 1000)))
     return web.Response(status=status, body=error_body(status, message, code, param),
                         content_type="application/json", headers=hdrs)
 
