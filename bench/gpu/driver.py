@@ -49,6 +49,11 @@ POLICY_ORDER = ["capacity", "round_robin", "least_requests", "least_kv", "llm_d"
 POLICY_SKIP = {"random"}
 # capacity without gpu_group: the instances sharing a card are modelled as independent GPUs (see write_config)
 ABLATION_POLICY = "capacity-indep"
+# The peers' own prefix routers, run in place of capbalancer with the same workers (--policies names them):
+# policy name -> (package, the router's own policy). Installed from carried wheels (install.sh PEERS=1).
+PEER_ROUTERS = {"vllm-router-cache_aware": ("vllm_router", "cache_aware"),
+                "sglang-router-cache_aware": ("sglang_router", "cache_aware")}
+PEER_METRICS_PORT = 29000
 
 # ShareGPT-like length spread (prompt and output lengths drawn per request); see loadtest_args().
 WL_SHAREGPT = {"prompt": "sharegpt", "output": "sharegpt"}
@@ -367,16 +372,40 @@ class Bench:
         path.write_text(text)
         return path
 
+    def peer_command(self, policy: str, names: list[str] | None) -> tuple[list[str], dict]:
+        """A peer's router (vllm-router or the SGLang gateway, Rust behind a Python launcher) on the same port and
+        workers as capbalancer would get; its own launcher's arguments (as bench/peers.py starts them)."""
+        package, peer_policy = PEER_ROUTERS[policy]
+        main = {"vllm_router": "from vllm_router.launch_router import main",
+                "sglang_router": "from sglang_router.cli import main"}[package]
+        head = [self.a.python, "-c", f"import sys; {main}; sys.argv[0] = 'router'; main()"]
+        if package == "sglang_router":
+            head.append("launch")
+        urls = [i["url"] for i in self.instances if not names or i["name"] in names]
+        cmd = head + ["--host", "127.0.0.1", "--port", str(PROXY_PORT), "--worker-urls", *urls,
+                      "--policy", peer_policy, "--prometheus-host", "127.0.0.1",
+                      "--prometheus-port", str(PEER_METRICS_PORT)]
+        env = dict(self.cb_env)
+        env["PYTHONPATH"] = ":".join(x for x in (self.a.peer_path, os.environ.get("SITE", ""),
+                                                 self.cb_env.get("PYTHONPATH", "")) if x)
+        return cmd, env
+
     def start_proxy(self, policy: str, names: list[str] | None, logname: str) -> subprocess.Popen:
-        cfg = self.write_config(policy, names)
-        cmd = self.cb + ["serve", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(PROXY_PORT)] + \
-            shlex.split(self.a.serve_extra)
+        if policy in PEER_ROUTERS:
+            cmd, env = self.peer_command(policy, names)
+        else:
+            cfg = self.write_config(policy, names)
+            cmd = self.cb + ["serve", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(PROXY_PORT)] + \
+                shlex.split(self.a.serve_extra)
+            env = self.cb_env
         logf = open(self.logs / f"{logname}.proxy.log", "wb")
-        p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.cb_env,
+        logf.write((" ".join(cmd) + "\n\n").encode())
+        logf.flush()
+        p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                              cwd=str(self.work), start_new_session=True)
         url = f"http://127.0.0.1:{PROXY_PORT}"
         t0 = time.time()
-        while time.time() - t0 < 30:
+        while time.time() - t0 < 60:
             if p.poll() is not None:
                 raise RuntimeError(f"proxy exited rc={p.returncode}: " +
                                    (self.logs / f"{logname}.proxy.log").read_text(errors="replace")[-2000:])
@@ -824,6 +853,9 @@ def main() -> None:
     ap.add_argument("--profile-concurrency", type=int, default=128, help="capbalancer profile --max-concurrency")
     ap.add_argument("--proxy-settle", type=float, default=2.0)
     ap.add_argument("--fail-fast", action="store_true")
+    ap.add_argument("--peer-path", default="/root/peers",
+                    help="PYTHONPATH entry holding vllm_router / sglang_router (for the peer policies "
+                         + ", ".join(PEER_ROUTERS) + ")")
     ap.add_argument("--plan", choices=["default", "prefix"], default="default",
                     help="prefix: issue 18's prefix-cache plan (multi-turn, shared-prompt, prefix-free; cache on)")
     # m8b's tokenizer makes a three-letter word about 1.66 tokens: 2,000 words of context plus 300 output tokens
