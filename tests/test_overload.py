@@ -111,8 +111,11 @@ def test_health_stays_fast_under_many_connections():
     # The issue's target is 100 ms on a dedicated box (bench/overload.py measures it); this shared 2-core test
     # machine runs other suites beside us, so the test asserts the failure it guards against: seconds.
     assert p99(latencies) < 1.0, f"/health p99 {p99(latencies) * 1000:.0f} ms"
+    # It keeps serving while it sheds: how many depends on the backends' seats and on how fast this shared
+    # machine turns them over (549-1,400 seen: a fresh clone's suite beside other sessions' benches); the
+    # throughput figure is bench/overload.py's. A proxy stalled by the load serves a handful.
     served = statuses[200]
-    assert served > 1000, statuses
+    assert served > 300, statuses
     assert set(statuses) <= {200, 429, 503}, statuses  # every request answered: no timeouts, no resets
 
 

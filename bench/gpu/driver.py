@@ -49,6 +49,8 @@ POLICY_ORDER = ["capacity", "round_robin", "least_requests", "least_kv", "llm_d"
 POLICY_SKIP = {"random"}
 # capacity without gpu_group: the instances sharing a card are modelled as independent GPUs (see write_config)
 ABLATION_POLICY = "capacity-indep"
+# capacity told the benchmark's SLO (policy_options tpot_slo_ms / ttft_slo_ms), as a user who has one would write
+SLO_POLICY = "capacity-slo"
 # The peers' own prefix routers, run in place of capbalancer with the same workers (--policies names them):
 # policy name -> (package, the router's own policy). Installed from carried wheels (install.sh PEERS=1).
 PEER_ROUTERS = {"vllm-router-cache_aware": ("vllm_router", "cache_aware"),
@@ -365,8 +367,10 @@ class Bench:
                 extra += f", weight: {round(w / min(weights), 3)}"
             rows.append(f"      - {{url: \"{inst['url']}\", name: {inst['name']}, engine: vllm, "
                         f"profile: \"{self.profile_ref(inst)}\"{extra}}}")
-        engine_policy = "capacity" if policy == ABLATION_POLICY else policy
-        text = f"models:\n  {MODEL}:\n    policy: {engine_policy}\n    backends:\n" + "\n".join(rows) + "\n"
+        engine_policy = "capacity" if policy in (ABLATION_POLICY, SLO_POLICY) else policy
+        options = f"    policy_options: {{tpot_slo_ms: {SLO['tpot_ms']}, ttft_slo_ms: {SLO['ttft_ms']}}}\n" \
+            if policy == SLO_POLICY else ""
+        text = f"models:\n  {MODEL}:\n    policy: {engine_policy}\n{options}    backends:\n" + "\n".join(rows) + "\n"
         tag = "-".join(names) if names else "all"
         path = self.work / f"config-{policy}-{tag}.yaml"
         path.write_text(text)

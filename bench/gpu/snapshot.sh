@@ -6,7 +6,8 @@ set -e
 R=$(cd "$(dirname "$0")/../.." && pwd); cd "$R"
 REV=${1:-HEAD}
 rm -rf .vwcb && mkdir -p .vwcb
-git archive "$REV" capbalancer profiles | tar -x -C .vwcb
+# pyproject.toml marks it a source tree, so capbalancer reads profiles/ and deploy/ beside it (capbalancer/shipped.py)
+git archive "$REV" capbalancer profiles deploy pyproject.toml | tar -x -C .vwcb
 # EXTRA="path ...": working-tree files laid over the commit (e.g. a module not yet committed); recorded in COMMIT
 for f in $EXTRA; do mkdir -p .vwcb/$(dirname $f); cp $f .vwcb/$f; done
 echo "$(git rev-parse --short "$REV")${EXTRA:+ + working-tree $EXTRA ($(date -u +%H:%M:%SZ))} $(git log -1 --format=%cI "$REV") $(git log -1 --format=%s "$REV" | cut -c1-80)" > .vwcb/COMMIT

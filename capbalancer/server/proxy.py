@@ -136,6 +136,11 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
     length = request.content_length
     if length is not None and length > limit:
         raise ProxyError(413, f"request body is {length} bytes; the limit is {limit}", code="body_too_large")
+    whole = getattr(request.content, "whole", None)  # the fast server's body (server/fastserver.py)
+    if whole is not None and (data := whole()) is not None:
+        if len(data) > limit:
+            raise ProxyError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+        return data
     buf = bytearray()
     try:
         async with asyncio.timeout(timeout_s):
