@@ -299,7 +299,10 @@ def run_one(variant: str, engines: list[str], args: argparse.Namespace, engine_p
         start_at = time.time() + 2.0  # every worker process imported and ready: start together
         per = [args.connections // args.workers + (1 if i < args.connections % args.workers else 0)
                for i in range(args.workers)]
-        workers = [subprocess.Popen([PYTHON, __file__, "--worker", "--port", str(proxy.port), "--connections",
+        # --nice-clients: the load generator yields the CPU to the proxy and the engines (as clients on other
+        # machines would): what is left of each latency is the proxy's (and the engines') own.
+        workers = [subprocess.Popen([*(["nice", "-n", str(args.nice_clients)] if args.nice_clients else []),
+                                     PYTHON, __file__, "--worker", "--port", str(proxy.port), "--connections",
                                      str(n), "--seconds", str(args.seconds), "--max-tokens", str(args.max_tokens),
                                      "--start-at", str(start_at), "--out", os.path.join(tmp, f"w{i}.json")])
                    for i, n in enumerate(per)]
@@ -402,6 +405,8 @@ def main() -> None:
     ap.add_argument("--loops", default="uvloop,asyncio",
                     help="comma-separated: uvloop, asyncio, and either with +noaccept (accept on the event loop)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--nice-clients", type=int, default=0,
+                    help="run the load generator at this nice level (0: same priority as the proxy)")
     # worker mode (internal)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)

@@ -24,6 +24,11 @@ DRAIN_WINDOW_S = 2.0  # a drain rate is only trusted once measured over this muc
 # coming back, short enough to follow a ramp within a few seconds.
 RATIO_TIME_CONSTANT_S = 2.0
 RATIO_MIN_RELEASES = 8.0  # decayed releases below which there is no ratio (no standing queue to bound)
+# The queue holds at most this many lumps' worth: in the DES the lumps are 2-5 requests and the bound needs them
+# (without: -1 to -2 points of 2x attainment); the live proxy measured lumps of 17-112 (room its model had
+# withheld, freed at once), which made the bound 300-1,900 and the queue ~1 s long. A lump that large is
+# refilled by the arrivals of an overload (hundreds a second) about as fast as by held work.
+MAX_BULK = 16.0
 
 
 @dataclass(slots=True)
@@ -123,7 +128,7 @@ class OverloadRatio:
     def hold_limit(self, now: float, idle_fraction: float) -> int | None:
         """The most requests worth holding now (None: no bound): `standing_queue_limit` in lumps of `bulk`."""
         k = standing_queue_limit(self.current(now), idle_fraction)
-        return None if k is None else math.ceil(k * max(1.0, self.bulk))
+        return None if k is None else math.ceil(k * min(MAX_BULK, max(1.0, self.bulk)))
 
 
 def standing_queue_limit(ratio: float | None, idle_fraction: float) -> int | None:
