@@ -125,6 +125,15 @@ class OverloadRatio:
         if self.at_s is None or now > self.at_s:
             self.at_s = now
 
+    def last_hold_limit(self, idle_fraction: float) -> int | None:
+        """`hold_limit` as of the last count, reading only (another thread may call it): both counts decay
+        alike, so the ratio is unchanged since; only whether enough releases are recent may have changed."""
+        released = self.released
+        if released < RATIO_MIN_RELEASES:
+            return None
+        k = standing_queue_limit(self.offered / released, idle_fraction)
+        return None if k is None else math.ceil(k * min(MAX_BULK, max(1.0, self.released_sq / released)))
+
     def hold_limit(self, now: float, idle_fraction: float) -> int | None:
         """The most requests worth holding now (None: no bound): `standing_queue_limit` in lumps of `bulk`."""
         k = standing_queue_limit(self.current(now), idle_fraction)
