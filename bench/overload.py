@@ -184,6 +184,45 @@ def pms(values: list[float], q: float) -> float | None:
     return None if v is None else v * 1000
 
 
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process (or one of its threads) so far; 0 once it is gone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_ids(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
+class CpuShare:
+    """Where the box's CPU went during the overload (cores busy, averaged): the proxy's event-loop thread, its
+    other threads (the front door), the engines, the load generator. On a small shared box every latency the
+    bench reports includes waiting for a core, so this says whose work it waited behind."""
+
+    def __init__(self, proxy_pid: int, engine_pids: list[int], worker_pids: list[int]) -> None:
+        self.proxy_pid, self.engine_pids, self.worker_pids = proxy_pid, engine_pids, worker_pids
+        self.start_s = time.monotonic()
+        self.start = self.sample()
+
+    def sample(self) -> dict[str, float]:
+        main = cpu_seconds(self.proxy_pid, self.proxy_pid)
+        return {"proxy_loop": main, "proxy_other_threads": cpu_seconds(self.proxy_pid) - main,
+                "engines": sum(cpu_seconds(p) for p in self.engine_pids),
+                "load_generator": sum(cpu_seconds(p) for p in self.worker_pids)}
+
+    def cores(self) -> dict[str, float]:
+        end, elapsed = self.sample(), time.monotonic() - self.start_s
+        return {k: round((end[k] - self.start[k]) / elapsed, 2) for k in end}
+
+
 # --- one run ------------------------------------------------------------------------------------------------
 
 def admin_view(port: int) -> dict[str, Any]:
@@ -195,6 +234,36 @@ def admin_view(port: int) -> dict[str, Any]:
             return json.loads(resp.read())
     except OSError:
         return {}
+
+
+def proxy_ttfb_ms(port: int) -> dict[str, float | None]:
+    """The proxy's own time to first byte (from when its loop read the request, all backends), p50/p99 as the
+    upper bound of the histogram bucket that holds them: set against the client's TTFT, the difference is the
+    time a request waited before the loop read it."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("capbalancer_time_to_first_byte_seconds_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    if not buckets or not buckets.get(float("inf")):
+        return {}
+    total = buckets[float("inf")]
+
+    def q(f: float) -> float | None:
+        for bound in sorted(buckets):
+            if buckets[bound] >= f * total:
+                return bound * 1000 if bound != float("inf") else None
+        return None
+
+    return {"p50_ms_le": q(0.5), "p99_ms_le": q(0.99)}
 
 
 def unloaded_ttft(port: int, n: int, max_tokens: int) -> list[float]:
@@ -214,7 +283,7 @@ def unloaded_ttft(port: int, n: int, max_tokens: int) -> list[float]:
     return asyncio.run(run())
 
 
-def run_one(variant: str, engines: list[str], args: argparse.Namespace) -> dict[str, Any]:
+def run_one(variant: str, engines: list[str], args: argparse.Namespace, engine_pids: list[int]) -> dict[str, Any]:
     """`variant`: an event loop (uvloop, asyncio), `+noaccept` to accept on the loop (server.accept_thread off,
     the behaviour before issue 14) for comparison."""
     loop, _, flag = variant.partition("+")
@@ -230,23 +299,34 @@ def run_one(variant: str, engines: list[str], args: argparse.Namespace) -> dict[
         start_at = time.time() + 2.0  # every worker process imported and ready: start together
         per = [args.connections // args.workers + (1 if i < args.connections % args.workers else 0)
                for i in range(args.workers)]
-        workers = [subprocess.Popen([PYTHON, __file__, "--worker", "--port", str(proxy.port), "--connections",
+        # --nice-clients: the load generator yields the CPU to the proxy and the engines (as clients on other
+        # machines would): what is left of each latency is the proxy's (and the engines') own.
+        workers = [subprocess.Popen([*(["nice", "-n", str(args.nice_clients)] if args.nice_clients else []),
+                                     PYTHON, __file__, "--worker", "--port", str(proxy.port), "--connections",
                                      str(n), "--seconds", str(args.seconds), "--max-tokens", str(args.max_tokens),
                                      "--start-at", str(start_at), "--out", os.path.join(tmp, f"w{i}.json")])
                    for i, n in enumerate(per)]
         time.sleep(max(0.0, start_at - time.time()))
+        cpu = CpuShare(proxy.pid, engine_pids, [w.pid for w in workers])
+        # Sampled while every load-generator process runs (its CPU time is gone once it exits).
+        cpu_watch = Watch(lambda: cpu.cores() if all(w.poll() is None for w in workers) else None, 0.5)
         health = Watch(lambda: probe_once(proxy.port, "/health"), 0.05)
+        # The loop's own lag as the overload gate measures it (largest over the last 0.5 s), read via the admin
+        # API every 0.5 s (that read waits for the loop too: it is late, the figure it returns is not).
+        lag = Watch(lambda: admin_view(proxy.port), 0.5)
         ready = Watch(lambda: probe_once(proxy.port, "/ready"), 0.25)
         sample = Watch(lambda: (proc_rss_kb(proxy.pid), listen_queue(proxy.port)), 0.25)
-        for w in (health, ready, sample):
+        for w in (health, ready, sample, lag, cpu_watch):
             w.start()
         for p in workers:
             p.wait(timeout=args.seconds + 300)
-        for w in (health, ready, sample):
+        cores = next((c for c in reversed(cpu_watch.values) if c is not None), None)
+        for w in (health, ready, sample, lag, cpu_watch):
             w.stop.set()
             w.join()
         alive = proxy.alive()
         admin = admin_view(proxy.port)
+        proxy_ttfb = proxy_ttfb_ms(proxy.port)
     merged: dict[str, Any] = {"ttft_s": [], "held_ms": [], "status": {}, "errors": {}, "connect_s": []}
     for i in range(args.workers):
         part = json.loads(Path(tmp, f"w{i}.json").read_text())
@@ -285,6 +365,14 @@ def run_one(variant: str, engines: list[str], args: argparse.Namespace) -> dict[
         "pool": {k: admin.get("pools", {}).get("m", {}).get(k) for k in ("held_total", "rejected_total",
                                                                         "expired_total")},
         "overload": admin.get("overload"),
+        "loop_lag_ms_p50": pct(lags := [v for a in lag.values if (v := (a.get("overload") or {}).get("loop_lag_ms"))
+                                        is not None], 0.5),
+        "loop_lag_ms_max": max(lags, default=None),
+        # The hold queue as the loop saw it every 0.5 s: length, overload ratio, the length it allows.
+        "hold_samples": [(p.get("held"), p.get("overload")) for a in lag.values
+                         if (p := a.get("pools", {}).get("m")) is not None],
+        "cpu_cores": cores,
+        "proxy_ttfb": proxy_ttfb,
     }
 
 
@@ -317,6 +405,8 @@ def main() -> None:
     ap.add_argument("--loops", default="uvloop,asyncio",
                     help="comma-separated: uvloop, asyncio, and either with +noaccept (accept on the event loop)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--nice-clients", type=int, default=0,
+                    help="run the load generator at this nice level (0: same priority as the proxy)")
     # worker mode (internal)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -333,12 +423,12 @@ def main() -> None:
     ports = [free_port() for _ in range(args.engines)]
     rows = []
     with contextlib.ExitStack() as stack:
-        for p in ports:
-            stack.enter_context(running(capbalancer("sim", "--engine", "vllm", "--profile", PROFILE, "--model", "m",
-                                                    "--port", str(p)), ready_url=f"http://127.0.0.1:{p}/health"))
+        engine_pids = [stack.enter_context(running(capbalancer("sim", "--engine", "vllm", "--profile", PROFILE,
+                                                               "--model", "m", "--port", str(p)),
+                                                   ready_url=f"http://127.0.0.1:{p}/health")).pid for p in ports]
         engines = [f"http://127.0.0.1:{p}" for p in ports]
         for loop in args.loops.split(","):
-            row = run_one(loop, engines, args)
+            row = run_one(loop, engines, args, engine_pids)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(table(rows))

@@ -11,7 +11,7 @@ import time
 
 from test_goodput_admission import T0, demand, make
 
-from capbalancer.sched.types import Reject, Route
+from capbalancer.sched.types import Hold, Reject, Route
 from capbalancer.server.overload import STREAK_FRESH_S, OverloadGate
 
 
@@ -100,4 +100,56 @@ def test_no_objective_means_never_refused_at_the_door():
     gate = OverloadGate(sched)
     gate.publish()
     gate.on_decision("m", Reject(429, "hold queue is full", 1.0), 500, time.monotonic())
+    assert gate.judge_head(head(500)) is None
+
+
+def test_a_verdict_stays_fresh_while_the_loop_lags():
+    """The scheduler's state changes only when the loop runs: a loop lagging 0.5 s cannot have freed room
+    since its last verdict, so that verdict holds for the lag too (issue 14: under a loop lag of ~300 ms a
+    fixed 0.25 s made every streak stale between two of its iterations)."""
+    sched = full_scheduler()
+    gate = OverloadGate(sched)
+    gate.publish()
+    refuse_one(sched, gate, 1, T0)
+    gate.note_lag(0.5, time.monotonic())
+    time.sleep(STREAK_FRESH_S + 0.05)
+    assert gate.judge_head(head(500)) is not None
+    gate.note_lag(0.0, time.monotonic() + 1.0)  # the loop has caught up: the usual freshness again
+    assert gate.judge_head(head(500)) is None
+
+
+def test_a_hold_that_fills_the_queue_to_its_bound_keeps_the_streak():
+    """Sustained overload (sched/admission.py): the queue is bounded at a few requests; a Hold that fills it
+    to the bound leaves the scheduler refusing the next newcomer, so the door goes on refusing (ending the
+    streak sent everything to the loop until its next refusal). One below the bound ends it."""
+    sched = make(seats=1)
+    now = T0
+    assert isinstance(sched.submit(demand(0, now), now), Route)
+    pool = sched.pools["m"]
+    # A measured 10x overload: 10 offered per release, one at a time.
+    for _ in range(20):
+        for _ in range(10):
+            pool.overload.on_offered(now)
+        pool.overload.on_released(1, now)
+    limit = pool.overload.hold_limit(now, 1e-4)
+    assert limit == 4
+    gate = OverloadGate(sched)
+    gate.publish()
+    held = []
+    for i in range(1, limit + 1):
+        d = demand(i, now)
+        decision = sched.submit(d, now)
+        assert isinstance(decision, Hold), decision
+        held.append(decision)
+    refused = sched.submit(demand(99, now), now)
+    assert isinstance(refused, Reject) and refused.status == 429
+    gate.on_decision("m", refused, 500, time.monotonic())
+    # The last Hold filled the queue to its bound: the streak stands, and the scheduler agrees.
+    gate.on_decision("m", held[-1], 500, time.monotonic())
+    assert gate.judge_head(head(500)) is not None
+    assert isinstance(sched.submit(demand(100, now), now), Reject)
+    # Room freed and claimed by the head of the queue: a Hold that leaves it below the bound ends the streak.
+    sched.finish("r0", now + 0.01, output_tokens=10)
+    assert len(pool.hold) == limit - 1
+    gate.on_decision("m", Hold(reason="capacity", queue_position=limit - 1), 500, time.monotonic())
     assert gate.judge_head(head(500)) is None

@@ -3,14 +3,32 @@
 Users measure goodput (requests that meet their TTFT objective), not completions. So a request is held only
 while it can still start in time: its TTFT objective runs from its arrival (time held counts), the hold ends
 when what is left of it is less than the fastest idle backend's TTFT, and a request the queue ahead cannot
-clear in time is refused at once with 429 + Retry-After instead of being served late. Pure and clock-driven.
+clear in time is refused at once with 429 + Retry-After instead of being served late.
+
+Under sustained overload the queue is also kept short (`standing_queue_limit`): a hold queue turns bursts into
+throughput (work waits for a lull), but when arrivals stay well above what the pool serves there is no lull, and
+a queue that stands at the length the objective allows is only latency: every held request waits up to its
+objective and as many are refused either way. What such a queue must do is keep the backends busy, and a few
+requests do that: with the pool's measured overload ratio (requests asking to join the queue per request it
+released to a backend), the queue is bounded at the length that leaves the backends without held work no more
+than a small fraction of the time. The rest are refused at once. Pure and clock-driven.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DRAIN_WINDOW_S = 2.0  # a drain rate is only trusted once measured over this much backlogged time
+# The overload ratio's counts decay with this time constant: long enough to span the waves of refused clients
+# coming back, short enough to follow a ramp within a few seconds.
+RATIO_TIME_CONSTANT_S = 2.0
+RATIO_MIN_RELEASES = 8.0  # decayed releases below which there is no ratio (no standing queue to bound)
+# The queue holds at most this many lumps' worth: in the DES the lumps are 2-5 requests and the bound needs them
+# (without: -1 to -2 points of 2x attainment); the live proxy measured lumps of 17-112 (room its model had
+# withheld, freed at once), which made the bound 300-1,900 and the queue ~1 s long. A lump that large is
+# refilled by the arrivals of an overload (hundreds a second) about as fast as by held work.
+MAX_BULK = 16.0
 
 
 @dataclass(slots=True)
@@ -57,6 +75,86 @@ class DrainRate:
         if rate is None or rate <= 0:
             return None
         return (ahead + 1) / rate
+
+
+@dataclass(slots=True)
+class OverloadRatio:
+    """How many requests asked to join the hold queue (held or refused there) per request the queue released
+    to a backend: ~1 while the queue absorbs a burst, ~10 under a 10x overload. Refused requests count (they
+    are demand the queue did not take).
+
+    Both are counts decayed with a time constant of RATIO_TIME_CONSTANT_S, and the ratio is theirs: refused
+    clients come back in waves (their Retry-After), and a ratio taken per short window swung from ~60 within a
+    wave to ~0.2 between two (measured live, bench/overload.py), dropping the bound exactly when the next wave
+    came. Also how many requests leave together (`bulk`): room frees in lumps (a fresher snapshot, several
+    sequences ending at once), and a queue shorter than a lump leaves seats empty until newcomers arrive; `bulk`
+    is the size of the lump a released request was part of, on average (decayed sum of squares over sum)."""
+
+    offered: float = 0.0
+    released: float = 0.0
+    released_sq: float = 0.0
+    at_s: float | None = None
+
+    def on_offered(self, now: float) -> None:
+        self._decay(now)
+        self.offered += 1.0
+
+    def on_released(self, n: int, now: float) -> None:
+        """`n` held requests left for backends together (one release pass)."""
+        self._decay(now)
+        self.released += n
+        self.released_sq += n * n
+
+    def current(self, now: float) -> float | None:
+        """The ratio, or None while too few releases were seen lately to tell (no standing queue)."""
+        self._decay(now)
+        if self.released < RATIO_MIN_RELEASES:
+            return None
+        return self.offered / self.released
+
+    @property
+    def bulk(self) -> float:
+        return self.released_sq / self.released if self.released > 0 else 1.0
+
+    def _decay(self, now: float) -> None:
+        if self.at_s is not None and now > self.at_s:
+            k = math.exp(-(now - self.at_s) / RATIO_TIME_CONSTANT_S)
+            self.offered *= k
+            self.released *= k
+            self.released_sq *= k
+        if self.at_s is None or now > self.at_s:
+            self.at_s = now
+
+    def last_hold_limit(self, idle_fraction: float) -> int | None:
+        """`hold_limit` as of the last count, reading only (another thread may call it): both counts decay
+        alike, so the ratio is unchanged since; only whether enough releases are recent may have changed."""
+        released = self.released
+        if released < RATIO_MIN_RELEASES:
+            return None
+        k = standing_queue_limit(self.offered / released, idle_fraction)
+        return None if k is None else math.ceil(k * min(MAX_BULK, max(1.0, self.released_sq / released)))
+
+    def hold_limit(self, now: float, idle_fraction: float) -> int | None:
+        """The most requests worth holding now (None: no bound): `standing_queue_limit` in lumps of `bulk`."""
+        k = standing_queue_limit(self.current(now), idle_fraction)
+        return None if k is None else math.ceil(k * min(MAX_BULK, max(1.0, self.bulk)))
+
+
+def standing_queue_limit(ratio: float | None, idle_fraction: float) -> int | None:
+    """The longest hold queue worth keeping when `ratio` times as many requests arrive as it releases: the
+    least K for which an M/M/1/K queue (the pool's seats freeing one at a time as the server) leaves the
+    backends without held work at most `idle_fraction` of the time, P0 = (r - 1) / (r^(K+1) - 1). Three at 10x,
+    seven at 2x, twenty at 1.2x (for 0.5%); None (no bound) when no ratio is known, the bound is off, or the
+    queue empties too often for any length to matter (r < 1 - idle_fraction)."""
+    if ratio is None or idle_fraction <= 0 or ratio < 1.0 - idle_fraction:
+        return None
+    if abs(ratio - 1.0) < 1e-9:
+        return max(0, math.ceil(1.0 / idle_fraction) - 1)
+    # P0 <= f  <=>  r^(K+1) >= 1 + (r - 1) / f  (for r > 1; for r < 1 both sides of the log flip sign)
+    target = 1.0 + (ratio - 1.0) / idle_fraction
+    if target <= 0:
+        return None
+    return max(0, math.ceil(math.log(target) / math.log(ratio) - 1e-9) - 1)
 
 
 def derived_objective_s(idle_ttft_s: float, factor: float, floor_s: float) -> float | None:

@@ -62,6 +62,10 @@ class CapacitySettings:
     # that cannot start within it is refused (429) rather than served late. factor 0: no derived objective.
     ttft_objective_factor: float = 3.0
     ttft_objective_floor_s: float = 2.0
+    # Under sustained overload the hold queue is kept just long enough that the backends run out of held work
+    # at most this fraction of the time (sched/admission.py, standing_queue_limit); the rest is refused at
+    # once instead of waiting up to its objective. 0: held as long as the objective allows, as before.
+    overload_idle_fraction: float = 0.0001
     # With no `tpot_slo_s`, each backend admits only while its predicted TPOT stays under
     # max(floor, factor x its own one-sequence TPOT) (sched/objectives.py): a slow GPU's full batch no longer
     # serves every request too slowly to count. factor 0: fill every seat, as before.

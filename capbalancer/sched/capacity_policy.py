@@ -25,7 +25,7 @@ OPTION_NAMES = ("kv_growth_reserve", "kv_high_watermark", "knee_throughput_fract
                 "ttft_slo_ms", "ttft_weight", "calibrate", "hold", "ttft_objective_factor", "ttft_objective_floor_ms",
                 "tpot_objective_factor", "tpot_objective_floor_ms", "judge_net_negative",
                 "tpot_slo_margin", "fair_shedding", "fair_shedding_margin", "prefix_tie_fraction",
-                "adapt_kv_reserve")
+                "adapt_kv_reserve", "overload_idle_fraction")
 
 
 def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, bool]:
@@ -46,6 +46,7 @@ def settings_from_options(options: dict[str, float]) -> tuple[CapacitySettings, 
         ttft_objective_factor=float(options.get("ttft_objective_factor", defaults.ttft_objective_factor)),
         ttft_objective_floor_s=float(options.get("ttft_objective_floor_ms",
                                                  defaults.ttft_objective_floor_s * 1000.0)) / 1000.0,
+        overload_idle_fraction=float(options.get("overload_idle_fraction", defaults.overload_idle_fraction)),
         tpot_objective_factor=float(options.get("tpot_objective_factor", defaults.tpot_objective_factor)),
         tpot_objective_floor_s=float(options.get("tpot_objective_floor_ms",
                                                  defaults.tpot_objective_floor_s * 1000.0)) / 1000.0,
@@ -148,10 +149,12 @@ class CapacityPolicy:
         """True when no backend could produce its first token before the deadline, even with a seat now."""
         if demand.deadline_s is None or not candidates:
             return False
+        return self.loaded_ttft_s(demand, candidates, ctx) > demand.deadline_s - ctx.now
+
+    def loaded_ttft_s(self, demand: Demand, candidates: Sequence[BackendState], ctx: PolicyContext) -> float:
+        """The least TTFT any candidate predicts for `demand` as loaded now (its batch, its prefill backlog)."""
         model = self._model_for(ctx)
-        remaining = demand.deadline_s - ctx.now
-        return all(model.estimate(b, demand, ctx.expected_output_tokens, ctx.now).ttft_s > remaining
-                   for b in candidates)
+        return min(model.estimate(b, demand, ctx.expected_output_tokens, ctx.now).ttft_s for b in candidates)
 
     def ttft_deadline_s(self, demand: Demand, candidates: Sequence[BackendState], ctx: PolicyContext
                         ) -> float | None:

@@ -9,7 +9,8 @@ pure, mutated by the loop), so it relies on the scheduler's latest verdict:
 
 - every time the scheduler decides on a newly arrived request, the loop records it (`on_decision`): a refusal
   (429: it cannot start within its TTFT objective, or the queue is full) starts or extends a streak; anything
-  else (routed or held) ends it;
+  else (routed or held) ends it, except a Hold that filled the queue to its standing-overload bound (the next
+  newcomer is refused then too);
 - the door refuses a new API request with 429 + Retry-After only while, in every pool, a streak is under
   `STREAK_FRESH_S` old, the request is no smaller than the smallest one refused in that streak, and it has
   already handed the loop one request for each piece of room freed since the streak's last refusal (each
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 
 from capbalancer.sched.capacity import CapacityModel
 from capbalancer.sched.scheduler import Scheduler
-from capbalancer.sched.types import Decision, Reject
+from capbalancer.sched.types import Decision, Hold, Reject
 
 PUBLISH_EVERY_S = 0.01  # how often the loop measures its lag and looks for fresher snapshots/health
 LAG_WINDOW_S = 0.5  # the lag shown is the largest seen over about this long
@@ -133,8 +134,22 @@ class OverloadGate:
                 since_s=prev.since_s if fresh and prev else now, last_s=now, freed=self.freed(pool),
                 min_body_bytes=min(prev.min_body_bytes, body_bytes) if fresh and prev else body_bytes,
                 retry_after_s=decision.retry_after_s, count=prev.count + 1 if fresh and prev else 1)}
-        elif pool in streaks:
+        elif pool in streaks and not self._filled_to_bound(pool, decision):
             self.streaks = {k: v for k, v in streaks.items() if k != pool}
+
+    def _filled_to_bound(self, pool: str, decision: Decision) -> bool:
+        """A Hold that filled the queue to its standing-overload bound (sched/admission.py): the scheduler refuses
+        the next newcomer as it refused those before, unless room is freed first, and freed room lets a request
+        through anyway. So it does not end the streak: ending it sent every request to the loop until the next
+        refusal was recorded there, a loop-lag later (measured: 956 of ~8,000 refusals made at the door)."""
+        if not isinstance(decision, Hold):
+            return False
+        state = self.scheduler.pools.get(pool)
+        if state is None:
+            return False
+        fraction = getattr(getattr(state.policy, "settings", None), "overload_idle_fraction", 0.0)
+        limit = state.overload.last_hold_limit(fraction)
+        return limit is not None and len(state.hold) >= limit
 
     def publish(self) -> None:
         """Each pool's objective bounds; and a fresher snapshot or a health change counts as freed room (the
@@ -190,11 +205,15 @@ class OverloadGate:
         if not pools:
             return None
         tokens = PROMPT_TOKENS_PER_BYTE * body_bytes + PROMPT_TOKEN_MARGIN
+        # The scheduler's state (and what counts as freed room) changes only when the loop runs: a verdict is as
+        # fresh as the loop can make it. A fixed 0.25 s under a loop lagging ~300 ms (measured, bench/overload.py)
+        # made every streak stale between two of its iterations, and the door refused ~1 in 8 of the refusals.
+        fresh_s = STREAK_FRESH_S + self.lag_s
         retry = 0.0
         shed = True
         for name in pools:
             s, view = streaks.get(name), views.get(name)
-            if (s is None or view is None or now - s.last_s >= STREAK_FRESH_S or body_bytes < s.min_body_bytes
+            if (s is None or view is None or now - s.last_s >= fresh_s or body_bytes < s.min_body_bytes
                     or not view.floor_bound(tokens)):
                 shed = False
                 break

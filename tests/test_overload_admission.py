@@ -1,0 +1,219 @@
+"""Admission under sustained overload (issue 14, targets 2-3): the hold queue stays as short as keeps the backends
+busy, so the excess is refused at arrival instead of held up to its TTFT objective and refused then.
+
+The rule (sched/admission.py): an M/M/1/K bound on the queue from the measured ratio of requests offered to the
+queue per request released, in lumps of the measured release bulk; and a held request must be able to leave the
+queue in time for its TTFT as the backends are loaded now. Pure checks on the scheduler, a DES check of what
+happens at 10x and 2x (goodput kept), and one live check with real processes and the default policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+from faults import ADMIN_TOKEN_ENV, FaultBackend, Proxy, proxy_config
+from support import REPO
+
+from capbalancer.profiling.library import resolve_profile
+from capbalancer.profiling.schema import Profile, StepTimeModel
+from capbalancer.sched.admission import OverloadRatio, standing_queue_limit
+from capbalancer.sched.scheduler import Scheduler
+from capbalancer.sched.types import BackendSpec, Demand, Dispatch, Expire, Hold, PoolSettings, Reject, Route
+from capbalancer.sim.des import DesInstance, DesOptions, run_des
+
+T0 = 5000.0
+
+
+def seats_profile(seats: int) -> Profile:
+    return Profile(name=f"seats{seats}", gpu="test", model="m", tp=1, engine="vllm", kv_capacity_tokens=100_000,
+                   step=StepTimeModel(fixed_seconds=0.01, prefill_seconds_per_token=1e-4,
+                                      decode_seconds_per_seq=2e-4, context_seconds_per_token=1e-7),
+                   max_num_seqs=seats, max_num_batched_tokens=2048)
+
+
+def test_the_bound_follows_the_overload_ratio():
+    f = 1e-4
+    assert standing_queue_limit(10.0, f) == 4  # 10x: a few requests keep the seats busy
+    assert standing_queue_limit(2.0, f) == 13
+    assert standing_queue_limit(1.2, f) == 41  # near capacity a queue is what turns bursts into throughput
+    assert standing_queue_limit(1.0, f) == 9999
+    assert standing_queue_limit(0.5, f) is None  # the queue empties on its own: nothing to bound
+    assert standing_queue_limit(10.0, 0.0) is None  # off
+    assert standing_queue_limit(None, f) is None  # not measured
+    # The M/M/1/K idle probability at the bound is within the fraction, one shorter is not.
+    for r in (1.2, 2.0, 10.0):
+        k = standing_queue_limit(r, f)
+        assert (r - 1) / (r ** (k + 1) - 1) <= f < (r - 1) / (r ** k - 1)
+
+
+def test_ratio_is_of_decayed_counts_and_survives_waves():
+    ratio = OverloadRatio()
+    now = T0
+    assert ratio.current(now) is None
+    # 1 s of a 10x overload: 10 offered per release, releases one at a time.
+    for i in range(100):
+        now = T0 + i * 0.01
+        for _ in range(10):
+            ratio.on_offered(now)
+        ratio.on_released(1, now)
+    assert 9.0 < (ratio.current(now) or 0) < 11.0
+    assert ratio.bulk == 1.0
+    # A lull between two waves of retries: releases go on, nobody new comes for 0.3 s. A per-window ratio read
+    # ~0 here and dropped the bound; the decayed one stays high.
+    for i in range(30):
+        ratio.on_released(1, now + 0.01 * (i + 1))
+    now += 0.3
+    assert (ratio.current(now) or 0) > 5.0
+    # Lumps of 4: the queue must hold whole lumps.
+    lumpy = OverloadRatio()
+    for i in range(40):
+        for _ in range(8):
+            lumpy.on_offered(T0 + i * 0.05)
+        lumpy.on_released(4, T0 + i * 0.05)
+    assert lumpy.bulk == 4.0
+    assert lumpy.hold_limit(T0 + 2.0, 1e-4) == 4 * standing_queue_limit(lumpy.current(T0 + 2.0), 1e-4)
+
+
+def _sustained(sched: Scheduler, seconds: float, arrivals_per_s: float, service_s: float) -> dict[str, int]:
+    """One backend of 2 seats, each request served `service_s`; arrivals at a fixed rate. Returns counts."""
+    out = {"route": 0, "hold": 0, "reject": 0, "expired": 0, "released": 0, "max_held": 0}
+    ends: list[tuple[float, str]] = []
+    n = int(seconds * arrivals_per_s)
+
+    def late(ev: Expire) -> bool:  # held after the first 3 s (before: the queue built with no ratio yet)
+        return int(ev.request_id[1:]) >= 3.0 * arrivals_per_s
+    for i in range(n):
+        now = T0 + i / arrivals_per_s
+        while ends and ends[0][0] <= now:
+            t, rid = ends.pop(0)
+            for ev in sched.finish(rid, t, output_tokens=10) + sched.tick(t):
+                if isinstance(ev, Dispatch):
+                    out["released"] += 1
+                    ends.append((t + service_s, ev.request_id))
+                elif isinstance(ev, Expire) and late(ev):
+                    out["expired"] += 1
+            ends.sort()
+        for ev in sched.tick(now):
+            out["expired"] += isinstance(ev, Expire) and late(ev)
+        d = sched.submit(Demand(request_id=f"r{i}", pool="m", prompt_tokens=100, max_tokens=100, arrival_s=now),
+                         now)
+        if isinstance(d, Route):
+            out["route"] += 1
+            ends.append((now + service_s, f"r{i}"))
+            ends.sort()
+        elif isinstance(d, Hold):
+            out["hold"] += 1
+        else:
+            assert isinstance(d, Reject) and d.status == 429, d
+            out["reject"] += 1
+        if now >= T0 + 3.0:  # the queue built before the first releases (no ratio yet) has drained by then
+            out["max_held"] = max(out["max_held"], len(sched.pools["m"].hold))
+    return out
+
+
+def make(**options) -> Scheduler:
+    sched = Scheduler([PoolSettings(name="m", policy="capacity", policy_options=options)])
+    sched.add_backend(BackendSpec(backend_id="b", pool="m", engine="vllm", profile=seats_profile(2)), T0)
+    return sched
+
+
+def test_sustained_overload_is_refused_at_arrival_not_held_then_refused():
+    # 2 seats of 0.1 s: 20 req/s served; 200 req/s arrive (10x) for 20 s.
+    bounded = _sustained(make(), 20.0, 200.0, 0.1)
+    unbounded = _sustained(make(overload_idle_fraction=0), 20.0, 200.0, 0.1)
+    # The queue stays a few requests long (4 at 10x), not the ~40 its 2 s objective would allow ...
+    assert bounded["max_held"] <= 12, bounded
+    assert unbounded["max_held"] >= 30, unbounded
+    # ... few held requests run out of time in it, and the backends serve as much.
+    assert bounded["expired"] <= 0.05 * bounded["hold"] + 2, bounded
+    assert bounded["released"] + bounded["route"] >= 0.95 * (unbounded["released"] + unbounded["route"]), (
+        bounded, unbounded)
+
+
+def test_des_10x_fewer_requests_held_then_refused_and_2x_goodput_is_kept():
+    """One L4 (~8 req/s of this workload), deterministic DES: at 10x the bound refuses at arrival much of what
+    was held and then refused at its objective, serving as many; at 2x, where a queue still turns fluctuations
+    into throughput, goodput is that of no bound."""
+    inst = [DesInstance("a", resolve_profile("l4/llama-3.1-8b-tp1"))]
+
+    def run(rate: float, **options) -> tuple[float, int, int]:
+        r = run_des(inst, f"rate={rate},n={int(rate * 40)},prompt=300,output=150,seed=3", "capacity",
+                    DesOptions(profile_error=0.0, policy_options=options))
+        served = [x for x in r.records if x.success]
+        on_time = sum(1 for x in served if x.ttft_s is not None and x.ttft_s <= 2.0)
+        late = sum(1 for x in r.records if x.status == 429 and any(
+            k in (x.error_detail or "") for k in ("held past its deadline", "cannot start before its deadline")))
+        return on_time / len(r.records), len(served), late
+
+    _, served10, late10 = run(80.0)
+    _, served10_off, late10_off = run(80.0, overload_idle_fraction=0)
+    assert late10 <= 0.85 * late10_off, (late10, late10_off)
+    assert served10 >= 0.97 * served10_off, (served10, served10_off)
+    good2, _, _ = run(16.0)
+    good2_off, _, _ = run(16.0, overload_idle_fraction=0)
+    assert good2 >= good2_off - 0.02, (good2, good2_off)
+
+
+def _admin(proxy: Proxy) -> dict:
+    req = urllib.request.Request(proxy.url + "/admin/backends", headers={"Authorization": "Bearer adm"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_live_sustained_overload_refuses_at_arrival(tmp_path: Path):
+    """Real proxy (default capacity policy), two engines of 2 seats answering in 0.2 s, 48 clients sending back
+    to back (~12x what the seats serve) for 6 s: most of the excess is refused when it arrives; few are held,
+    and few of those run out of their objective in the queue. Fails with `overload_idle_fraction: 0` (the
+    queue then stands at the length the 2 s objective allows: 18% of the answers had been held)."""
+    profile = yaml.safe_load((REPO / "profiles" / "h100-80g" / "llama-2-13b-tp1.yaml").read_text())
+    profile.update(name="test/seats2", max_num_seqs=2, kv_capacity_tokens=10**9)
+    path = tmp_path / "seats.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    backends = [FaultBackend(f"h{i}", api="hold", hold_s=0.2, chunks=2, metrics="404") for i in range(2)]
+    try:
+        for b in backends:
+            b.start()
+        cfg = proxy_config(backends, policy="capacity")  # default options
+        cfg["server"] = {"admin_token_env": ADMIN_TOKEN_ENV}
+        for row in cfg["models"]["m"]["backends"]:
+            row["profile"] = str(path)
+        with Proxy(config=cfg, admin_token="adm") as proxy:
+            body = json.dumps({"model": "m", "stream": True, "max_tokens": 4,
+                               "messages": [{"role": "user", "content": "hi"}]}).encode()
+            req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                   b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+            statuses: dict[int, int] = {}
+
+            async def client(until: float) -> None:
+                while time.monotonic() < until:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+                    try:
+                        writer.write(req)
+                        head = await reader.readuntil(b"\r\n\r\n")
+                        statuses[int(head[9:12])] = statuses.get(int(head[9:12]), 0) + 1
+                        await reader.read()  # every answer here closes (Connection: close or end of stream)
+                    finally:
+                        writer.close()
+                    await asyncio.sleep(0.05)
+
+            async def main() -> None:
+                until = time.monotonic() + 6.0
+                await asyncio.gather(*(client(until) for _ in range(48)))
+
+            asyncio.run(main())
+            admin = _admin(proxy)
+            pool = admin["pools"]["m"]
+            shed = (admin.get("overload") or {}).get("shed_at_arrival", 0)  # refused by the front door
+    finally:
+        for b in backends:
+            b.stop()
+    assert statuses.get(200, 0) >= 20 and statuses.get(429, 0) >= 200, statuses
+    assert pool["rejected_total"] + shed >= 2 * pool["held_total"], (pool, shed)  # refused at arrival, mostly
+    # Measured: with the bound ~5% of the answers had been held, without it ~18% (held up to the objective).
+    assert pool["held_total"] <= 0.1 * sum(statuses.values()), (statuses, pool)
+    assert pool["expired_total"] <= 0.2 * pool["held_total"] + 5, pool  # held ones leave in time
