@@ -7,12 +7,14 @@ import json
 import re
 import urllib.request
 
+import pytest
 from aiohttp.test_utils import make_mocked_request
 from faults import Proxy
 from support import capbalancer, free_port, running
 
 from capbalancer.config import parse_config
 from capbalancer.server.app import build_state
+from capbalancer.server.errors import ProxyError
 from capbalancer.server.proxy import build_demand
 from capbalancer.server.route_parsing import parse_route
 
@@ -29,6 +31,17 @@ def test_sequences_are_read_from_every_flavour():
     assert _parsed("/generate", {"text": "x", "sampling_params": {"n": 3}}).sequences == 3
     assert _parsed("/v1/completions", {"prompt": "x", "n": "lots"}).sequences == 1  # the engine's 400
     assert _parsed("/v1/embeddings", {"input": "x", "n": 3}).sequences == 1
+
+
+def test_more_sequences_than_openai_allows_is_a_400():
+    assert _parsed("/v1/completions", {"prompt": "x", "n": 128}).sequences == 128
+    for path, body, param in (("/v1/completions", {"prompt": "x", "n": 129}, "n"),
+                              ("/v1/chat/completions", {"messages": [], "best_of": 10**9}, "best_of"),
+                              ("/generate", {"inputs": "x", "parameters": {"best_of": 1000}}, "best_of"),
+                              ("/generate", {"text": "x", "sampling_params": {"n": 10**6}}, "n")):
+        with pytest.raises(ProxyError) as err:
+            _parsed(path, body)
+        assert (err.value.status, err.value.param) == (400, param)
 
 
 def test_the_demand_bounds_every_sequence():
@@ -86,3 +99,44 @@ def test_a_context_length_check_sees_one_sequence_not_their_sum():
     # 4 x 1000 output tokens: each sequence (3000 + 1000) fits the 4096 context; their sum would not.
     assert not isinstance(sched.submit(demand(1, 4, 1000), 0.0), Reject)
     assert sched.submit(demand(2, 4, 1200), 0.0).status == 400  # one sequence alone is too long
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_a_request_for_a_billion_sequences_is_refused_and_nothing_dies():
+    """Found by hand: n = 10^9 through `make run`'s embedded simulated cluster grew the process to 24 GB until the
+    kernel killed it, proxy and all. Now the proxy answers 400 (OpenAI's limit is 128) without asking any backend,
+    and the simulator refuses it too (as it refuses a `stream_options` that is not an object, which raised a 500)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with running(capbalancer("sim", "--profile", "l4/llama-3.1-8b-tp1", "--port", str(port), "--model", "m"),
+                 ready_url=url + "/health"), \
+            Proxy(config={"models": {"m": {"backends": [{"name": "b0", "url": url}]}}}) as proxy:
+        before = _generated(url)
+        status, _, raw = proxy.request("POST", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 2,
+                                                                  "n": 10**9})
+        error = json.loads(raw)["error"]
+        assert status == 400 and error["param"] == "n" and "128" in error["message"]
+        status, _, raw = proxy.request("POST", "/v1/chat/completions", {
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 129})
+        assert status == 400 and json.loads(raw)["error"]["param"] == "n"
+        # The simulator on its own: no 500, no process grown without bound (129, not 10^9: should this check ever
+        # regress, the test fails instead of exhausting the machine's memory).
+        for body, param in (({"model": "m", "prompt": "hi", "max_tokens": 2, "n": 129}, "n"),
+                            ({"model": "m", "prompt": "hi", "max_tokens": 2, "stream": True,
+                              "stream_options": "x"}, "stream_options")):
+            status, answer = _post(url + "/v1/completions", body)
+            assert status == 400 and answer["error"]["param"] == param
+        status, answer = _post(url + "/v1/chat/completions", {
+            "model": "m", "messages": [{"role": "user", "content": {"a": 1}}], "max_tokens": 2})
+        assert status == 400 and answer["error"]["param"] == "messages"
+        assert _generated(url) == before  # nothing reached the engine
+        status, _, _ = proxy.request("POST", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 2})
+        assert status == 200 and proxy.alive()

@@ -99,18 +99,24 @@ def parse_body(path: str, raw: bytes, keep_text: bool = False) -> ParsedRequest:
                          sequences=sequences_of(body) if api != "embeddings" else 1)
 
 
-MAX_SEQUENCES = 128  # beyond this a request is the engine's to refuse; the cost model caps its count here
+# OpenAI's own limit on `n`. vLLM sets none and fans a request out into that many engine requests at once, so
+# one request with n = 10^9 exhausts an engine's memory (measured: the simulator's process, 24 GB, killed by the
+# kernel); the proxy refuses it, as OpenAI does, before it reaches any backend.
+MAX_SEQUENCES = 128
 
 
 def sequences_of(params: dict[str, Any]) -> int:
     """How many sequences a request generates: the larger of `n` and `best_of` (best_of are all generated,
-    n returned). Invalid values count as 1: the engine answers them with its own 400."""
+    n returned). More than MAX_SEQUENCES is a 400 here; other invalid values count as 1: the engine answers
+    them with its own 400."""
     count = 1
     for key in ("n", "best_of"):
         value = params.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > count:
+            if value > MAX_SEQUENCES:
+                raise ProxyError(400, f"'{key}' must be at most {MAX_SEQUENCES}, got {value}", param=key)
             count = value
-    return min(count, MAX_SEQUENCES)
+    return count
 
 
 def _content_text(value: Any) -> str:

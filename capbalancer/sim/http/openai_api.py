@@ -25,6 +25,9 @@ from capbalancer.sim.engine import RequestTooLong
 from capbalancer.sim.http.instance import RequestStream, SimInstance
 
 _WORDS = tokenizer.WORDS
+# vLLM sets no bound on `n`; the simulator fans a request out into that many engine requests held in memory, so
+# it refuses more than OpenAI's own limit (128) rather than let one request exhaust the process.
+MAX_SEQUENCES = 128
 
 
 def count_text_tokens(text: str) -> int:
@@ -155,6 +158,8 @@ class OpenAIRoutes:
             value = body.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 return bad_request(f"{key} must be at least 1, got {value}.", key)
+            if value is not None and value > MAX_SEQUENCES:
+                return bad_request(f"{key} must be at most {MAX_SEQUENCES}, got {value}.", key)
             counts.append(value or 1)
         seed = body.get("seed")
         streams: list[RequestStream] = []
@@ -289,7 +294,7 @@ class OpenAIRoutes:
         body = await read_json(request)
         if isinstance(body, web.Response):
             return body
-        if (err := self._check_model(body)) is not None:
+        if (err := self._check_model(body) or _check_stream_options(body)) is not None:
             return err
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -344,13 +349,15 @@ class OpenAIRoutes:
         body = await read_json(request)
         if isinstance(body, web.Response):
             return body
-        if (err := self._check_model(body)) is not None:
+        if (err := self._check_model(body) or _check_stream_options(body)) is not None:
             return err
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return bad_request("messages must be a non-empty list", "messages")
         if not all(isinstance(m, dict) for m in messages):
             return bad_request("each message must be an object", "messages")
+        if not all(m.get("content") is None or isinstance(m.get("content"), (str, list)) for m in messages):
+            return bad_request("a message's content must be a string or a list of content parts", "messages")
         token_ids = tokenizer.encode(tokenizer.render_chat(messages))
         await self.inst.front_end(len(token_ids))
         # max_tokens: vLLM's is up to the context when unset; chat has no best_of
@@ -405,3 +412,11 @@ class OpenAIRoutes:
         if len(streams) > 1:
             return await self._run_streams(request, streams, chunk_of, usage, first_of)
         return await self._run_stream(request, stream, chunk_of, usage, first_of(0))
+
+
+def _check_stream_options(body: dict[str, Any]) -> web.Response | None:
+    """vLLM validates `stream_options` as an object (or null) before anything reaches the engine."""
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return bad_request("stream_options must be an object", "stream_options")
+    return None
