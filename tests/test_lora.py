@@ -128,3 +128,24 @@ def test_load_and_unload_are_forwarded_to_the_right_backends(lora_fleet: Proxy):
     assert _adapters(lora_fleet) == {"math": ["v0", "v1"]}
     status, _, raw = lora_fleet.request("POST", "/v1/load_lora_adapter", {"lora_path": "/x"})
     assert status == 400 and json.loads(raw)["error"]["param"] == "lora_name"
+
+
+def test_a_load_every_backend_refuses_is_the_clients_error_not_a_502(lora_fleet: Proxy):
+    """Found by hand: a load without `lora_path` (both engines answer 400) or an unload of an adapter no engine
+    holds (404 from each) came back 502, the gateway's fault; now the engines' common 4xx, with an OpenAI-shaped
+    error beside each backend's answer. A partial failure stays 502 (tested in _lora_status below)."""
+    status, _, raw = lora_fleet.request("POST", "/v1/load_lora_adapter", {"lora_name": "nopath"})
+    body = json.loads(raw)
+    assert status == 400 and body["error"]["param"] == "lora_name" and set(body["backends"]) == {"v0", "v1"}
+    status, _, raw = lora_fleet.request("POST", "/v1/unload_lora_adapter", {"lora_name": "never-loaded"})
+    assert status == 404 and json.loads(raw)["error"]["code"] == 404
+
+
+def test_several_answers_make_one_status():
+    from capbalancer.server.routes import _lora_status
+
+    assert _lora_status([200, 200]) == 200
+    assert _lora_status([400, 400]) == 400
+    assert _lora_status([200, 400]) == 502  # partly done: the gateway cannot say one thing
+    assert _lora_status([404, 400]) == 502
+    assert _lora_status([503, 503]) == 502  # the engines' trouble, not the client's

@@ -137,6 +137,8 @@ def test_a_request_for_a_billion_sequences_is_refused_and_nothing_dies():
         status, answer = _post(url + "/v1/chat/completions", {
             "model": "m", "messages": [{"role": "user", "content": {"a": 1}}], "max_tokens": 2})
         assert status == 400 and answer["error"]["param"] == "messages"
+        status, answer = _post(url + "/tokenize", {"model": "m", "messages": [None]})  # was a 500
+        assert status == 400 and answer["error"]["param"] == "messages"
         assert _generated(url) == before  # nothing reached the engine
         status, _, _ = proxy.request("POST", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 2})
         assert status == 200 and proxy.alive()

@@ -31,7 +31,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from capbalancer.config import ModelConfig
 from capbalancer.fleet.models import parse_model_list
 from capbalancer.server import access_log, proxy
-from capbalancer.server.errors import ProxyError, error_response, from_exception
+from capbalancer.server.errors import ProxyError, error_body, error_response, from_exception
 from capbalancer.server.locate import locate_object
 from capbalancer.server.model_routing import body_for, resolve_pool
 from capbalancer.server.proxy import BACKEND_HEADER, MODEL_HEADER, STATE, ProxyState, read_body, request_id_of
@@ -254,12 +254,27 @@ async def handle_lora(request: web.Request) -> web.StreamResponse:
             return _as_response(outcome, request_id, backend)
         summary = {b: {"status": o.status, "message": o.message if isinstance(o, UpstreamError)
                        else bytes(o.body or b"").decode("utf-8", "replace")[:500]} for b, o in results.items()}
-        ok = all(v["status"] < 400 for v in summary.values())
-        return web.Response(status=200 if ok else 502, content_type="application/json",
-                            body=orjson.dumps({"lora_name": name, "backends": summary}),
+        status = _lora_status([v["status"] for v in summary.values()])
+        answer: dict[str, object] = {"lora_name": name, "backends": summary}
+        if status >= 400:
+            answer["error"] = orjson.loads(error_body(status, f"{'loading' if loading else 'unloading'} adapter "
+                                                              f"{name!r} failed on {len(summary)} backend(s)",
+                                                      param="lora_name"))["error"]
+        return web.Response(status=status, content_type="application/json", body=orjson.dumps(answer),
                             headers={"x-request-id": request_id})
     except ProxyError as exc:
         return from_exception(exc, {"x-request-id": request_id})
+
+
+def _lora_status(statuses: list[int]) -> int:
+    """One status for the answers of several backends: 200 when all succeeded; the engines' own status when
+    they all refused alike (a 4xx is the client's error: a bad path, an adapter none of them holds), so that a
+    client's mistake is not reported as the gateway's; else 502 (some failed, or they disagree)."""
+    if all(s < 400 for s in statuses):
+        return 200
+    if len(set(statuses)) == 1 and 400 <= statuses[0] < 500:
+        return statuses[0]
+    return 502
 
 
 # --- info --------------------------------------------------------------------------------------------------

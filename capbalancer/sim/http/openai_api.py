@@ -83,6 +83,8 @@ class OpenAIRoutes:
         if (err := self._check_model(body)) is not None:
             return err
         if isinstance(body.get("messages"), list):
+            if (err := _check_messages(body["messages"])) is not None:
+                return err
             ids = tokenizer.encode(tokenizer.render_chat(body["messages"],
                                                          bool(body.get("add_generation_prompt", True))))
         elif isinstance(body.get("prompt"), str):
@@ -352,12 +354,8 @@ class OpenAIRoutes:
         if (err := self._check_model(body) or _check_stream_options(body)) is not None:
             return err
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return bad_request("messages must be a non-empty list", "messages")
-        if not all(isinstance(m, dict) for m in messages):
-            return bad_request("each message must be an object", "messages")
-        if not all(m.get("content") is None or isinstance(m.get("content"), (str, list)) for m in messages):
-            return bad_request("a message's content must be a string or a list of content parts", "messages")
+        if (err := _check_messages(messages)) is not None:
+            return err
         token_ids = tokenizer.encode(tokenizer.render_chat(messages))
         await self.inst.front_end(len(token_ids))
         # max_tokens: vLLM's is up to the context when unset; chat has no best_of
@@ -419,4 +417,16 @@ def _check_stream_options(body: dict[str, Any]) -> web.Response | None:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         return bad_request("stream_options must be an object", "stream_options")
+    return None
+
+
+def _check_messages(messages: Any) -> web.Response | None:
+    """The shape vLLM's request model accepts: a non-empty list of objects whose content is text, a list of
+    parts, or absent."""
+    if not isinstance(messages, list) or not messages:
+        return bad_request("messages must be a non-empty list", "messages")
+    if not all(isinstance(m, dict) for m in messages):
+        return bad_request("each message must be an object", "messages")
+    if not all(m.get("content") is None or isinstance(m.get("content"), (str, list)) for m in messages):
+        return bad_request("a message's content must be a string or a list of content parts", "messages")
     return None
