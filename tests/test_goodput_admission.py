@@ -111,7 +111,8 @@ def test_deadline_header_only_shortens_and_objectives_off_holds_until_timeout():
     sched.submit(demand(0, T0), T0)
     long_header = demand(1, T0, deadline_s=T0 + 1000.0)
     assert isinstance(sched.submit(long_header, T0), Hold)
-    assert long_header.deadline_s == T0 + 30.0  # the pool's hold timeout: a header cannot extend it
+    # the pool's hold timeout past its idle TTFT (20 ms here): a header cannot extend it
+    assert T0 + 30.0 < long_header.deadline_s < T0 + 30.1
     short_header = demand(2, T0, deadline_s=T0 + 5.0)
     sched.submit(short_header, T0)
     assert short_header.deadline_s == T0 + 5.0
@@ -173,3 +174,27 @@ def test_live_overloaded_proxy_answers_429_quickly_instead_of_serving_late(tmp_p
     assert len(served) == 4 and len(refused) == 8, results  # 4 seats; the rest refused
     assert max(served) < 2.0, results  # nobody served late: first tokens within the 2 s objective
     assert max(refused) < 3.5, results  # refused within the objective (+ slack for 2 shared cores), not at 6 s
+
+
+def test_a_request_longer_than_the_hold_timeout_by_itself_is_served_not_refused():
+    """Found by hand: 100,000 embedding inputs (~300k tokens, ~40 s of prefill on an idle simulated A100) got an
+    immediate 429 "cannot start before its deadline" from an idle proxy, because the 30-s hold timeout was taken
+    as the first token's deadline; no retry could ever succeed. The hold timeout bounds the wait for room: the
+    first token is due that long after it could come on an idle backend. A request that must wait still gets it."""
+    from capbalancer.profiling.schema import Profile, StepTimeModel
+    from capbalancer.sched.scheduler import Scheduler
+    from capbalancer.sched.types import BackendSpec, Demand, PoolSettings, Route
+
+    profile = Profile(name="p", gpu="g", model="m", tp=1, engine="vllm", kv_capacity_tokens=400_000,
+                      step=StepTimeModel(0.01, 1.5e-4, 1e-4, 1e-8), max_model_len=4096)
+    sched = Scheduler([PoolSettings(name="m", hold_timeout_s=30.0)])
+    sched.add_backend(BackendSpec(backend_id="b0", pool="m", profile=profile), 0.0)
+    big = Demand(request_id="emb", pool="m", prompt_tokens=300_000, max_tokens=1, arrival_s=0.0, api="embeddings")
+    decision = sched.submit(big, 0.0)
+    assert isinstance(decision, Route), decision  # ~45 s of prefill, alone on an idle backend
+    assert big.deadline_s is not None and big.deadline_s > 30.0 + 300_000 * 1.5e-4
+    # The header still only shortens it.
+    short = Demand(request_id="emb2", pool="m", prompt_tokens=1000, max_tokens=1, arrival_s=0.0, api="embeddings",
+                   deadline_s=5.0)
+    sched.submit(short, 0.0)
+    assert short.deadline_s == 5.0

@@ -284,10 +284,7 @@ class Scheduler:
         if pool is None:
             raise SchedulerError(f"unknown pool {demand.pool!r}")
         settings = pool.settings
-        # The deadline header only shortens the hold, never extends it past the pool's hold timeout.
-        hold_deadline = now + settings.hold_timeout_s
-        if demand.deadline_s is None or demand.deadline_s > hold_deadline:
-            demand.deadline_s = hold_deadline
+        header_deadline = demand.deadline_s
         excluded = set(exclude)
         too_long = self._never_servable(pool, demand)
         if too_long is not None:
@@ -301,6 +298,16 @@ class Scheduler:
             pool.rejected_total += 1
             return Reject(503, "no healthy backend for this model", settings.retry_after_s)
         ctx = self._ctx(pool, demand, now)
+        # The hold timeout bounds the wait for room, not the request's own service: its first token is due that long
+        # after it could come on an idle backend, so a request that takes longer than the timeout by itself (a batch
+        # of 100,000 embedding inputs) is served rather than refused with a 429 no retry can cure. The deadline
+        # header only shortens that, never extends it.
+        hold_deadline = now + settings.hold_timeout_s
+        idle_ttft = getattr(pool.policy, "idle_ttft_s", None)
+        if idle_ttft is not None:
+            hold_deadline += idle_ttft(demand, candidates, ctx)
+        if header_deadline is None or header_deadline > hold_deadline:
+            demand.deadline_s = hold_deadline
         # Fair shedding across prompt sizes (sched/fairness.py): None when the policy sheds by cost.
         fair = getattr(pool.policy, "fair", None)
         if fair is not None:
