@@ -62,3 +62,16 @@ def test_without_the_retry_the_hung_request_waits_for_the_first_byte_timeout():
                                 timeouts={"first_byte_s": 2.0})) as proxy:
         out = run_four(proxy.port)
         assert any(status == 504 for status, _, _ in out), out  # the option is what made the difference
+
+
+def test_with_nowhere_else_to_go_a_slow_answer_is_waited_for_not_cancelled():
+    """Found by hand (a TGI simulator alone in its pool, non-streamed): the first-token timer cancelled a slow but
+    live answer and sent 504 though no other backend could take the retry. With one backend, or the retry budget
+    spent, the proxy keeps waiting; the first-byte timeout still bounds a hung engine."""
+    with FaultBackend("slow", first_byte_delay_s=2.0) as slow, \
+            Proxy(config={"models": {"m": {"backends": [{"name": "slow", "url": slow.url, "engine": "vllm"}]}},
+                          "outlier": {"first_token_timeout_min_s": 0.5}, "timeouts": {"first_byte_s": 20.0}}) as proxy:
+        out = run_four(proxy.port)
+        assert len(out) == 4 and all(status == 200 and b"[DONE]" in data for status, _, data in out), out
+        assert slow.stats()["disconnects"] == 0
+        assert "retrying elsewhere" not in proxy.log()

@@ -251,11 +251,21 @@ class Forward:
         self.request_id = request_id
         self.started = started
         self.held_s = 0.0
+        self.tried: list[str] = []  # backends attempted, in order
+
+    def can_retry_elsewhere(self) -> bool:
+        """Whether a retry could still go to a backend not tried yet (attempts and time left, one routable)."""
+        retries = self.state.config.retries
+        if len(self.tried) >= retries.max_attempts or time.monotonic() - self.started >= retries.max_total_s:
+            return False
+        allowed = self.demand.only_backends
+        return any(b.backend_id not in self.tried and (allowed is None or b.backend_id in allowed)
+                   for b in self.state.driver.scheduler.routable_backends(self.pool.name))
 
     async def run(self) -> web.StreamResponse:
         state, demand = self.state, self.demand
         retries = state.config.retries
-        tried: list[str] = []
+        tried = self.tried
         last: UpstreamError | web.Response | None = None
         while True:
             decision = state.driver.submit(demand, tried)
@@ -353,8 +363,11 @@ class Forward:
                         def on_overdue() -> None:
                             # No first token within the first-token timer and nothing sent to the client yet:
                             # give up on this backend now (the upstream request is cancelled) and retry elsewhere.
+                            # With nowhere else to go (one backend, or the retry budget spent: a non-streamed
+                            # answer of 15 s is past max_total_s) it keeps waiting: cancelling would turn a slow
+                            # answer into a 504, and the first-byte timeout still bounds a hung engine.
                             nonlocal overdue
-                            if phase == "first byte":
+                            if phase == "first byte" and self.can_retry_elsewhere():
                                 overdue = True
                                 timer.reschedule(loop.time())
 
