@@ -217,3 +217,30 @@ def test_live_sustained_overload_refuses_at_arrival(tmp_path: Path):
     # Measured: with the bound ~5% of the answers had been held, without it ~18% (held up to the objective).
     assert pool["held_total"] <= 0.1 * sum(statuses.values()), (statuses, pool)
     assert pool["expired_total"] <= 0.2 * pool["held_total"] + 5, pool  # held ones leave in time
+
+
+def test_a_burst_onto_a_quiet_pool_is_held_not_refused_by_a_remembered_ratio():
+    """Found by the data-plane bench (wrk -c128 in 5-s rounds with 5-s lulls): the ratio remembered from before a
+    lull read a burst of 128 at once as sustained overload, and its last ~40 requests were refused though each would
+    have been served within ~15 ms. The bound applies only to a queue that has stood for STANDING_MIN_S."""
+    from capbalancer.sched.admission import STANDING_MIN_S
+
+    sched = make()
+    pool = sched.pools["m"]
+    for _ in range(300):  # an earlier overload at 1.4x, measured ...
+        for _ in range(14):
+            pool.overload.on_offered(T0)
+        for _ in range(10):
+            pool.overload.on_released(1, T0)
+    now = T0 + 5.0  # ... then a lull: the ratio is still known
+    limit = pool.overload.hold_limit(now, 1e-4)
+    assert limit is not None and limit < 30, limit
+    decisions = [sched.submit(Demand(request_id=f"b{i}", pool="m", prompt_tokens=100, max_tokens=100,
+                                     arrival_s=now), now) for i in range(40)]
+    assert not any(isinstance(d, Reject) for d in decisions), [d for d in decisions if isinstance(d, Reject)][:3]
+    assert sum(isinstance(d, Hold) for d in decisions) >= 30
+    # The same queue, still standing STANDING_MIN_S later, is bounded: a newcomer is refused.
+    later = now + STANDING_MIN_S
+    late = sched.submit(Demand(request_id="late", pool="m", prompt_tokens=100, max_tokens=100, arrival_s=later),
+                        later)
+    assert isinstance(late, Reject) and late.status == 429, late

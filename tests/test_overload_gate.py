@@ -11,6 +11,7 @@ import time
 
 from test_goodput_admission import T0, demand, make
 
+from capbalancer.sched.admission import STANDING_MIN_S
 from capbalancer.sched.types import Hold, Reject, Route
 from capbalancer.server.overload import STREAK_FRESH_S, OverloadGate
 
@@ -141,6 +142,10 @@ def test_a_hold_that_fills_the_queue_to_its_bound_keeps_the_streak():
         decision = sched.submit(d, now)
         assert isinstance(decision, Hold), decision
         held.append(decision)
+    # The bound applies once the queue has stood (a burst onto a quiet pool is not bounded: test below).
+    assert isinstance(sched.submit(demand(98, now), now), Hold)
+    sched.pools["m"].hold.pop()  # (taken back: only the time the queue stood was in question)
+    now += STANDING_MIN_S
     refused = sched.submit(demand(99, now), now)
     assert isinstance(refused, Reject) and refused.status == 429
     gate.on_decision("m", refused, 500, time.monotonic())

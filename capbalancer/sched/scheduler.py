@@ -362,7 +362,8 @@ class Scheduler:
         # An under-served size class goes ahead of the rest of its priority: only those ahead of it count.
         ahead = len(pool.hold) if standing == 0 else pool.hold.count_ahead(demand.priority)
         limit = pool.overload.hold_limit(now, getattr(getattr(pool.policy, "settings", None),
-                                                      "overload_idle_fraction", 0.0)) if by_objective else None
+                                                      "overload_idle_fraction", 0.0)) if (
+            by_objective and pool.drain.standing(now)) else None
         if limit is not None and ahead >= limit:
             # Sustained overload: the queue is as long as it needs to be to keep the backends busy; holding this
             # one too would only make it (and everything behind it) wait, and as many would be refused anyway.

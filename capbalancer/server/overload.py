@@ -134,10 +134,10 @@ class OverloadGate:
                 since_s=prev.since_s if fresh and prev else now, last_s=now, freed=self.freed(pool),
                 min_body_bytes=min(prev.min_body_bytes, body_bytes) if fresh and prev else body_bytes,
                 retry_after_s=decision.retry_after_s, count=prev.count + 1 if fresh and prev else 1)}
-        elif pool in streaks and not self._filled_to_bound(pool, decision):
+        elif pool in streaks and not self._filled_to_bound(pool, decision, now):
             self.streaks = {k: v for k, v in streaks.items() if k != pool}
 
-    def _filled_to_bound(self, pool: str, decision: Decision) -> bool:
+    def _filled_to_bound(self, pool: str, decision: Decision, now: float) -> bool:
         """A Hold that filled the queue to its standing-overload bound (sched/admission.py): the scheduler refuses
         the next newcomer as it refused those before, unless room is freed first, and freed room lets a request
         through anyway. So it does not end the streak: ending it sent every request to the loop until the next
@@ -149,7 +149,9 @@ class OverloadGate:
             return False
         fraction = getattr(getattr(state.policy, "settings", None), "overload_idle_fraction", 0.0)
         limit = state.overload.last_hold_limit(fraction)
-        return limit is not None and len(state.hold) >= limit
+        # The bound applies only to a queue that has stood (sched/admission.py STANDING_MIN_S); `now` is the
+        # scheduler's clock too (time.monotonic, through the driver).
+        return limit is not None and len(state.hold) >= limit and state.drain.standing(now)
 
     def publish(self) -> None:
         """Each pool's objective bounds; and a fresher snapshot or a health change counts as freed room (the
