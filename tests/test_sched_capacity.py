@@ -243,3 +243,43 @@ def test_ttft_objective_holds_requests_instead_of_queueing_prefill_on_a_fast_dec
     model = CapacityModel(HealthSettings(), CapacitySettings(ttft_slo_s=1.0))
     est = model.estimate(bounded.backends["a"], demand(99, prompt=2000), 200, 0.0)
     assert est.ttft_s > 1.0 and not est.admits
+
+
+def test_a_dispatch_records_the_prediction_the_policy_scored_exactly_as_the_full_estimate_gives_it():
+    # The default policy hands its evaluation of the chosen backend to the dispatch (one evaluation per backend
+    # per request): what the request records for calibration must be `capacity.estimate`'s numbers, to the bit,
+    # while the backends fill and with prefix hits. (Releases take the same path; the DES figures of
+    # bench/policies.py --quick were identical before and after.)
+    from capbalancer.sched.prefix_hash import PrefixKey
+
+    sched = Scheduler([PoolSettings(name="m", policy="capacity")])  # the default options, as served
+    for name, prof in [("slow", profile("slow", 3.0, max_num_seqs=8)), ("fast", profile("fast", 1.0, max_num_seqs=8))]:
+        sched.add_backend(BackendSpec(backend_id=name, pool="m", engine="vllm", profile=prof), 0.0)
+    checked = 0
+
+    def expect(d: Demand, now: float) -> dict[str, tuple[float, float, float, int]]:
+        pool = sched.pools["m"]
+        expected = pool.output_lengths.expected(d.max_tokens)
+        out = {}
+        for name, b in sched.backends.items():
+            est = sched.capacity.estimate(b, d, expected, now)
+            out[name] = (est.ttft_s, est.tpot_s, sched.capacity.base_ttft(est, b),
+                         sched.capacity.cached_tokens(b, d)[0])
+        return out
+
+    def recorded(rid: str) -> tuple[float, float, float, int]:
+        b = sched.backends[sched.backend_of(rid)]
+        r = b.inflight[rid]
+        return r.predicted_ttft_s, r.predicted_tpot_s, r.predicted_ttft_base_s, r.cached_prompt_tokens
+
+    now = 0.0
+    for i in range(40):
+        now += 0.01
+        d = Demand(request_id=f"r{i}", pool="m", prompt_tokens=300 + 7 * i, max_tokens=100, arrival_s=now,
+                   prefix=PrefixKey(hashes=(1, 2, i % 3), block_tokens=16))
+        before = expect(d, now)
+        decision = sched.submit(d, now)
+        if isinstance(decision, Route):
+            assert recorded(d.request_id) == before[decision.backend_id]
+            checked += 1
+    assert sched.held_count() > 0 and checked >= 10

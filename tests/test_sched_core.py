@@ -117,3 +117,31 @@ def test_accounting_between_polls_counts_what_was_sent_and_freed():
     assert b0.kv_used_estimate(0.4, health) == 610 - 110
     # A stale snapshot is unknown, not empty: only our own accounting remains.
     assert b0.requests_estimate(10.0, health) == 0
+
+
+def test_hold_queue_positions_and_counts_match_a_scan_of_the_queue():
+    # Positions come from per-priority counts (not a scan of the queue per held request): the same numbers.
+    import random
+
+    from capbalancer.sched.hold import HoldQueue
+
+    rng = random.Random(7)
+    q = HoldQueue()
+    ids: list[str] = []
+    for i in range(600):
+        op = rng.random()
+        if op < 0.6 or not ids:
+            d = Demand(request_id=f"h{i}", pool="m", prompt_tokens=10, max_tokens=10, arrival_s=float(i),
+                       priority=rng.choice((0, 0, 0, 1, -1, 5)))
+            ahead = rng.random() < 0.1
+            key = (-d.priority, 0 if ahead else 1)
+            expected = sum(1 for e in q._by_id.values() if e.sort_key[:2] <= key)  # the newest of its key
+            assert q.push(d, float(i), float(i) + 10.0, ahead=ahead) == expected
+            ids.append(d.request_id)
+        elif op < 0.8 and len(q):
+            q.pop()
+        else:
+            q.remove(ids.pop(rng.randrange(len(ids))))
+        for p in (-1, 0, 1, 5):
+            assert q.count_ahead(p) == sum(1 for e in q._by_id.values() if e.sort_key[:2] < (-p, 1))
+    assert len(q) > 0

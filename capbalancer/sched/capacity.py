@@ -106,11 +106,19 @@ class Estimate:
         return self.fits_memory and self.fits_compute
 
 
+# (TTFT, TPOT, end-to-end) seconds that `CapacityModel.score` predicted, as `estimate` would give them (the
+# end-to-end time without the routing score's recompute cost).
+Latency = tuple[float, float, float]
+
+
 class CapacityModel:
     def __init__(self, health: HealthSettings, settings: CapacitySettings | None = None) -> None:
         self.health = health
         self.settings = settings or CapacitySettings()
         self.prefix: PrefixIndex | None = None  # the scheduler's prefix index: cached tokens per backend
+        # What the last `score` that returned a number predicted: the policy keeps the chosen backend's, so that
+        # the dispatch does not evaluate the same backend with the same inputs a second time (the proxy's CPU).
+        self.last_latency: Latency = (0.0, 0.0, 0.0)
 
     # --- profile with corrections ---------------------------------------------------------------
     @staticmethod
@@ -256,6 +264,7 @@ class CapacityModel:
             if not full:
                 return None
         e2e_s = s.ttft_weight * ttft_s + max(0, expected_output_tokens - 1) * tpot_s
+        plain_e2e_s = e2e_s
         if recompute_cost:
             # A prefix held elsewhere: recomputing it here also stalls every sequence running here for the
             # length of that prefill (their steps wait for it), a cost the newcomer's own latency omits.
@@ -265,6 +274,7 @@ class CapacityModel:
             # (chunked prefill steps shared with the rest of a burst), so a margin is kept (TTFT_MARGIN_*).
             if deadline_s is not None and now + ttft_s * TTFT_MARGIN_FACTOR + TTFT_MARGIN_S > deadline_s:
                 return None
+            self.last_latency = (ttft_s, tpot_s, plain_e2e_s)
             return e2e_s
         return Estimate(
             backend_id=state.backend_id, seqs_after=seqs_after, seats=seats, kv_projected_tokens=kv_projected,
@@ -442,8 +452,12 @@ class CapacityModel:
         return self.estimate(state, demand, expected_output_tokens, now)
 
     def base_ttft(self, estimate: Estimate, state: BackendState) -> float:
+        return self.base_ttft_s(estimate.ttft_s, state)
+
+    def base_ttft_s(self, ttft_s: float, state: BackendState) -> float:
+        """A TTFT predicted on `state` before its online correction."""
         k = self.ttft_factor(state)
-        return estimate.ttft_s / k if k > 0 else estimate.ttft_s
+        return ttft_s / k if k > 0 else ttft_s
 
 
 def _churn(step: StepTimeModel, prompt_tokens: int, expected_output_tokens: int, n: int) -> float:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from capbalancer.sched.admission import derived_objective_s
 from capbalancer.sched.backend import BackendState
-from capbalancer.sched.capacity import CapacityModel, CapacitySettings
+from capbalancer.sched.capacity import CapacityModel, CapacitySettings, Latency
 from capbalancer.sched.fairness import DEFAULT_MARGIN, FairShare
 from capbalancer.sched.policies import PolicyContext, register
 from capbalancer.sched.prefix_wait import should_wait
@@ -69,11 +69,20 @@ class CapacityPolicy:
         self.fair = fair
         self._model: CapacityModel | None = None
         self._turn = 0
+        # The scheduler's model last seen, and whether ours predicts as it does (same settings, health, prefix
+        # index): then the chosen backend's prediction is handed over (`PolicyContext.prediction`).
+        self._capacity: CapacityModel | None = None
+        self._same_as_capacity = False
 
     def _model_for(self, ctx: PolicyContext) -> CapacityModel:
         if self._model is None or self._model.health is not ctx.health:
             self._model = CapacityModel(ctx.health, self.settings)
+            self._capacity = None
         self._model.prefix = ctx.prefix
+        if ctx.capacity is not self._capacity:
+            self._capacity = ctx.capacity
+            self._same_as_capacity = (ctx.capacity is not None and ctx.capacity.settings == self.settings
+                                      and ctx.capacity.health is ctx.health)
         return self._model
 
     def choose(self, demand: Demand, candidates: Sequence[BackendState], ctx: PolicyContext) -> BackendState | None:
@@ -105,6 +114,8 @@ class CapacityPolicy:
                                                  demand.session_id) for b in candidates]
             # Only where some backend holds part of the prompt does recomputing it elsewhere cost anything extra.
             recompute = any(c for c, _ in held)
+        best_latency = model.last_latency
+        latencies: dict[int, Latency] = {}  # by candidate, where near-ties may move the choice
         for i in range(n):
             j = (offset + i) % n
             b = candidates[j]
@@ -118,8 +129,10 @@ class CapacityPolicy:
                     roomless.append(j)
                 else:
                     scored.append((j, score))
+                    latencies[j] = model.last_latency
             if score is not None and score < best_score:
                 best, best_score, best_j = b, score, j
+                best_latency = model.last_latency
         if best is not None and held is not None and len(scored) > 1:
             # Near-ties go to where the prefix is, else to the session's last backend: predictions closer than
             # `prefix_tie_fraction` are within calibration noise, and moving a conversation for no predicted gain
@@ -131,6 +144,7 @@ class CapacityPolicy:
                 j, sc = max(near, key=lambda x: (held[x[0]][0], candidates[x[0]].backend_id == session_backend,
                                                   -x[1]))
                 best, best_score, best_j = candidates[j], sc, j
+                best_latency = latencies[j]
         if best is not None and ctx.wait_for_prefix and held is not None and roomless:
             # A held request being released: the backend holding most of its prefix may be worth waiting for.
             hj = max(roomless, key=lambda j: held[j][0])
@@ -143,6 +157,9 @@ class CapacityPolicy:
                 est = model.estimate(b, demand, expected, now)
                 if est.e2e_s < fallback_score:
                     fallback, fallback_score = b, est.e2e_s
+        if best is not None and self._same_as_capacity and ctx.capacity.prefix is ctx.prefix:
+            cached, shared = held[best_j] if held is not None else (0, 0)
+            ctx.prediction = (best, best_latency, cached, shared)
         return best if best is not None else fallback
 
     def unservable(self, demand: Demand, candidates: Sequence[BackendState], ctx: PolicyContext) -> bool:

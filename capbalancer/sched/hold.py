@@ -27,6 +27,9 @@ class HoldQueue:
         self._deadlines: list[tuple[float, int, _Entry]] = []  # min-heap by deadline, lazily cleaned
         self._seq = itertools.count()
         self.ahead_count = 0  # entries pushed `ahead` still queued
+        # Queued entries per priority: a position is then a sum over the few priorities in use, not a scan of the
+        # queue (each held request asks for its own).
+        self._per_priority: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -43,15 +46,36 @@ class HoldQueue:
         heapq.heappush(self._heap, entry)
         heapq.heappush(self._deadlines, (deadline_s, seq, entry))
         self._by_id[demand.request_id] = entry
+        per = self._per_priority
+        per[demand.priority] = per.get(demand.priority, 0) + 1
+        if not ahead:
+            # The newest of its priority, not ahead: behind every request of its priority and of any higher one.
+            return self._at_or_above(demand.priority) - 1
         return self.position_of(entry)
 
     def position_of(self, entry: _Entry) -> int:
-        # Exact position is O(n); cheap enough for a header and only computed on hold.
+        # Exact position is O(n); only for entries pushed `ahead` (fair shedding's under-served size class).
         return sum(1 for e in self._by_id.values() if e.sort_key < entry.sort_key)
 
     def count_ahead(self, priority: int) -> int:
         """Requests that a newcomer of `priority` queued `ahead` would find in front of it."""
+        if not self.ahead_count:  # none of its priority is ahead: only the higher priorities
+            return self._at_or_above(priority + 1)
         return sum(1 for e in self._by_id.values() if e.sort_key[:2] < (-priority, 1))
+
+    def _at_or_above(self, priority: int) -> int:
+        """Queued entries of `priority` or higher."""
+        return sum(n for p, n in self._per_priority.items() if p >= priority)
+
+    def _forget(self, entry: _Entry) -> None:
+        """`entry` left the queue: the counts follow."""
+        per = self._per_priority
+        p = entry.demand.priority
+        n = per[p] - 1
+        if n:
+            per[p] = n
+        else:
+            del per[p]
 
     def peek(self) -> tuple[Demand, float] | None:
         self._skip_removed()
@@ -66,6 +90,7 @@ class HoldQueue:
         entry.removed = True
         del self._by_id[entry.demand.request_id]
         self.ahead_count -= entry.sort_key[1] == 0
+        self._forget(entry)
         return entry.demand, entry.held_at_s
 
     def remove(self, request_id: str) -> Demand | None:
@@ -74,6 +99,7 @@ class HoldQueue:
             return None
         entry.removed = True
         self.ahead_count -= entry.sort_key[1] == 0
+        self._forget(entry)
         return entry.demand
 
     def first(self, n: int) -> list[tuple[Demand, float]]:
@@ -103,6 +129,7 @@ class HoldQueue:
         self._by_id.clear()
         self._deadlines.clear()
         self.ahead_count = 0
+        self._per_priority.clear()
         return out
 
     def next_deadline_s(self) -> float | None:

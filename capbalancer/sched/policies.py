@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from capbalancer.sched.backend import BackendState
-from capbalancer.sched.capacity import CapacityModel
+from capbalancer.sched.capacity import CapacityModel, Latency
 from capbalancer.sched.prefix_index import PrefixIndex
 from capbalancer.sched.types import Demand, HealthSettings
 
@@ -32,6 +32,9 @@ class PolicyContext:
     # the policy names that backend in `waiting_for` when it does.
     wait_for_prefix: bool = False
     waiting_for: str | None = None
+    # Set by a policy whose prediction for the backend it chose is what `ctx.capacity.estimate` would give:
+    # (that backend, its Latency, cached prompt tokens, shared KV tokens). The dispatch then takes it as is.
+    prediction: tuple[BackendState, Latency, int, int] | None = None
 
 
 class Policy(Protocol):

@@ -324,7 +324,7 @@ class Scheduler:
                 len(self.remote) and self.remote.ahead(demand.pool, demand.priority, now)):
             choice = pool.policy.choose(demand, candidates, ctx)
             if choice is not None:
-                self._dispatch(choice, demand, pool, now)
+                self._dispatch(choice, demand, pool, now, ctx)
                 return Route(choice.backend_id)
             reason = "capacity"
         else:
@@ -621,8 +621,18 @@ class Scheduler:
                              capacity=self.capacity,
                              prefix=self.prefix if self.prefix.settings.enabled else None)
 
-    def _dispatch(self, backend: BackendState, demand: Demand, pool: PoolState, now: float) -> None:
-        expected = 0 if demand.api == "embeddings" else pool.output_lengths.expected(demand.max_tokens)
+    def _dispatch(self, backend: BackendState, demand: Demand, pool: PoolState, now: float,
+                  ctx: PolicyContext | None = None) -> None:
+        prediction = ctx.prediction if ctx is not None else None
+        if prediction is not None and prediction[0] is backend:
+            # The policy evaluated this backend for this demand just now, as `capacity.estimate` would.
+            (ttft_s, tpot_s, e2e_s), cached, shared = prediction[1], prediction[2], prediction[3]
+            expected = ctx.expected_output_tokens
+        else:
+            expected = 0 if demand.api == "embeddings" else pool.output_lengths.expected(demand.max_tokens)
+            cached, shared = self.capacity.cached_tokens(backend, demand)
+            estimate = self.capacity.estimate(backend, demand, expected, now)
+            ttft_s, tpot_s, e2e_s = estimate.ttft_s, estimate.tpot_s, estimate.e2e_s
         req = InflightRequest(
             request_id=demand.request_id,
             backend_id=backend.backend_id,
@@ -631,12 +641,10 @@ class Scheduler:
             expected_output_tokens=expected,
             dispatched_at_s=now,
         )
-        cached, shared = self.capacity.cached_tokens(backend, demand)
         req.cached_prompt_tokens, req.shared_kv_tokens = cached, shared
-        estimate = self.capacity.estimate(backend, demand, expected, now)
-        req.predicted_ttft_s = estimate.ttft_s
-        req.predicted_tpot_s = estimate.tpot_s
-        req.predicted_ttft_base_s = self.capacity.base_ttft(estimate, backend)
+        req.predicted_ttft_s = ttft_s
+        req.predicted_tpot_s = tpot_s
+        req.predicted_ttft_base_s = self.capacity.base_ttft_s(ttft_s, backend)
         self._index_dispatch(backend, demand, cached, now)
         backend.add_inflight(req)
         self._request_backend[demand.request_id] = backend.backend_id
@@ -645,8 +653,8 @@ class Scheduler:
         # A stream must show its first token within a few predicted TTFTs; a plain response (no first token
         # is seen before the end) its whole answer within a few predicted end-to-end times.
         o = self.outlier.settings
-        timeout_s = (o.first_token_timeout_s(estimate.ttft_s) if demand.stream
-                     else max(o.first_token_timeout_min_s, o.first_token_timeout_factor * estimate.e2e_s))
+        timeout_s = (o.first_token_timeout_s(ttft_s) if demand.stream
+                     else max(o.first_token_timeout_min_s, o.first_token_timeout_factor * e2e_s))
         heapq.heappush(self._first_token_due, (now + timeout_s, demand.request_id))
         fair = getattr(pool.policy, "fair", None)
         if fair is not None:
@@ -720,7 +728,7 @@ class Scheduler:
                 break
             pool.hold.pop()
             self._held_pool.pop(demand.request_id, None)
-            self._dispatch(choice, demand, pool, now)
+            self._dispatch(choice, demand, pool, now, ctx)
             pool.drain.on_release(now)
             events.append(Dispatch(demand.request_id, choice.backend_id, now - held_at))
         return events
@@ -743,7 +751,7 @@ class Scheduler:
                 break
             pool.hold.remove(demand.request_id)
             self._held_pool.pop(demand.request_id, None)
-            self._dispatch(choice, demand, pool, now)
+            self._dispatch(choice, demand, pool, now, ctx)
             pool.drain.on_release(now)
             events.append(Dispatch(demand.request_id, choice.backend_id, now - held_at))
         return events

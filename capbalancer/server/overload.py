@@ -187,8 +187,10 @@ class OverloadGate:
 
     def congested(self) -> bool:
         """Every pool refuses newcomers now: close keep-alive connections so the next request meets the door."""
-        now = time.monotonic()
         streaks = self.streaks
+        if not streaks:  # the usual case, asked once per answer: no clock read, no scan
+            return False
+        now = time.monotonic()
         return bool(self.scheduler.pools) and all(
             (s := streaks.get(p)) is not None and now - s.last_s < STREAK_FRESH_S for p in self.scheduler.pools)
 

@@ -220,13 +220,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
         parsed = parse_route(request.path, raw, request.headers.get("Content-Type", ""))
         pool, only_backends = resolve_pool(state, parsed.model or request.headers.get(MODEL_HEADER))
         pool_name = pool.name
-        access_log.note(request, request_id=request_id, model=parsed.model, pool=pool.name)
+        record = access_log.record_of(request)  # filled by attribute: once per request, not a **kwargs call each time
+        if record is not None:
+            record.request_id, record.model, record.pool = request_id, parsed.model, pool.name
         if client is not None:
             auth.check_model(client, pool.name)
         demand = build_demand(state, request, pool, parsed, client)
         pinned = await pinned_backends(state, parsed, state.driver.clock(), request.headers, request_id)
         demand.only_backends = pinned if pinned is not None else only_backends
-        return await Forward(state, request, pool, parsed, demand, raw, request_id, started).run()
+        return await Forward(state, request, pool, parsed, demand, raw, request_id, started, record).run()
     except ProxyError as exc:
         state.metrics.count(pool_name, "-", exc.status)
         return from_exception(exc, {"x-request-id": request_id})
@@ -241,7 +243,8 @@ class Forward:
     """The attempts of one request (first try, then retries on other backends)."""
 
     def __init__(self, state: ProxyState, request: web.Request, pool: ModelConfig, parsed: ParsedRequest,
-                 demand: Demand, raw: bytes, request_id: str, started: float) -> None:
+                 demand: Demand, raw: bytes, request_id: str, started: float,
+                 record: access_log.RequestRecord | None = None) -> None:
         self.state = state
         self.request = request
         self.pool = pool
@@ -251,6 +254,7 @@ class Forward:
         self.request_id = request_id
         self.started = started
         self.held_s = 0.0
+        self.record = record  # the access-log record (None: the request is not observed)
         self.tried: list[str] = []  # backends attempted, in order
 
     def can_retry_elsewhere(self) -> bool:
@@ -286,7 +290,9 @@ class Forward:
             else:
                 backend = decision.backend_id
             tried.append(backend)
-            access_log.note(self.request, backend=backend, retries=len(tried) - 1, held_ms=self.held_s * 1000.0)
+            record = self.record
+            if record is not None:
+                record.backend, record.retries, record.held_ms = backend, len(tried) - 1, self.held_s * 1000.0
             upstream = state.upstreams.get(backend)
             if upstream is None:  # removed by a reload between decision and now
                 state.driver.finish(demand.request_id, ok=False)
@@ -489,7 +495,9 @@ class Forward:
                 output_tokens = 0
             driver.finish(demand.request_id, output_tokens=output_tokens, prompt_tokens=prompt_tokens, ok=ok,
                           fault=fault)
-            access_log.note(request, tokens_in=prompt_tokens or demand.prompt_tokens, tokens_out=output_tokens)
+            record = self.record
+            if record is not None:
+                record.tokens_in, record.tokens_out = prompt_tokens or demand.prompt_tokens, output_tokens
             if prompt_tokens and ok:
                 state.estimator(self.pool.name).observe(self.parsed.prompt_chars, prompt_tokens)
             if ok:
