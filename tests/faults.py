@@ -32,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -407,7 +408,7 @@ class FaultBackend:
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--port", str(self.port), "--name", self.name,
              "--knobs", json.dumps(merged)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=self._stderr_sink(), start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         wait_http(self.url + "/_fault", timeout_s, self.proc)
         return self
@@ -423,12 +424,21 @@ class FaultBackend:
                 os.killpg(self.proc.pid, 9)
             self.proc.wait(timeout=10)
 
+    def _stderr_sink(self) -> Any:
+        """A file for the server's stderr, never a pipe: aiohttp logs a traceback for each connection the proxy
+        resets, and ~40 of them fill a 64 KB pipe nobody reads; the server then blocks in its next write, wedged
+        (seen: tests/test_overload.py's connection-cap test hanging under load)."""
+        self._stderr = tempfile.TemporaryFile()
+        return self._stderr
+
     def stop(self) -> None:
         if self.proc is None:
             return
         self.kill()
-        if self.proc.stderr:
-            self.proc.stderr.close()
+        stderr = getattr(self, "_stderr", None)
+        if stderr is not None:
+            stderr.close()
+            self._stderr = None
         self.proc = None
 
     def wait_exit(self, timeout_s: float = 10.0) -> int:
@@ -474,7 +484,7 @@ def fault_backends(n: int, prefix: str = "b", **knobs: Any):
             b.proc = subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "--port", str(b.port), "--name", b.name,
                  "--knobs", json.dumps(b.initial_knobs)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                stdout=subprocess.DEVNULL, stderr=b._stderr_sink(), start_new_session=True)
             procs.append(b.proc)
         from support import wait_http
 

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -56,16 +57,23 @@ def running(args: list[str], ready_url: str | None = None, timeout_s: float = 30
             env: dict[str, str] | None = None, cwd: Path | None = None) -> Iterator[subprocess.Popen]:
     """Start a real process in its own process group; wait for ready_url; always stop it after."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
+    # Output to a file, never a pipe nobody reads: a process that logs more than the pipe holds (64 KB) would block
+    # in its next write and look hung (seen with a fault server's tracebacks, tests/faults.py).
+    output = tempfile.TemporaryFile()
+    proc = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT, env=full_env,
                             cwd=str(cwd or REPO), start_new_session=True)
     try:
         if ready_url is not None:
-            wait_http(ready_url, timeout_s, proc)
+            try:
+                wait_http(ready_url, timeout_s, proc)
+            except (RuntimeError, TimeoutError) as exc:
+                output.seek(0)
+                tail = output.read()[-4000:].decode(errors="replace")
+                raise type(exc)(f"{exc}\n--- its output ---\n{tail}") from None
         yield proc
     finally:
         stop_process(proc)
-        if proc.stdout:
-            proc.stdout.close()
+        output.close()
 
 
 def capbalancer(*args: str) -> list[str]:
