@@ -27,7 +27,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 from proxy_overhead import BODY, STREAM_BODY, free_port, wait_up  # noqa: E402
-from workers import WRK_SCRIPT, children_cpu_s, group_cpu_s, wrk_rps  # noqa: E402
+from workers import WRK_SCRIPT, cpu_us_per_request, measure_interleaved, stop_all  # noqa: E402
 
 
 def proxy_tree(ref: str, tmp: str) -> Path:
@@ -111,21 +111,9 @@ def main() -> int:
                 skipped = f"vllm-router skipped: {exc}"
         time.sleep(2.0)  # every target done starting (health polls, engine detection) before timing
         names = [t[0] for t in targets]
-        totals = dict.fromkeys(names, 0.0)
-        bad = dict.fromkeys(names, 0)
-        cpu = {name: [0.0, 0.0, 0.0, 0.0] for name in names}  # backend, router, wrk CPU s; requests
+        totals, bad, cpu = measure_interleaved(targets, backend_pgid, args.seconds, args.rounds, args.connections,
+                                               script)
         slice_s = args.seconds / args.rounds
-        for _ in range(args.rounds):
-            for name, url, pgid in targets:
-                b0, r0, w0 = group_cpu_s(backend_pgid), group_cpu_s(pgid) if pgid else 0.0, children_cpu_s()
-                rps, n_bad = wrk_rps(url + "/v1/chat/completions", slice_s, args.connections, script)
-                c = cpu[name]
-                c[0] += group_cpu_s(backend_pgid) - b0
-                c[1] += (group_cpu_s(pgid) - r0) if pgid else 0.0
-                c[2] += children_cpu_s() - w0
-                c[3] += rps * slice_s
-                totals[name] += rps / args.rounds
-                bad[name] += n_bad
         kind = "streamed (100 events)" if args.stream else "non-streamed"
         print(f"wrk -t2 -c{args.connections}, {kind} chat completions, instant backend; {args.rounds} interleaved "
               f"rounds of {slice_s:g} s per target; cpus={os.cpu_count()}")
@@ -134,8 +122,7 @@ def main() -> int:
         print(f"| {'target':28s} | req/s | / direct | / {first:10s} | errors | CPU us/req: router | backend | wrk |")
         print(f"|{'-' * 30}|-------|----------|--------------|--------|--------------------|---------|-----|")
         for name in names:
-            c = cpu[name]
-            per = [x / max(1.0, c[3]) * 1e6 for x in c[:3]]
+            per = cpu_us_per_request(cpu[name])
             ratio = f"{totals[name] / direct:8.2f}" if direct else "       -"
             print(f"| {name:28s} | {totals[name]:5.0f} | {ratio} | {totals[name] / totals[first]:12.2f} | "
                   f"{bad[name]:6d} | {per[1]:18.0f} | {per[0]:7.0f} | {per[2]:3.0f} |")
@@ -143,15 +130,7 @@ def main() -> int:
             print(skipped)
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 15)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, 9)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, tmp)
 
 
 if __name__ == "__main__":

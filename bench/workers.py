@@ -69,6 +69,49 @@ def wrk_rps(url: str, seconds: float, connections: int, script: str) -> tuple[fl
     return rps, n_bad
 
 
+Target = tuple[str, str, int]  # name, base URL, process group (0: none, the backend itself)
+
+
+def measure_interleaved(targets: list[Target], backend_pgid: int, seconds: float, rounds: int, connections: int,
+                        script: str) -> tuple[dict[str, float], dict[str, int], dict[str, list[float]]]:
+    """wrk against each target in turn, `rounds` times (so background load hits them alike). Per target: mean
+    req/s, non-2xx and socket errors, and CPU seconds [backend, router (its process group), wrk] with requests."""
+    totals = {t[0]: 0.0 for t in targets}
+    bad = dict.fromkeys(totals, 0)
+    cpu = {name: [0.0, 0.0, 0.0, 0.0] for name in totals}
+    slice_s = seconds / rounds
+    for _ in range(rounds):
+        for name, url, pgid in targets:
+            b0, r0, w0 = group_cpu_s(backend_pgid), group_cpu_s(pgid) if pgid else 0.0, children_cpu_s()
+            rps, n_bad = wrk_rps(url + "/v1/chat/completions", slice_s, connections, script)
+            c = cpu[name]
+            c[0] += group_cpu_s(backend_pgid) - b0
+            c[1] += (group_cpu_s(pgid) - r0) if pgid else 0.0
+            c[2] += children_cpu_s() - w0
+            c[3] += rps * slice_s
+            totals[name] += rps / rounds
+            bad[name] += n_bad
+    return totals, bad, cpu
+
+
+def cpu_us_per_request(c: list[float]) -> list[float]:
+    """[backend, router, wrk] CPU microseconds per request served, from `measure_interleaved`'s counters."""
+    return [x / max(1.0, c[3]) * 1e6 for x in c[:3]]
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]], tmp: str) -> None:
+    """SIGTERM every process group at once, then wait (SIGKILL after 15 s); remove the scratch folder."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, 15)
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=20.0, help="per target, over all rounds")
@@ -125,22 +168,9 @@ def main() -> int:
             import time
 
             time.sleep(2.0)
-        totals = dict.fromkeys((t[0] for t in targets), 0.0)
-        bad = dict.fromkeys(totals, 0)
-        # CPU seconds per target: the backend's, the router's (all its processes), wrk's; and requests served.
-        cpu = {name: [0.0, 0.0, 0.0, 0.0] for name in totals}
+        totals, bad, cpu = measure_interleaved(targets, backend_pgid, args.seconds, args.rounds, args.connections,
+                                               script)
         slice_s = args.seconds / args.rounds
-        for _ in range(args.rounds):
-            for name, url, pgid in targets:
-                b0, r0, w0 = group_cpu_s(backend_pgid), group_cpu_s(pgid) if pgid else 0.0, children_cpu_s()
-                rps, n_bad = wrk_rps(url + "/v1/chat/completions", slice_s, args.connections, script)
-                c = cpu[name]
-                c[0] += group_cpu_s(backend_pgid) - b0
-                c[1] += (group_cpu_s(pgid) - r0) if pgid else 0.0
-                c[2] += children_cpu_s() - w0
-                c[3] += rps * slice_s
-                totals[name] += rps / args.rounds
-                bad[name] += n_bad
         print(f"wrk -t2 -c{args.connections}, non-streamed chat completions, instant backend; {args.rounds} "
               f"interleaved rounds of {slice_s:g} s per target; cpus={os.cpu_count()}")
         direct = totals["direct"]
@@ -148,23 +178,14 @@ def main() -> int:
         print(f"| {'target':34s} | req/s | / direct | / one worker | errors | CPU us/req: router | backend | wrk |")
         print(f"|{'-' * 36}|-------|----------|--------------|--------|--------------------|---------|-----|")
         for name, _, _ in targets:
-            c = cpu[name]
-            per = [x / max(1.0, c[3]) * 1e6 for x in c[:3]]
+            per = cpu_us_per_request(cpu[name])
             print(f"| {name:34s} | {totals[name]:5.0f} | {totals[name] / direct:8.2f} | {totals[name] / one:12.2f} | "
                   f"{bad[name]:6d} | {per[1]:18.0f} | {per[0]:7.0f} | {per[2]:3.0f} |")
         if skipped:
             print(skipped)
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 15)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, 9)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, tmp)
 
 
 if __name__ == "__main__":
