@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -79,3 +80,13 @@ def running(args: list[str], ready_url: str | None = None, timeout_s: float = 30
 def capbalancer(*args: str) -> list[str]:
     """argv for running the CLI from the current interpreter (no reliance on PATH)."""
     return [PYTHON, "-m", "capbalancer.cli", *args]
+
+
+def post_json(url: str, body: object, timeout_s: float = 10.0) -> tuple[int, object]:
+    """POST a JSON body; (status, the JSON answer) for any status."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())

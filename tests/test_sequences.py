@@ -3,14 +3,16 @@ simulator generates each (its usage, and its engine's token counter, say so)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
 from faults import Proxy
-from support import capbalancer, free_port, running
+from support import capbalancer, free_port, post_json, running
 
 from capbalancer.config import parse_config
 from capbalancer.server.app import build_state
@@ -61,12 +63,19 @@ def _generated(url: str) -> float:
     return float(re.search(r"^vllm:generation_tokens_total\{[^}]*\} (\S+)$", text, re.M).group(1))
 
 
-def test_the_simulator_generates_every_sequence_through_the_proxy():
+@contextlib.contextmanager
+def sim_behind_proxy() -> Iterator[tuple[str, Proxy]]:
+    """One simulated vLLM (model `m`) and a proxy in front of it with the default policy: (sim URL, proxy)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with running(capbalancer("sim", "--profile", "l4/llama-3.1-8b-tp1", "--port", str(port), "--model", "m"),
                  ready_url=url + "/health"), \
             Proxy(config={"models": {"m": {"backends": [{"name": "b0", "url": url}]}}}) as proxy:
+        yield url, proxy
+
+
+def test_the_simulator_generates_every_sequence_through_the_proxy():
+    with sim_behind_proxy() as (url, proxy):
         before = _generated(url)
         status, _, raw = proxy.request("POST", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 4,
                                                                   "n": 3, "ignore_eos": True})
@@ -101,24 +110,11 @@ def test_a_context_length_check_sees_one_sequence_not_their_sum():
     assert sched.submit(demand(2, 4, 1200), 0.0).status == 400  # one sequence alone is too long
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_a_request_for_a_billion_sequences_is_refused_and_nothing_dies():
     """Found by hand: n = 10^9 through `make run`'s embedded simulated cluster grew the process to 24 GB until the
     kernel killed it, proxy and all. Now the proxy answers 400 (OpenAI's limit is 128) without asking any backend,
     and the simulator refuses it too (as it refuses a `stream_options` that is not an object, which raised a 500)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with running(capbalancer("sim", "--profile", "l4/llama-3.1-8b-tp1", "--port", str(port), "--model", "m"),
-                 ready_url=url + "/health"), \
-            Proxy(config={"models": {"m": {"backends": [{"name": "b0", "url": url}]}}}) as proxy:
+    with sim_behind_proxy() as (url, proxy):
         before = _generated(url)
         status, _, raw = proxy.request("POST", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 2,
                                                                   "n": 10**9})
@@ -132,12 +128,12 @@ def test_a_request_for_a_billion_sequences_is_refused_and_nothing_dies():
         for body, param in (({"model": "m", "prompt": "hi", "max_tokens": 2, "n": 129}, "n"),
                             ({"model": "m", "prompt": "hi", "max_tokens": 2, "stream": True,
                               "stream_options": "x"}, "stream_options")):
-            status, answer = _post(url + "/v1/completions", body)
+            status, answer = post_json(url + "/v1/completions", body)
             assert status == 400 and answer["error"]["param"] == param
-        status, answer = _post(url + "/v1/chat/completions", {
+        status, answer = post_json(url + "/v1/chat/completions", {
             "model": "m", "messages": [{"role": "user", "content": {"a": 1}}], "max_tokens": 2})
         assert status == 400 and answer["error"]["param"] == "messages"
-        status, answer = _post(url + "/tokenize", {"model": "m", "messages": [None]})  # was a 500
+        status, answer = post_json(url + "/tokenize", {"model": "m", "messages": [None]})  # was a 500
         assert status == 400 and answer["error"]["param"] == "messages"
         assert _generated(url) == before  # nothing reached the engine
         status, _, _ = proxy.request("POST", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 2})

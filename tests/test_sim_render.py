@@ -1,23 +1,12 @@
 """vLLM's render routes on the simulated engine (sim/http/render.py), over real sockets: what vllm-router's
 cache_aware asks every worker for each request. The ids are those /tokenize gives and the prefix cache keys on."""
 
-import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from support import capbalancer, free_port, running
+from support import post_json as post
 
 FAST = str(Path(__file__).parent / "data" / "profiles" / "fast-13b.yaml")
-
-
-def post(url: str, body: dict) -> tuple[int, object]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def test_render_gives_the_token_ids_the_engine_would_run():
