@@ -198,3 +198,29 @@ def test_a_request_longer_than_the_hold_timeout_by_itself_is_served_not_refused(
                    deadline_s=5.0)
     sched.submit(short, 0.0)
     assert short.deadline_s == 5.0
+
+
+def test_a_large_embeddings_batch_is_not_modelled_as_one_sequence_holding_all_its_tokens():
+    """Seen live: 100,000 embedding inputs (~300k tokens) arriving while one request ran were held, then refused
+    "cannot start before its deadline": the batch was modelled as one sequence needing 300k tokens of KV at once,
+    more than the backend holds. Pooling requests hold KV only while they prefill, one step's budget at a time. It
+    still waits for the chat request beside it to finish (30 s of prefill would stall its every token), then goes."""
+    from capbalancer.profiling.schema import Profile, StepTimeModel
+    from capbalancer.sched.scheduler import Scheduler
+    from capbalancer.sched.types import BackendSpec, Demand, Dispatch, Expire, Hold, PoolSettings, Route
+
+    profile = Profile(name="p", gpu="g", model="m", tp=1, engine="vllm", kv_capacity_tokens=60_000,
+                      step=StepTimeModel(0.01, 1e-4, 1e-4, 1e-8), max_model_len=4096, max_num_batched_tokens=2048)
+    sched = Scheduler([PoolSettings(name="m")])
+    sched.add_backend(BackendSpec(backend_id="b0", pool="m", profile=profile), 0.0)
+    chat = Demand(request_id="chat", pool="m", prompt_tokens=500, max_tokens=100, arrival_s=0.0)
+    assert isinstance(sched.submit(chat, 0.0), Route)
+    batch = Demand(request_id="emb", pool="m", prompt_tokens=300_000, max_tokens=1, arrival_s=0.1, api="embeddings")
+    assert isinstance(sched.submit(batch, 0.1), Hold)
+    # Beside the running request it fits in memory (it did not: 300k tokens against 60k); what keeps it waiting is
+    # the stall its prefill would cause, so the wait it is predicted is its prefill, not an endless seat wait.
+    estimate = sched.capacity.estimate(sched.backends["b0"], batch, 0, 0.1)
+    assert estimate.fits_memory and estimate.ttft_s < 40.0, estimate
+    assert not any(isinstance(e, Expire) for e in sched.tick(0.5))  # not refused while it waits
+    events = sched.finish("chat", 2.0, output_tokens=100)
+    assert [e.request_id for e in events if isinstance(e, Dispatch)] == ["emb"], events

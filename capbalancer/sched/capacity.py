@@ -183,6 +183,11 @@ class CapacityModel:
         reserve = state.kv_reserve.reserve(s.kv_growth_reserve) if s.adapt_kv_reserve else s.kv_growth_reserve
         # A prefix held by requests running there needs no new KV; one only cached (evictable) does.
         new_kv = prompt_tokens - shared_kv_tokens + reserve * expected_output_tokens
+        if expected_output_tokens == 0 and new_kv > max_batched_tokens:
+            # A pooling request (embeddings: it generates nothing) holds KV only while it prefills, and a batch of
+            # inputs is prefilled as many requests, one step's token budget at a time: 100,000 inputs never hold
+            # their 300k tokens at once (modelled whole, such a batch looked unservable beside any running request).
+            new_kv = max_batched_tokens
         kv_projected = int(kv_used + reserve * own_growth + new_kv)
         kv_capacity = state.kv_capacity_tokens()
         fits_memory = (kv_capacity is None or seqs_now == 0
