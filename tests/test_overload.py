@@ -236,3 +236,34 @@ def test_half_closed_client_gets_its_answer_and_a_client_that_left_leaves_the_qu
                 time.sleep(0.05)
             assert b.stats()["disconnects"] == 1
             b.release()
+
+
+def test_a_refusal_at_the_front_door_has_its_access_log_line():
+    """The front door answers some requests before the event loop sees them (connection cap, a full hold queue, a
+    request that cannot start in time); each still gets its access-log line (method, path, status)."""
+    with FaultBackend("b0", api="hold", chunks=3, hold_s=30) as b:
+        config = {"models": {"m": {"backends": [{"url": b.url, "name": "b0"}]}}, "server": {"max_connections": 2}}
+        with Proxy(config=config) as proxy:
+            held = []
+            try:
+                for _ in range(2):
+                    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+                    s.sendall(request_bytes(STREAM_BODY))
+                    held.append(s)
+                for s in held:
+                    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+                with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+                    s.sendall(request_bytes(keep_alive=False))
+                    assert s.recv(4096).startswith(b"HTTP/1.1 503")
+                deadline = time.monotonic() + 10  # written by the log's own thread, a moment later
+                refused: list[dict] = []
+                while not refused and time.monotonic() < deadline:
+                    lines = [json.loads(ln) for ln in proxy.log().splitlines() if ln.startswith("{")]
+                    refused = [ln for ln in lines if ln["status"] == 503]
+                    time.sleep(0.05)
+                assert refused and refused[0]["method"] == "POST" and refused[0]["path"] == "/v1/chat/completions", (
+                    proxy.log()[-2000:])
+            finally:
+                b.release()
+                for s in held:
+                    s.close()

@@ -184,3 +184,14 @@ def install_handler(stream: Any = None) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+def emit_refused_at_the_door(head: bytes, status: int) -> None:
+    """The line of a request the front door refused before the event loop saw it (server/frontdoor.py): method,
+    path and status from its first bytes; no request id, model or backend (its body was never read)."""
+    method, _, rest = head.partition(b" ")
+    target = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+    now = time.monotonic()
+    record = RequestRecord(started_s=now, method=method[:16].decode("latin-1"),
+                           path=target[:256].decode("latin-1"), status=status)
+    emit(record)

@@ -128,8 +128,12 @@ class FrontDoor:
                  protocol_factory: Callable[[], asyncio.Protocol], probe: ProbeAnswer,
                  open_connections: Callable[[], int], max_connections: int, handoff_after_s: float = 0.5,
                  shed: Callable[[], bool] | None = None,
-                 judge: Callable[[bytes], float | None] | None = None) -> None:
+                 judge: Callable[[bytes], float | None] | None = None,
+                 on_refused: Callable[[bytes, int], None] | None = None) -> None:
         self.listeners = listeners
+        # Told of each request answered here with a refusal (its first bytes, the status): the access log's line
+        # for a request that never reaches the loop. Called on this thread: it must not block or touch the loop.
+        self.on_refused = on_refused
         self.loop = loop
         self.protocol_factory = protocol_factory
         self.probe = probe
@@ -273,6 +277,7 @@ class FrontDoor:
             # no cost to the loop. `Connection: close` brings the client's retry back through this door.
             self.shed_429 += 1
             self._refuse(conn, _SHED)
+            self._tell_refused(head, 429)
             return
         if head.startswith(_SHEDDABLE) and self.judge is not None:
             retry_after = self._judge(head)
@@ -280,12 +285,21 @@ class FrontDoor:
                 # It could not start within its TTFT objective: 429 at arrival, not after the loop's backlog.
                 self.shed_429 += 1
                 self._refuse(conn, _late(retry_after))
+                self._tell_refused(head, 429)
                 return
         if self._over_cap():
             self.refused_over_cap += 1
             self._refuse(conn, _overloaded(f"the proxy is at its connection limit ({self._cap}); retry later"))
+            self._tell_refused(head, 503)
             return
         self._hand_over(conn)
+
+    def _tell_refused(self, head: bytes, status: int) -> None:
+        if self.on_refused is not None:
+            try:
+                self.on_refused(head, status)
+            except Exception:  # a log line is never worth the door
+                log.exception("front door: recording a refusal failed")
 
     def _shedding(self) -> bool:
         if self.shed is None:

@@ -52,7 +52,7 @@ def start_front_door(settings: ServerSettings, state: ProxyState, server: web.Se
     gate.start()
     door = FrontDoor(bind_listeners(settings.host, settings.port, reuse_port=reuse_port()), loop, fast or server,
                      lambda path: probe_answer(state, path), count, cap, shed=lambda: hold_queues_full(state),
-                     judge=gate.judge_head)
+                     judge=gate.judge_head, on_refused=lambda head, status: _log_refused(state, head, status))
     # The thread needs the GIL for a few microseconds per connection; a busy loop thread hands it over only every
     # switch interval (5 ms by default), several times per probe. 0.5 ms bounds that wait (measured:
     # bench/results/robust-server.md); the loop thread is only asked to switch while the door waits.
@@ -60,6 +60,12 @@ def start_front_door(settings: ServerSettings, state: ProxyState, server: web.Se
     door.start()
     log.info("accepting on a front-door thread: /health and /ready answered there; at most %d connections", cap)
     return door
+
+
+def _log_refused(state: ProxyState, head: bytes, status: int) -> None:
+    """A request the front door refused gets its access-log line too (the switch is read live: reloads)."""
+    if state.config.server.access_log:
+        access_log.emit_refused_at_the_door(head, status)
 
 
 async def serve(config: Config, *, config_path: str | None = None,
