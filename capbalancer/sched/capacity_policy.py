@@ -173,17 +173,19 @@ class CapacityPolicy:
         model = self._model_for(ctx)
         return min(model.estimate(b, demand, ctx.expected_output_tokens, ctx.now).ttft_s for b in candidates)
 
-    def ttft_deadline_s(self, demand: Demand, candidates: Sequence[BackendState], ctx: PolicyContext
-                        ) -> float | None:
+    def ttft_deadline_s(self, demand: Demand, candidates: Sequence[BackendState], ctx: PolicyContext,
+                        idle_s: float | None = None) -> float | None:
         """When `demand`'s first token is due by its TTFT objective, counted from its arrival (time held
-        counts): the user's `ttft_slo_ms`, else the derived default; None when neither applies."""
+        counts): the user's `ttft_slo_ms`, else the derived default; None when neither applies. `idle_s`:
+        `idle_ttft_s` for these candidates when the caller has it already."""
         s = self.settings
         if s.ttft_slo_s is not None:
             return demand.arrival_s + s.ttft_slo_s
         if s.ttft_objective_factor <= 0 or not candidates or demand.api == "embeddings":
             return None
-        objective = derived_objective_s(self.idle_ttft_s(demand, candidates, ctx), s.ttft_objective_factor,
-                                        s.ttft_objective_floor_s)
+        if idle_s is None:
+            idle_s = self.idle_ttft_s(demand, candidates, ctx)
+        objective = derived_objective_s(idle_s, s.ttft_objective_factor, s.ttft_objective_floor_s)
         return None if objective is None else demand.arrival_s + objective
 
     def idle_ttft_s(self, demand: Demand, candidates: Sequence[BackendState], ctx: PolicyContext) -> float:

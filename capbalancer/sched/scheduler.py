@@ -302,10 +302,9 @@ class Scheduler:
         # after it could come on an idle backend, so a request that takes longer than the timeout by itself (a batch
         # of 100,000 embedding inputs) is served rather than refused with a 429 no retry can cure. The deadline
         # header only shortens that, never extends it.
-        hold_deadline = now + settings.hold_timeout_s
         idle_ttft = getattr(pool.policy, "idle_ttft_s", None)
-        if idle_ttft is not None:
-            hold_deadline += idle_ttft(demand, candidates, ctx)
+        idle_s = idle_ttft(demand, candidates, ctx) if idle_ttft is not None else 0.0  # once: used three times
+        hold_deadline = now + settings.hold_timeout_s + idle_s
         if header_deadline is None or header_deadline > hold_deadline:
             demand.deadline_s = hold_deadline
         # Fair shedding across prompt sizes (sched/fairness.py): None when the policy sheds by cost.
@@ -314,7 +313,8 @@ class Scheduler:
             fair.on_arrival(demand.prompt_tokens, now)
         # Goodput: the first token is due by the TTFT objective, counted from arrival (sched/admission.py).
         objective = getattr(pool.policy, "ttft_deadline_s", None)
-        objective_deadline = objective(demand, candidates, ctx) if objective is not None else None
+        objective_deadline = (objective(demand, candidates, ctx, idle_s if idle_ttft is not None else None)
+                              if objective is not None else None)
         by_objective = objective_deadline is not None and objective_deadline < demand.deadline_s
         if by_objective:
             demand.deadline_s = objective_deadline
@@ -343,8 +343,7 @@ class Scheduler:
         # the DES at 10x, 144 of 206 held requests that expired were refused that way).
         leave_by = deadline
         if by_objective:
-            idle_ttft = getattr(pool.policy, "idle_ttft_s", None)
-            start_by -= idle_ttft(demand, candidates, ctx) if idle_ttft is not None else 0.0
+            start_by -= idle_s
             loaded_ttft = getattr(pool.policy, "loaded_ttft_s", None)
             leave_by = start_by if loaded_ttft is None else min(start_by, deadline - (
                 loaded_ttft(demand, candidates, ctx) * TTFT_MARGIN_FACTOR + TTFT_MARGIN_S))

@@ -6,6 +6,7 @@ Engines' own errors never pass through here: they reach the client byte for byte
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -41,9 +42,14 @@ class ProxyError(Exception):
         self.retry_after_s = retry_after_s
 
 
+def error_object(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error object (the value of an error body's "error" key)."""
+    return {"message": message, "type": _TYPES.get(status, "error"), "param": param,
+            "code": code if code is not None else status}
+
+
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": _TYPES.get(status, "error"), "param": param,
-                                   "code": code if code is not None else status}})
+    return orjson.dumps({"error": error_object(status, message, code, param)})
 
 
 def retry_after_header(seconds: float) -> str:

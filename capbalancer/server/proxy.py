@@ -257,10 +257,14 @@ class Forward:
         self.record = record  # the access-log record (None: the request is not observed)
         self.tried: list[str] = []  # backends attempted, in order
 
+    def retries_spent(self) -> bool:
+        """No new attempt: `retries.max_attempts` made, or `retries.max_total_s` gone since the request arrived."""
+        retries = self.state.config.retries
+        return len(self.tried) >= retries.max_attempts or time.monotonic() - self.started >= retries.max_total_s
+
     def can_retry_elsewhere(self) -> bool:
         """Whether a retry could still go to a backend not tried yet (attempts and time left, one routable)."""
-        retries = self.state.config.retries
-        if len(self.tried) >= retries.max_attempts or time.monotonic() - self.started >= retries.max_total_s:
+        if self.retries_spent():
             return False
         allowed = self.demand.only_backends
         return any(b.backend_id not in self.tried and (allowed is None or b.backend_id in allowed)
@@ -268,7 +272,6 @@ class Forward:
 
     async def run(self) -> web.StreamResponse:
         state, demand = self.state, self.demand
-        retries = state.config.retries
         tried = self.tried
         last: UpstreamError | web.Response | None = None
         while True:
@@ -307,9 +310,7 @@ class Forward:
             if isinstance(outcome, UpstreamError) and outcome.code == "first_token_timeout":
                 # Long past its objective already: judged afresh as it is sent again (its hold, its objective).
                 demand.arrival_s, demand.deadline_s = state.driver.clock(), None
-            out_of_budget = (len(tried) >= retries.max_attempts
-                             or time.monotonic() - self.started >= retries.max_total_s)
-            if not retryable or out_of_budget:
+            if not retryable or self.retries_spent():
                 return self._deliver(outcome, backend)
             state.metrics.retries.labels(backend, str(outcome.status)).inc()
             log.info("request %s: %s answered %s before any byte; retrying elsewhere", self.request_id, backend,

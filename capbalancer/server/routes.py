@@ -31,7 +31,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from capbalancer.config import ModelConfig
 from capbalancer.fleet.models import parse_model_list
 from capbalancer.server import access_log, proxy
-from capbalancer.server.errors import ProxyError, error_body, error_response, from_exception
+from capbalancer.server.errors import ProxyError, error_object, error_response, from_exception
 from capbalancer.server.locate import locate_object
 from capbalancer.server.model_routing import body_for, resolve_pool
 from capbalancer.server.proxy import BACKEND_HEADER, MODEL_HEADER, STATE, ProxyState, read_body, request_id_of
@@ -257,9 +257,8 @@ async def handle_lora(request: web.Request) -> web.StreamResponse:
         status = _lora_status([v["status"] for v in summary.values()])
         answer: dict[str, object] = {"lora_name": name, "backends": summary}
         if status >= 400:
-            answer["error"] = orjson.loads(error_body(status, f"{'loading' if loading else 'unloading'} adapter "
-                                                              f"{name!r} failed on {len(summary)} backend(s)",
-                                                      param="lora_name"))["error"]
+            answer["error"] = error_object(status, f"{'loading' if loading else 'unloading'} adapter {name!r} "
+                                                   f"failed on {len(summary)} backend(s)", param="lora_name")
         return web.Response(status=status, content_type="application/json", body=orjson.dumps(answer),
                             headers={"x-request-id": request_id})
     except ProxyError as exc:
