@@ -395,6 +395,7 @@ class FaultBackend:
         self.port = port or free_port()
         self.initial_knobs = knobs
         self.proc: subprocess.Popen | None = None
+        self._stderr: Any = None  # the server's stderr file (`_stderr_sink`)
 
     @property
     def url(self) -> str:
@@ -435,9 +436,8 @@ class FaultBackend:
         if self.proc is None:
             return
         self.kill()
-        stderr = getattr(self, "_stderr", None)
-        if stderr is not None:
-            stderr.close()
+        if self._stderr is not None:
+            self._stderr.close()
             self._stderr = None
         self.proc = None
 
