@@ -52,8 +52,29 @@ def request_bytes(max_tokens: int) -> bytes:
 
 # --- client worker (a subprocess) ---------------------------------------------------------------------------
 
-async def _read_response(reader: asyncio.StreamReader, t0: float) -> tuple[int, dict[str, str], float | None]:
-    """Status, headers, and seconds to the first SSE event (None when no event came)."""
+# Where a 429 was decided, told by its message (the door's and the scheduler's refusals say different things).
+REFUSAL_SOURCES = (
+    (b"every hold queue of the proxy is full", "door: queues full"),
+    (b"objective; retry later", "door: cannot start in time"),
+    (b"overload needs; retry later", "door: queue at its bound"),
+    (b"hold queue is full; retry later", "door: queue full"),
+    (b"cannot start within its time-to-first-token objective", "scheduler: cannot start in time"),
+    (b"as long as this sustained overload needs", "scheduler: queue at its bound"),
+    (b"hold queue would take", "scheduler: queue too slow"),
+    (b"keep service fair", "scheduler: fair shedding"),
+    (b"hold queue is full", "scheduler: queue full"),
+    (b"held past its deadline", "held, then expired"),
+    (b"cannot start before its deadline", "held, then refused at release"),
+)
+
+
+def refusal_source(body: bytes) -> str:
+    return next((name for text, name in REFUSAL_SOURCES if text in body), "other")
+
+
+async def _read_response(reader: asyncio.StreamReader, t0: float
+                         ) -> tuple[int, dict[str, str], float | None, bytes]:
+    """Status, headers, seconds to the first SSE event (None when no event came), and a non-chunked body."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     headers = {}
@@ -62,6 +83,7 @@ async def _read_response(reader: asyncio.StreamReader, t0: float) -> tuple[int, 
         if name:
             headers[name.strip().lower().decode()] = value.strip().decode()
     first: float | None = None
+    body = b""
     if headers.get("transfer-encoding", "").lower() == "chunked":
         while True:
             size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
@@ -72,8 +94,8 @@ async def _read_response(reader: asyncio.StreamReader, t0: float) -> tuple[int, 
             if first is None and b"data:" in data:
                 first = time.monotonic() - t0
     else:
-        await reader.readexactly(int(headers.get("content-length", "0")))
-    return status, headers, first
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, first, body
 
 
 async def _connection(host: str, port: int, until: float, req: bytes, out: dict[str, Any]) -> None:
@@ -84,17 +106,22 @@ async def _connection(host: str, port: int, until: float, req: bytes, out: dict[
         out["errors"][f"connect {type(exc).__name__}"] = out["errors"].get(f"connect {type(exc).__name__}", 0) + 1
         return
     out["connect_s"].append(time.monotonic() - t_conn)
+    reused = False  # a request on a kept-alive connection meets the event loop, a new one the front door
     try:
         while time.monotonic() < until:
             t0 = time.monotonic()
             writer.write(req)
-            status, headers, first = await asyncio.wait_for(_read_response(reader, t0), 120)
+            status, headers, first, body = await asyncio.wait_for(_read_response(reader, t0), 120)
             took = time.monotonic() - t0
             if status == 200:
                 out["ttft_s"].append(first if first is not None else took)
                 out["held_ms"].append(int(headers.get("x-capbalancer-held-ms", "0")))
             else:
                 out["status"].setdefault(str(status), []).append(took)
+                if status == 429:
+                    where = "kept-alive connection" if reused else "new connection"
+                    out["refusals"].setdefault(f"{refusal_source(body)} ({where})", []).append(took)
+            reused = True
             if status in (429, 503):
                 await asyncio.sleep(float(headers.get("retry-after", "1")))
             if headers.get("connection", "").lower() == "close":
@@ -106,12 +133,21 @@ async def _connection(host: str, port: int, until: float, req: bytes, out: dict[
         writer.close()
 
 
+async def _own_lag(until: float, out: dict[str, Any], every_s: float = 0.05) -> None:
+    """The load generator's own loop lag: every latency it measures includes it (it shares the box's cores)."""
+    while time.monotonic() < until:
+        asked = time.monotonic()
+        await asyncio.sleep(every_s)
+        out["client_lag_s"].append(max(0.0, time.monotonic() - asked - every_s))
+
+
 async def _worker(host: str, port: int, connections: int, seconds: float, max_tokens: int, start_at: float) -> dict:
-    out: dict[str, Any] = {"ttft_s": [], "held_ms": [], "status": {}, "errors": {}, "connect_s": []}
+    out: dict[str, Any] = {"ttft_s": [], "held_ms": [], "status": {}, "errors": {}, "connect_s": [],
+                           "refusals": {}, "client_lag_s": []}
     await asyncio.sleep(max(0.0, start_at - time.time()))
     until = time.monotonic() + seconds
     req = request_bytes(max_tokens)
-    await asyncio.gather(*(_connection(host, port, until, req, out) for _ in range(connections)))
+    await asyncio.gather(_own_lag(until, out), *(_connection(host, port, until, req, out) for _ in range(connections)))
     return out
 
 
@@ -274,7 +310,7 @@ def unloaded_ttft(port: int, n: int, max_tokens: int) -> list[float]:
         for _ in range(n):
             t0 = time.monotonic()
             writer.write(req)
-            status, _, first = await _read_response(reader, t0)
+            status, _, first, _ = await _read_response(reader, t0)
             if status == 200 and first is not None:
                 out.append(first)
         writer.close()
@@ -327,12 +363,16 @@ def run_one(variant: str, engines: list[str], args: argparse.Namespace, engine_p
         alive = proxy.alive()
         admin = admin_view(proxy.port)
         proxy_ttfb = proxy_ttfb_ms(proxy.port)
-    merged: dict[str, Any] = {"ttft_s": [], "held_ms": [], "status": {}, "errors": {}, "connect_s": []}
+    merged: dict[str, Any] = {"ttft_s": [], "held_ms": [], "status": {}, "errors": {}, "connect_s": [],
+                              "refusals": {}, "client_lag_s": []}
     for i in range(args.workers):
         part = json.loads(Path(tmp, f"w{i}.json").read_text())
         merged["ttft_s"] += part["ttft_s"]
         merged["held_ms"] += part["held_ms"]
         merged["connect_s"] += part["connect_s"]
+        merged["client_lag_s"] += part["client_lag_s"]
+        for k, v in part["refusals"].items():
+            merged["refusals"].setdefault(k, []).extend(v)
         for k, v in part["status"].items():
             merged["status"].setdefault(k, []).extend(v)
         for k, v in part["errors"].items():
@@ -355,6 +395,11 @@ def run_one(variant: str, engines: list[str], args: argparse.Namespace, engine_p
         "held_ms_p50": pct(merged["held_ms"], 0.5), "held_ms_p99": pct(merged["held_ms"], 0.99),
         "n_429": len(r429), "r429_p50_ms": pms(r429, 0.5),
         "r429_p99_ms": pms(r429, 0.99),
+        # Each 429 by where it was decided: count, client-side latency p50 / p99 ms.
+        "refusals": {k: (len(v), pms(v, 0.5), pms(v, 0.99)) for k, v in sorted(merged["refusals"].items())},
+        "r429_within_50ms": (sum(1 for v in r429 if v <= 0.05) / len(r429)) if r429 else None,
+        "client_lag_ms_p50": pms(merged["client_lag_s"], 0.5),
+        "client_lag_ms_p99": pms(merged["client_lag_s"], 0.99),
         "other_status": {k: len(v) for k, v in merged["status"].items() if k != "429"},
         "other_p99_ms": {k: pms(v, 0.99) for k, v in merged["status"].items() if k != "429"},
         "errors": merged["errors"],
@@ -391,6 +436,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(label for _, label in keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join(f(r.get(k)) for k, _ in keys) + " |")
+    return "\n".join(lines)
+
+
+def refusal_table(rows: list[dict[str, Any]]) -> str:
+    """Each 429 by where it was decided, with the client-side latency, and the load generator's own loop lag."""
+    lines = ["| event loop | refused by | 429s | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+    for r in rows:
+        for source, (n, p50, p99) in r.get("refusals", {}).items():
+            lines.append(f"| {r['loop']} | {source} | {n} | {p50:.0f} | {p99:.0f} |")
+        share = r.get("r429_within_50ms")
+        lines.append(f"| {r['loop']} | all: within 50 ms {share * 100 if share is not None else 0:.0f}% | "
+                     f"{r.get('n_429')} | load generator's own loop lag p50 {r.get('client_lag_ms_p50') or 0:.0f} ms,"
+                     f" p99 {r.get('client_lag_ms_p99') or 0:.0f} ms | |")
     return "\n".join(lines)
 
 
@@ -432,6 +490,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(table(rows))
+    print(refusal_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

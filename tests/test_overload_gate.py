@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import time
 
-from test_goodput_admission import T0, demand, make
+from test_goodput_admission import T0, demand, make, seats_profile
 
+from capbalancer.config import PoolSettings
 from capbalancer.sched.admission import STANDING_MIN_S
-from capbalancer.sched.types import Hold, Reject, Route
-from capbalancer.server.overload import STREAK_FRESH_S, OverloadGate
+from capbalancer.sched.scheduler import Scheduler
+from capbalancer.sched.types import BackendSpec, Hold, Reject, Route
+from capbalancer.server.overload import (
+    CONGESTED_HOLD_S,
+    LATE,
+    QUEUE_AT_BOUND,
+    QUEUE_FULL,
+    STREAK_FRESH_S,
+    OverloadGate,
+)
 
 
 def head(body_bytes: int, extra: bytes = b"") -> bytes:
@@ -45,7 +54,7 @@ def test_the_door_refuses_only_what_the_scheduler_refuses():
     assert gate.judge_head(head(500)) is None  # no verdict yet: the scheduler judges
     refuse_one(sched, gate, 1, T0)
     after = gate.judge_head(head(500))
-    assert after is not None and after >= 1.0
+    assert after is not None and after.retry_after_s >= 1.0 and after.message == LATE
     # ... and the scheduler, asked the same, refuses it too.
     assert isinstance(sched.submit(demand(2, T0), T0), Reject)
     assert gate.judge_head(head(100)) is None  # smaller than anything refused: the scheduler judges it
@@ -158,3 +167,104 @@ def test_a_hold_that_fills_the_queue_to_its_bound_keeps_the_streak():
     assert len(pool.hold) == limit - 1
     gate.on_decision("m", Hold(reason="capacity", queue_position=limit - 1), 500, time.monotonic())
     assert gate.judge_head(head(500)) is None
+
+
+def standing_at_bound(seats: int = 1) -> tuple[Scheduler, int, float]:
+    """A pool under a measured 10x overload whose queue has stood at its bound (sched/admission.py)."""
+    sched = make(seats=seats)
+    now = T0
+    for i in range(seats):
+        assert isinstance(sched.submit(demand(i, now), now), Route)
+    pool = sched.pools["m"]
+    for _ in range(20):  # 10 offered per release, one at a time
+        for _ in range(10):
+            pool.overload.on_offered(now)
+        pool.overload.on_released(1, now)
+    limit = pool.overload.hold_limit(now, 1e-4)
+    for i in range(100, 100 + limit):
+        assert isinstance(sched.submit(demand(i, now), now), Hold)
+    now += STANDING_MIN_S
+    assert isinstance(sched.submit(demand(999, now), now), Reject)  # the scheduler refuses for the length
+    return sched, limit, now
+
+
+def test_the_door_refuses_for_the_queue_length_and_passes_one_per_freed_seat():
+    """Sustained overload with the queue at its bound: a newcomer meets the queue, so the door refuses it as
+    the scheduler would, with no verdict of the scheduler's needed (issue 14: 6,600 of 7,750 refusals were the
+    scheduler's, 0.3-0.8 s late, the loop's lag)."""
+    sched, limit, now = standing_at_bound()
+    gate = OverloadGate(sched, clock=lambda: now)
+    gate.publish()
+    q = gate.queues["m"]
+    assert q.held == limit and q.bound(sched.pools["m"], now) == limit
+    refusal = gate.judge_head(head(500))
+    assert refusal is not None and refusal.message == QUEUE_AT_BOUND and refusal.retry_after_s >= 1.0
+    assert gate.judge_head(head(500, b"x-capbalancer-priority: 5\r\n")) is None  # may outrank the queue
+    # A completion releases the queue's head: one newcomer fits again, and the scheduler holds it.
+    sched.finish("r0", now + 0.01, output_tokens=10)
+    assert gate.judge_head(head(500)) is None
+    assert isinstance(sched.submit(demand(1000, now + 0.01), now + 0.01), Hold)
+    assert gate.judge_head(head(500)) is not None  # that room is taken by the one passed on
+    # Each refusal at the door is demand the queue did not take: the overload ratio counts it.
+    offered = sched.pools["m"].overload.offered
+    gate.publish()
+    assert sched.pools["m"].overload.offered == offered + gate.shed
+
+
+def test_the_door_spreads_its_refusals_retries_at_the_pools_start_rate():
+    sched, _, now = standing_at_bound()
+    for _ in range(50):  # the pool starts ~10 requests a second
+        sched.pools["m"].retry.on_start(now)
+    gate = OverloadGate(sched, clock=lambda: now)
+    gate.publish()
+    waits = [gate.judge_head(head(500)).retry_after_s for _ in range(5)]
+    assert waits == sorted(waits) and waits[-1] - waits[0] > 0.3  # one after another, not all at 1 s
+
+
+def test_an_onset_burst_is_passed_on_only_as_far_as_the_queue_and_the_seats_reach():
+    """Before the loop has published a queue, thousands of connections arriving at once were all handed to it,
+    and 1,900 were refused there as the queue filled, ~0.7 s late (bench/overload.py)."""
+    sched = Scheduler([PoolSettings(name="m", policy="capacity", hold_max_requests=8)])
+    sched.add_backend(BackendSpec(backend_id="b", pool="m", engine="vllm", profile=seats_profile(3)), T0)
+    gate = OverloadGate(sched, clock=lambda: T0)
+    gate.publish()
+    assert [gate.judge_head(head(500)) is None for _ in range(11)] == [True] * 11  # 8 held + 3 seats
+    refusal = gate.judge_head(head(500))
+    assert refusal is not None and refusal.message == QUEUE_FULL
+    gate.publish()  # the loop has adopted them, not yet read them: still counted
+    assert gate.judge_head(head(500)) is not None
+    gate.publish()  # the loop caught up (and took none of them here): room again
+    assert gate.judge_head(head(500)) is None
+
+
+def test_an_under_served_size_class_is_left_to_the_scheduler():
+    sched, _, now = standing_at_bound()
+    fair = sched.pools["m"].policy.fair
+    for _ in range(20):
+        fair.on_arrival(100, now)
+        fair.on_start(100, now)
+        fair.on_arrival(3000, now)
+    gate = OverloadGate(sched, clock=lambda: now)
+    gate.publish()
+    assert gate.queues["m"].fair_exempt
+    assert gate.judge_head(head(500)) is None  # long prompts go ahead of the queue: the scheduler decides
+
+
+def test_answers_close_their_connection_while_the_queue_stands_at_its_bound():
+    sched, _, now = standing_at_bound()
+    clock = [now]
+    gate = OverloadGate(sched, clock=lambda: clock[0])
+    assert not gate.congested()
+    gate.publish()
+    assert gate.congested()  # keep-alive clients' next requests come through the door
+    sched.finish("r0", now + 0.01, output_tokens=10)
+    gate.publish()
+    assert gate.congested()  # one below the bound: still the door's to judge
+    while len(sched.pools["m"].hold):  # the queue drains: each completion starts the next held request
+        running = next(iter(sched.backends["b"].inflight))
+        sched.finish(running, now + 0.01, output_tokens=10)
+    gate.publish()
+    assert gate.congested()  # the episode goes on for a moment: lumps of freed room empty the queue briefly
+    clock[0] = now + CONGESTED_HOLD_S + 0.01
+    gate.publish()
+    assert not gate.congested()

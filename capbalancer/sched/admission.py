@@ -35,6 +35,12 @@ STANDING_MIN_S = 0.5
 # withheld, freed at once), which made the bound 300-1,900 and the queue ~1 s long. A lump that large is
 # refilled by the arrivals of an overload (hundreds a second) about as fast as by held work.
 MAX_BULK = 16.0
+# A queue that empties for less than this and fills again still stands: under a sustained overload room frees in
+# lumps, and a lump larger than the queue empties it for a moment. Each such moment restarted the standing time
+# (STANDING_MIN_S) and the drain measurement, so the bound and the drain estimate were off half of the time and
+# the queue grew to hundreds in between (measured live, bench/overload.py: 0-500 held, a bound of ~150-250). A
+# lull of this length is not one: the burst-after-a-lull case above idles for seconds.
+EMPTY_GRACE_S = 0.25
 
 
 @dataclass(slots=True)
@@ -51,18 +57,31 @@ class DrainRate:
     window_start_s: float | None = None
     window_count: int = 0
     backlog_since_s: float | None = None  # when the queue last stopped being empty (None: empty)
+    emptied_at_s: float | None = None  # when the queue was seen to empty, while the backlog may still resume
 
     def on_backlog(self, now: float) -> None:
-        """A request joins an empty queue: a backlog (and a measuring window) starts."""
-        self.backlog_since_s = now
+        """A request joins an empty queue: a backlog (and a measuring window) starts, or the one that emptied
+        within EMPTY_GRACE_S resumes."""
+        emptied = self.emptied_at_s
+        if emptied is None or now - emptied >= EMPTY_GRACE_S:
+            self.on_empty_for_good()
+        self.emptied_at_s = None
+        if self.backlog_since_s is None:
+            self.backlog_since_s = now
         if self.window_start_s is None:
             self.window_start_s = now
             self.window_count = 0
 
     def standing(self, now: float) -> bool:
-        """Whether the queue has stood (not emptied) for STANDING_MIN_S: a sustained overload, not a burst."""
+        """Whether the queue has stood (not emptied for EMPTY_GRACE_S) for STANDING_MIN_S: a sustained overload,
+        not a burst."""
+        since = self.standing_from_s()
+        return since is not None and now >= since
+
+    def standing_from_s(self) -> float | None:
+        """When the queue counts as standing, as things are (None: no backlog)."""
         since = self.backlog_since_s
-        return since is not None and now - since >= STANDING_MIN_S
+        return None if since is None else since + STANDING_MIN_S
 
     def on_release(self, now: float) -> None:
         if self.window_start_s is None:
@@ -76,12 +95,20 @@ class DrainRate:
             self.window_start_s = now
             self.window_count = 0
 
-    def on_empty(self) -> None:
-        """No queue, no congestion: the next backlog is judged afresh."""
+    def on_empty(self, now: float) -> None:
+        """The queue is empty at `now`: past EMPTY_GRACE_S of that, no congestion, and the next backlog is judged
+        afresh; within it, a backlog that forms again resumes this one."""
+        if self.emptied_at_s is None:
+            self.emptied_at_s = now
+        elif now - self.emptied_at_s >= EMPTY_GRACE_S:
+            self.on_empty_for_good()
+
+    def on_empty_for_good(self) -> None:
         self.rate_per_s = None
         self.window_start_s = None
         self.window_count = 0
         self.backlog_since_s = None
+        self.emptied_at_s = None
 
     def wait_s(self, ahead: int) -> float | None:
         """Expected seconds until a request with `ahead` requests in front of it leaves the queue."""
@@ -109,9 +136,10 @@ class OverloadRatio:
     released_sq: float = 0.0
     at_s: float | None = None
 
-    def on_offered(self, now: float) -> None:
+    def on_offered(self, now: float, n: float = 1.0) -> None:
+        """`n` requests asked to join the queue (the front door reports those it refused itself in bulk)."""
         self._decay(now)
-        self.offered += 1.0
+        self.offered += n
 
     def on_released(self, n: int, now: float) -> None:
         """`n` held requests left for backends together (one release pass)."""

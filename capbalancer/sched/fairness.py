@@ -91,6 +91,12 @@ class FairShare:
             return 1
         return 0
 
+    def any_under_served(self, now: float) -> bool:
+        """Whether some class is under-served now: its newcomers skip the queue (the front door must let the
+        scheduler judge them, server/overload.py)."""
+        ratios = self._ratios(now)
+        return len(ratios) >= 2 and min(ratios.values()) < max(ratios.values()) - self.margin
+
     def should_shed(self, prompt_tokens: int, now: float) -> bool:
         """Whether to refuse this over-served newcomer: a share of them that grows with how far its class is
         ahead of the worst-served one (all of them `ramp` past the margin), spread evenly by a running credit

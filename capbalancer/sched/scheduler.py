@@ -688,7 +688,7 @@ class Scheduler:
         if pool is None:
             return []
         if not len(pool.hold):
-            pool.drain.on_empty()
+            pool.drain.on_empty(now)
             return []
         events: list[Event] = []
         candidates = self._routable(pool, now)
@@ -730,6 +730,8 @@ class Scheduler:
             self._dispatch(choice, demand, pool, now, ctx)
             pool.drain.on_release(now)
             events.append(Dispatch(demand.request_id, choice.backend_id, now - held_at))
+        if not len(pool.hold):  # emptied now: a backlog that forms again soon resumes (sched/admission.py)
+            pool.drain.on_empty(now)
         return events
 
     def _release_behind(self, pool: PoolState, candidates: list[BackendState], now: float) -> list[Event]:

@@ -38,8 +38,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from capbalancer.server.errors import error_body
+from capbalancer.server.errors import error_body, retry_after_header
 from capbalancer.server.limits import default_max_connections, fd_soft_limit
+from capbalancer.server.overload import DoorRefusal
 
 log = logging.getLogger("capbalancer.server")
 
@@ -101,10 +102,12 @@ _SHED = _response(429, "Too Many Requests", error_body(
     429, "every hold queue of the proxy is full; retry later", "no_capacity"), "Retry-After: 1\r\n")
 
 
-def _late(retry_after_s: float) -> bytes:
-    return _response(429, "Too Many Requests", error_body(
-        429, "overloaded: this request cannot start within its time-to-first-token objective; retry later",
-        "no_capacity"), f"Retry-After: {retry_after_s:.0f}\r\n")
+def _refusal(refusal: DoorRefusal) -> bytes:
+    # Whole seconds in Retry-After (never 0), the same to the millisecond in retry-after-ms (OpenAI's clients
+    # read it first): the door spreads its refusals' retries below a second apart, as the scheduler does.
+    return _response(429, "Too Many Requests", error_body(429, refusal.message, "no_capacity"),
+                     f"Retry-After: {retry_after_header(refusal.retry_after_s)}\r\n"
+                     f"retry-after-ms: {max(1, int(refusal.retry_after_s * 1000))}\r\n")
 
 
 def probe_path(head: bytes) -> str | None | bool:
@@ -128,7 +131,7 @@ class FrontDoor:
                  protocol_factory: Callable[[], asyncio.Protocol], probe: ProbeAnswer,
                  open_connections: Callable[[], int], max_connections: int, handoff_after_s: float = 0.5,
                  shed: Callable[[], bool] | None = None,
-                 judge: Callable[[bytes], float | None] | None = None,
+                 judge: Callable[[bytes], DoorRefusal | None] | None = None,
                  on_refused: Callable[[bytes, int], None] | None = None) -> None:
         self.listeners = listeners
         # Told of each request answered here with a refusal (its first bytes, the status): the access log's line
@@ -140,7 +143,7 @@ class FrontDoor:
         self.open_connections = open_connections
         self.max_connections = max_connections
         self.shed = shed
-        # A new request's head -> Retry-After seconds when it would be refused anyway (server/overload.py).
+        # A new request's head -> its refusal when it would be refused anyway (server/overload.py).
         self.judge = judge
         self._cap = max_connections
         self._cap_at_s = 0.0
@@ -280,11 +283,12 @@ class FrontDoor:
             self._tell_refused(head, 429)
             return
         if head.startswith(_SHEDDABLE) and self.judge is not None:
-            retry_after = self._judge(head)
-            if retry_after is not None:
-                # It could not start within its TTFT objective: 429 at arrival, not after the loop's backlog.
+            refusal = self._judge(head)
+            if refusal is not None:
+                # It could not start within its TTFT objective, or the hold queue is as long as it may be: 429 at
+                # arrival, not after the loop's backlog.
                 self.shed_429 += 1
-                self._refuse(conn, _late(retry_after))
+                self._refuse(conn, _refusal(refusal))
                 self._tell_refused(head, 429)
                 return
         if self._over_cap():
@@ -309,7 +313,7 @@ class FrontDoor:
         except Exception:  # a dict resized by the loop while read: let the loop decide
             return False
 
-    def _judge(self, head: bytes) -> float | None:
+    def _judge(self, head: bytes) -> DoorRefusal | None:
         try:
             return self.judge(head) if self.judge is not None else None
         except Exception:  # what the loop published was mid-update: let the loop decide

@@ -21,6 +21,17 @@ pure, mutated by the loop), so it relies on the scheduler's latest verdict:
 - requests that may outrank the queue (a priority header), whose size is unknown (no Content-Length), or whose
   prompt may be long enough for a longer objective than the floor (`PoolView`) are always left to the loop.
 
+The door also refuses what the hold queue would refuse for its length (`QueueView`): the loop publishes each
+pool's queue (length, the standing-overload bound of sched/admission.py, the hold limit) every PUBLISH_EVERY_S,
+and the door counts the requests it passed on since and the room freed since. A newcomer of the default
+priority meets the queue (it cannot go ahead of held requests), so while the queue, counted that way, stands at
+its bound, the scheduler would refuse it for that alone. Measured before this rule (bench/overload.py, 3,000
+connections): 7,500 of 7,750 refusals were made by the scheduler, 0.3-0.8 s after arrival (the loop's lag), 260
+by the door in 8 ms. The door's refusals count as offered load in the pool's overload ratio (they are demand
+the queue did not take; left out, the ratio read ~1.2 under a 3x overload and the bound grew to hundreds).
+Before the loop has published a queue (an onset burst), the door passes at most what the queue and the
+backends' free seats can take.
+
 While a pool refuses, the loop's successful answers close their connection (`congested`), so that keep-alive
 clients' next requests come through the door rather than past it. The loop's lag (how late its timers fire)
 is measured and shown in /admin/backends: the wait that nobody inside the loop can see.
@@ -32,15 +43,18 @@ import asyncio
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from capbalancer.sched.capacity import CapacityModel
-from capbalancer.sched.scheduler import Scheduler
+from capbalancer.sched.retry_spread import MAX_SPREAD_S
+from capbalancer.sched.scheduler import PoolState, Scheduler
 from capbalancer.sched.types import Decision, Hold, Reject
 
 PUBLISH_EVERY_S = 0.01  # how often the loop measures its lag and looks for fresher snapshots/health
 LAG_WINDOW_S = 0.5  # the lag shown is the largest seen over about this long
 STREAK_FRESH_S = 0.25  # a verdict older than this is not trusted: the next request goes to the scheduler
+CONGESTED_HOLD_S = 1.0  # answers close their connection this long after the queue last stood at its bound
 # A body of n bytes is taken as up to 2n + 256 prompt tokens: a token is at least one byte of text, the proxy's
 # character-based estimate may run high, and a chat template adds tokens. Larger is safer (a later refusal).
 PROMPT_TOKENS_PER_BYTE = 2
@@ -82,15 +96,71 @@ class PoolView:
         return self.factor * idle <= self.floor_s
 
 
+LATE = "overloaded: this request cannot start within its time-to-first-token objective; retry later"
+QUEUE_AT_BOUND = "overloaded: the hold queue is as long as this sustained overload needs; retry later"
+QUEUE_FULL = "overloaded: the hold queue is full; retry later"
+
+
+@dataclass(frozen=True, slots=True)
+class DoorRefusal:
+    """What the door answers a request it refuses: 429 with this message and Retry-After."""
+
+    retry_after_s: float
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueView:
+    """A pool's hold queue as the loop last published it: what a newcomer of the default priority meets there
+    (immutable: the loop replaces it, the door reads it whole)."""
+
+    held: int  # requests in the queue when published (the door reads the live length)
+    hold_max: int  # `hold.max_requests`: a queue this long refuses everyone
+    # The pool's `overload_idle_fraction` when its standing-overload bound (sched/admission.py) may apply (held
+    # under an objective shorter than the hold timeout), else None. The bound and whether the queue stands are
+    # read live: the loop publishes once per iteration, and under a 300 ms lag a published "not standing yet"
+    # passed on hundreds that the scheduler then refused for the queue's length.
+    idle_fraction: float | None
+    free_seats: int  # at most this many requests could start at once on the routable backends (engine limits)
+    fair_exempt: bool  # a size class is under-served: its requests skip the queue, so the scheduler judges
+    start_rate_per_s: float  # the pool's start rate: refusals' Retry-After are spread at it (sched/retry_spread.py)
+    least_retry_after_s: float  # the pool's configured Retry-After
+
+    def bound(self, pool: PoolState, now: float) -> int | None:
+        """The pool's standing-overload bound if it applies at `now` (the door's clock; the loop may lag)."""
+        if self.idle_fraction is None:
+            return None
+        standing_from = pool.drain.standing_from_s()
+        if standing_from is None or now < standing_from:
+            return None
+        return pool.overload.last_hold_limit(self.idle_fraction)
+
+    def limit(self, bound: int | None, held: int) -> int:
+        """Newcomers the queue takes in all, counting the `held` ones: the `bound` (None: none applies to this
+        request), the hold limit for everyone; with no queue, every free seat may take one at once too."""
+        limit = self.hold_max if bound is None else min(self.hold_max, bound)
+        return limit + (self.free_seats if held == 0 else 0)
+
+
 class OverloadGate:
     """Recorded by the loop (`on_decision`, `publish`), read by the front-door thread (`judge_head`)."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, clock: Callable[[], float] = time.monotonic) -> None:
         self.scheduler = scheduler
+        self.clock = clock  # the scheduler's clock (the driver's: monotonic); tests give theirs
         self.lag_s = 0.0
         self.streaks: dict[str, Streak] = {}  # replaced whole (copy on write): the door reads it unlocked
         self.views: dict[str, PoolView] = {}
-        self.shed = 0  # requests the door refused on a streak (tests and the bench read it)
+        self.queues: dict[str, QueueView] = {}  # replaced whole by `publish`
+        self.shed = 0  # requests the door refused on a streak or for the queue's length (tests, the bench)
+        self.shed_for_queue = 0  # of which for the queue's length
+        self._shed_counted = 0  # `shed` already told to the pools' overload ratios (loop)
+        # Requests the door passed on, per publication (door only): those passed since the one before the last are
+        # probably not decided yet (a handed connection is adopted one loop iteration later and read the next).
+        self._epoch = 0  # publications so far (loop)
+        self._passes: dict[int, int] = {}  # door only: epoch -> requests passed on during it
+        self._congested_until_s: dict[str, float] = {}  # loop: pool -> end of its overload episode (sticky)
+        self._retry_slot_s: dict[str, float] = {}  # door only: pool -> next free Retry-After slot (monotonic)
         self._lags: list[tuple[float, float]] = []
         self._signature: tuple[object, ...] = ()
         self._changes = 0  # fresher snapshots and health changes seen (loop), counted as freed room
@@ -179,20 +249,64 @@ class OverloadGate:
             views[name] = PoolView(slo_s=settings.ttft_slo_s, floor_s=settings.ttft_objective_floor_s,
                                    factor=settings.ttft_objective_factor, idle_bounds=tuple(bounds))
         self.views = views
+        self._publish_queues(self.clock())
+
+    def _publish_queues(self, now: float) -> None:
+        """Each pool's QueueView; and the door's refusals since the last call, counted as offered load."""
+        sched = self.scheduler
+        shed = self.shed
+        refused, self._shed_counted = shed - self._shed_counted, shed
+        pools = sched.pools
+        queues = {}
+        for name, pool in pools.items():
+            if refused > 0:
+                # The door cannot tell a request's pool; it refuses only while every pool would: share them out.
+                pool.overload.on_offered(now, refused / len(pools))
+            settings = getattr(pool.policy, "settings", None)
+            view = self.views.get(name)
+            idle_fraction = None
+            if view is not None and settings is not None:
+                objective_s = view.slo_s if view.slo_s is not None else view.floor_s
+                if objective_s < pool.settings.hold_timeout_s:  # held under the objective: the bound applies
+                    idle_fraction = getattr(settings, "overload_idle_fraction", 0.0)
+            free = 0
+            if not len(pool.hold):
+                for b in sched.routable_backends(name):
+                    free += max(0, CapacityModel._limits(b.spec.profile)[0] - len(b.inflight))
+            fair = getattr(pool.policy, "fair", None)
+            queue = QueueView(
+                held=len(pool.hold), hold_max=pool.settings.hold_max_requests, idle_fraction=idle_fraction,
+                free_seats=free,
+                fair_exempt=fair is not None and fair.any_under_served(now),
+                start_rate_per_s=pool.retry.start_rate_per_s(now),
+                least_retry_after_s=pool.settings.retry_after_s)
+            queues[name] = queue
+            if queue.held and (queue.bound(pool, now) is not None or queue.held >= queue.hold_max):
+                self._congested_until_s[name] = now + CONGESTED_HOLD_S
+        self.queues = queues
+        self._epoch += 1
 
     def describe(self) -> dict[str, object]:
         now = time.monotonic()
         return {"loop_lag_ms": round(self.lag_s * 1000.0, 1), "shed_at_arrival": self.shed,
+                "shed_for_queue_length": self.shed_for_queue,
                 "refusing": sorted(p for p, s in self.streaks.items() if now - s.last_s < STREAK_FRESH_S)}
 
     def congested(self) -> bool:
-        """Every pool refuses newcomers now: close keep-alive connections so the next request meets the door."""
-        streaks = self.streaks
-        if not streaks:  # the usual case, asked once per answer: no clock read, no scan
+        """Every pool refuses newcomers now, or its queue stands under its overload bound: close keep-alive
+        connections so that the next request meets the door."""
+        streaks, until = self.streaks, self._congested_until_s
+        if not streaks and not until:  # the usual case, asked once per answer: no clock read, no scan
             return False
-        now = time.monotonic()
-        return bool(self.scheduler.pools) and all(
-            (s := streaks.get(p)) is not None and now - s.last_s < STREAK_FRESH_S for p in self.scheduler.pools)
+        now = self.clock()
+        pools = self.scheduler.pools
+        # A queue under its standing-overload bound is at the bound or a completion away from it, and in lumpy
+        # releases it empties for moments: whether the next request fits is the door's to judge for the whole
+        # episode (closing only while it stood at the bound left 2,400 kept-alive requests to the scheduler, 0.3 s
+        # late: bench/overload.py).
+        return bool(pools) and all(
+            ((s := streaks.get(p)) is not None and now - s.last_s < STREAK_FRESH_S) or now < until.get(p, 0.0)
+            for p in pools)
 
     # --- on the front-door thread (only reads what the loop recorded) ----------------------------------
     def freed(self, pool: str) -> int:
@@ -201,9 +315,9 @@ class OverloadGate:
         return self._changes + sum(b.completed + b.failed for b in list(self.scheduler.backends.values())
                                    if b.spec.pool == pool)
 
-    def shed_after_s(self, body_bytes: int, now: float) -> float | None:
-        """Retry-After seconds when a new request with a body of `body_bytes` would be refused in every pool;
-        None when the scheduler must judge it."""
+    def shed_after_s(self, body_bytes: int, now: float) -> DoorRefusal | None:
+        """The refusal of a new request with a body of `body_bytes` that every pool would refuse; None when the
+        scheduler must judge it."""
         streaks, views = self.streaks, self.views
         pools = list(self.scheduler.pools)
         if not pools:
@@ -229,15 +343,63 @@ class OverloadGate:
                 break
             retry = max(retry, s.retry_after_s)
         if shed:
-            return retry
+            return DoorRefusal(max(1.0, float(math.ceil(retry))), LATE)
+        refusal = self._queue_refusal(pools, tokens, now)
+        if refusal is not None:
+            self.shed_for_queue += 1
+            return refusal
         # This request goes to the scheduler: it may claim one piece of the freed room of whichever pool it is for.
         for name, (sid, n) in list(self._passed.items()):
             s = streaks.get(name)
             if s is not None and id(s) == sid:
                 self._passed[name] = (sid, n + 1)
+        epoch = self._epoch
+        self._passes[epoch] = self._passes.get(epoch, 0) + 1
+        if len(self._passes) > 2:
+            for old in [e for e in self._passes if e < epoch - 1]:
+                del self._passes[old]
         return None
 
-    def judge_head(self, head: bytes) -> float | None:
+    def _queue_refusal(self, pools: list[str], tokens: int, now: float) -> DoorRefusal | None:
+        """A refusal when, in every pool, the hold queue as published, plus the requests passed on since, less
+        the room freed since, is at the length that refuses a newcomer of `tokens` prompt tokens."""
+        queues, views = self.queues, self.views
+        retry = None
+        full = True
+        for name in pools:
+            q = queues.get(name)
+            if q is None or q.fair_exempt:
+                return None
+            view = views.get(name)
+            pool = self.scheduler.pools.get(name)
+            if pool is None:
+                return None
+            # The queue as it is (its length is read live), and the requests passed on that it has not seen yet.
+            held = len(pool.hold)
+            epoch = self._epoch
+            held_now = held + self._passes.get(epoch, 0) + self._passes.get(epoch - 1, 0)
+            bound = q.bound(pool, now) if view is not None and view.floor_bound(tokens) else None
+            limit = q.limit(bound, held)
+            if held_now < limit:
+                return None
+            full = full and limit >= q.hold_max
+            after = self._spread_retry(name, q, now)
+            retry = after if retry is None else max(retry, after)
+        return None if retry is None else DoorRefusal(retry, QUEUE_FULL if full else QUEUE_AT_BOUND)
+
+    def _spread_retry(self, pool: str, q: QueueView, now: float) -> float:
+        """The next free slot at the pool's start rate, at least its Retry-After from now (as the scheduler's
+        own refusals get theirs, sched/retry_spread.py): refused together, clients come back one by one."""
+        least = q.least_retry_after_s
+        if q.start_rate_per_s <= 0:
+            return least
+        slot = max(now + least, self._retry_slot_s.get(pool, 0.0))
+        if slot > now + MAX_SPREAD_S:
+            return max(least, MAX_SPREAD_S)
+        self._retry_slot_s[pool] = slot + 1.0 / q.start_rate_per_s
+        return slot - now
+
+    def judge_head(self, head: bytes) -> DoorRefusal | None:
         """`shed_after_s` for the head of an HTTP request (as peeked by the door)."""
         end = head.find(b"\r\n\r\n")
         if end < 0:
@@ -255,8 +417,7 @@ class OverloadGate:
                     return None
         if length is None or length < 0:
             return None
-        after = self.shed_after_s(length, time.monotonic())
-        if after is None:
-            return None
-        self.shed += 1
-        return max(1.0, float(math.ceil(after)))
+        refusal = self.shed_after_s(length, self.clock())
+        if refusal is not None:
+            self.shed += 1
+        return refusal
