@@ -54,7 +54,9 @@ from capbalancer.sched.types import Decision, Hold, Reject
 PUBLISH_EVERY_S = 0.01  # how often the loop measures its lag and looks for fresher snapshots/health
 LAG_WINDOW_S = 0.5  # the lag shown is the largest seen over about this long
 STREAK_FRESH_S = 0.25  # a verdict older than this is not trusted: the next request goes to the scheduler
-CONGESTED_HOLD_S = 1.0  # answers close their connection this long after the queue last stood at its bound
+CONGESTED_HOLD_S = 5.0  # answers close their connection this long after the queue last stood at its bound: overload
+# comes in waves (refused clients return at their Retry-After), and an answer that starts in a lull is followed
+# by its client's next request in the next wave (1 s left 1,900 kept-alive requests to the scheduler)
 # A body of n bytes is taken as up to 2n + 256 prompt tokens: a token is at least one byte of text, the proxy's
 # character-based estimate may run high, and a chat template adds tokens. Larger is safer (a later refusal).
 PROMPT_TOKENS_PER_BYTE = 2
