@@ -21,7 +21,14 @@ from support import REPO
 
 from capbalancer.profiling.library import resolve_profile
 from capbalancer.profiling.schema import Profile, StepTimeModel
-from capbalancer.sched.admission import OverloadRatio, standing_queue_limit
+from capbalancer.sched.admission import (
+    EARLY_MIN_RELEASES,
+    EMPTY_GRACE_S,
+    STANDING_MIN_S,
+    DrainRate,
+    OverloadRatio,
+    standing_queue_limit,
+)
 from capbalancer.sched.scheduler import Scheduler
 from capbalancer.sched.types import BackendSpec, Demand, Dispatch, Expire, Hold, PoolSettings, Reject, Route
 from capbalancer.sim.des import DesInstance, DesOptions, run_des
@@ -244,3 +251,44 @@ def test_a_burst_onto_a_quiet_pool_is_held_not_refused_by_a_remembered_ratio():
     late = sched.submit(Demand(request_id="late", pool="m", prompt_tokens=100, max_tokens=100, arrival_s=later),
                         later)
     assert isinstance(late, Reject) and late.status == 429, late
+
+
+def test_an_onset_gets_a_provisional_drain_rate_within_a_quarter_second():
+    """Hundreds of releases a second: the rate is known long before the 2 s window ends (without it the queue
+    filled to 1,024 at each onset and hundreds were refused at their release ~2 s later: bench/overload.py)."""
+    rate = DrainRate()
+    rate.on_backlog(100.0)
+    for k in range(1, EARLY_MIN_RELEASES):
+        rate.on_release(100.0 + 0.02 * k)
+    assert rate.rate_per_s is None  # too few releases to tell
+    rate.on_release(100.0 + 0.02 * EARLY_MIN_RELEASES)
+    assert rate.provisional and 45.0 < rate.rate_per_s < 55.0  # 50 a second
+    for k in range(EARLY_MIN_RELEASES + 1, 101):  # the drain slows to 10 a second; the full window replaces it
+        rate.on_release(100.0 + 0.32 + 0.1 * (k - EARLY_MIN_RELEASES))
+    assert not rate.provisional and rate.rate_per_s < 20.0
+    slow = DrainRate()  # a pool draining 2 a second: no early figure from a few releases
+    slow.on_backlog(0.0)
+    for k in range(1, 4):
+        slow.on_release(0.5 * k)
+    assert slow.rate_per_s is None
+
+
+def test_a_queue_that_empties_for_a_moment_still_stands():
+    """Lumps of freed room empty a standing queue for moments; each restarted its standing time, so the bound
+    was off half the time (live: 0-500 held). A real lull still resets it (the burst-after-a-lull case)."""
+    rate = DrainRate()
+    rate.on_backlog(10.0)
+    assert rate.standing(10.0 + STANDING_MIN_S)
+    rate.on_empty(11.0)
+    rate.on_backlog(11.0 + EMPTY_GRACE_S / 2)  # a moment later: the same backlog
+    assert rate.standing(11.2)
+    rate.on_empty(12.0)
+    rate.on_empty(12.0 + EMPTY_GRACE_S)  # empty for the whole grace: over
+    assert not rate.standing(12.0 + EMPTY_GRACE_S)
+    rate.on_backlog(13.0)
+    assert not rate.standing(13.1) and rate.standing(13.0 + STANDING_MIN_S)
+    lull = DrainRate()
+    lull.on_backlog(0.0)
+    lull.on_empty(1.0)
+    lull.on_backlog(6.0)  # seconds later: judged afresh
+    assert not lull.standing(6.1)

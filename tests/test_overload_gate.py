@@ -268,3 +268,22 @@ def test_answers_close_their_connection_while_the_queue_stands_at_its_bound():
     clock[0] = now + CONGESTED_HOLD_S + 0.01
     gate.publish()
     assert not gate.congested()
+
+
+def test_the_door_refuses_what_the_measured_drain_cannot_clear_within_the_objective():
+    """Before the queue stands (its first half second) the bound does not apply yet, but a drain rate may be
+    measured (sched/admission.py: early estimate): a queue longer than it clears within the objective is
+    refused by the scheduler, so by the door too (live: 850 such refusals a run, 0.7 s late)."""
+    sched = make(seats=1)
+    now = T0
+    assert isinstance(sched.submit(demand(0, now), now), Route)
+    for i in range(1, 11):
+        assert isinstance(sched.submit(demand(i, now), now), Hold)
+    pool = sched.pools["m"]
+    gate = OverloadGate(sched, clock=lambda: now)
+    gate.publish()
+    assert gate.judge_head(head(500)) is None  # no drain rate measured yet: the scheduler judges
+    pool.drain.rate_per_s = 5.0  # 10 held at 5 a second: a newcomer would wait past its 2 s objective
+    refusal = gate.judge_head(head(500))
+    assert refusal is not None and refusal.message == QUEUE_AT_BOUND
+    assert isinstance(sched.submit(demand(99, now), now), Reject)  # the scheduler agrees

@@ -20,6 +20,12 @@ import math
 from dataclasses import dataclass
 
 DRAIN_WINDOW_S = 2.0  # a drain rate is only trusted once measured over this much backlogged time
+# ... except for a provisional one, taken once this many releases came over at least this long: at an onset of
+# hundreds of requests a second, 2 s without an estimate filled the queue to its 1,024 limit, and hundreds of
+# those held were refused at their release ~2 s later (bench/overload.py, 3,000 connections: 250-600 a run).
+# At 16 releases the rate is known to about 25%; a pool draining a few a second takes seconds to get there.
+EARLY_MIN_RELEASES = 16
+EARLY_MIN_S = 0.25
 # The overload ratio's counts decay with this time constant: long enough to span the waves of refused clients
 # coming back, short enough to follow a ramp within a few seconds.
 RATIO_TIME_CONSTANT_S = 2.0
@@ -56,6 +62,7 @@ class DrainRate:
     rate_per_s: float | None = None
     window_start_s: float | None = None
     window_count: int = 0
+    provisional: bool = False  # rate_per_s is the early estimate of a first window not yet complete
     backlog_since_s: float | None = None  # when the queue last stopped being empty (None: empty)
     emptied_at_s: float | None = None  # when the queue was seen to empty, while the backlog may still resume
 
@@ -90,10 +97,15 @@ class DrainRate:
         elapsed = now - self.window_start_s
         if elapsed >= DRAIN_WINDOW_S:
             rate = self.window_count / elapsed
-            prev = self.rate_per_s
+            prev = None if self.provisional else self.rate_per_s
             self.rate_per_s = rate if prev is None else 0.5 * prev + 0.5 * rate
+            self.provisional = False
             self.window_start_s = now
             self.window_count = 0
+        elif (self.rate_per_s is None or self.provisional) and self.window_count >= EARLY_MIN_RELEASES \
+                and elapsed >= EARLY_MIN_S:
+            self.rate_per_s = self.window_count / elapsed
+            self.provisional = True
 
     def on_empty(self, now: float) -> None:
         """The queue is empty at `now`: past EMPTY_GRACE_S of that, no congestion, and the next backlog is judged
@@ -105,6 +117,7 @@ class DrainRate:
 
     def on_empty_for_good(self) -> None:
         self.rate_per_s = None
+        self.provisional = False
         self.window_start_s = None
         self.window_count = 0
         self.backlog_since_s = None

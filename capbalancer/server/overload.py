@@ -123,19 +123,31 @@ class QueueView:
     # read live: the loop publishes once per iteration, and under a 300 ms lag a published "not standing yet"
     # passed on hundreds that the scheduler then refused for the queue's length.
     idle_fraction: float | None
+    # The pool's common TTFT objective under the same condition (else None): the scheduler refuses a newcomer the
+    # queue ahead would keep past it at the measured drain rate (read live), so the queue takes at most that many.
+    objective_s: float | None
     free_seats: int  # at most this many requests could start at once on the routable backends (engine limits)
     fair_exempt: bool  # a size class is under-served: its requests skip the queue, so the scheduler judges
     start_rate_per_s: float  # the pool's start rate: refusals' Retry-After are spread at it (sched/retry_spread.py)
     least_retry_after_s: float  # the pool's configured Retry-After
 
     def bound(self, pool: PoolState, now: float) -> int | None:
-        """The pool's standing-overload bound if it applies at `now` (the door's clock; the loop may lag)."""
+        """The pool's standing-overload bound if it applies at `now` (when the scheduler will judge the request:
+        the door's clock plus the loop's lag)."""
         if self.idle_fraction is None:
             return None
         standing_from = pool.drain.standing_from_s()
         if standing_from is None or now < standing_from:
             return None
         return pool.overload.last_hold_limit(self.idle_fraction)
+
+    def drain_limit(self, pool: PoolState) -> int | None:
+        """The longest queue the measured drain rate clears within the objective (None: no rate or objective).
+        The scheduler's own test is stricter (it leaves room for the loaded TTFT): this never refuses more."""
+        rate = pool.drain.rate_per_s
+        if self.objective_s is None or rate is None or rate <= 0:
+            return None
+        return math.ceil(rate * self.objective_s)
 
     def limit(self, bound: int | None, held: int) -> int:
         """Newcomers the queue takes in all, counting the `held` ones: the `bound` (None: none applies to this
@@ -266,11 +278,12 @@ class OverloadGate:
                 pool.overload.on_offered(now, refused / len(pools))
             settings = getattr(pool.policy, "settings", None)
             view = self.views.get(name)
-            idle_fraction = None
+            idle_fraction = objective = None
             if view is not None and settings is not None:
                 objective_s = view.slo_s if view.slo_s is not None else view.floor_s
                 if objective_s < pool.settings.hold_timeout_s:  # held under the objective: the bound applies
                     idle_fraction = getattr(settings, "overload_idle_fraction", 0.0)
+                    objective = objective_s
             free = 0
             if not len(pool.hold):
                 for b in sched.routable_backends(name):
@@ -278,6 +291,7 @@ class OverloadGate:
             fair = getattr(pool.policy, "fair", None)
             queue = QueueView(
                 held=len(pool.hold), hold_max=pool.settings.hold_max_requests, idle_fraction=idle_fraction,
+                objective_s=objective,
                 free_seats=free,
                 fair_exempt=fair is not None and fair.any_under_served(now),
                 start_rate_per_s=pool.retry.start_rate_per_s(now),
@@ -380,7 +394,13 @@ class OverloadGate:
             held = len(pool.hold)
             epoch = self._epoch
             held_now = held + self._passes.get(epoch, 0) + self._passes.get(epoch - 1, 0)
-            bound = q.bound(pool, now) if view is not None and view.floor_bound(tokens) else None
+            # The scheduler judges it a loop lag from now: by then the queue may stand (measured: a request passed
+            # 0.3 s before the queue's standing time was refused for its length once the loop read it).
+            common = view is not None and view.floor_bound(tokens)  # judged by the pool's common objective
+            bound = q.bound(pool, now + self.lag_s) if common else None
+            drain = q.drain_limit(pool) if common else None
+            if drain is not None:
+                bound = drain if bound is None else min(bound, drain)
             limit = q.limit(bound, held)
             if held_now < limit:
                 return None
