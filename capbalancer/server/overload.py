@@ -47,6 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from capbalancer.sched.capacity import CapacityModel
+from capbalancer.sched.headroom import pool_headroom
 from capbalancer.sched.retry_spread import MAX_SPREAD_S
 from capbalancer.sched.scheduler import PoolState, Scheduler
 from capbalancer.sched.types import Decision, Hold, Reject
@@ -54,6 +55,7 @@ from capbalancer.sched.types import Decision, Hold, Reject
 PUBLISH_EVERY_S = 0.01  # how often the loop measures its lag and looks for fresher snapshots/health
 LAG_WINDOW_S = 0.5  # the lag shown is the largest seen over about this long
 STREAK_FRESH_S = 0.25  # a verdict older than this is not trusted: the next request goes to the scheduler
+FREE_SEATS_EVERY_S = 0.1  # how often the free seats of a pool with no queue are re-estimated
 CONGESTED_HOLD_S = 5.0  # answers close their connection this long after the queue last stood at its bound: overload
 # comes in waves (refused clients return at their Retry-After), and an answer that starts in a lull is followed
 # by its client's next request in the next wave (1 s left 1,900 kept-alive requests to the scheduler)
@@ -126,7 +128,7 @@ class QueueView:
     # The pool's common TTFT objective under the same condition (else None): the scheduler refuses a newcomer the
     # queue ahead would keep past it at the measured drain rate (read live), so the queue takes at most that many.
     objective_s: float | None
-    free_seats: int  # at most this many requests could start at once on the routable backends (engine limits)
+    free_seats: int  # typical requests the routable backends could start at once (capacity model), with no queue
     fair_exempt: bool  # a size class is under-served: its requests skip the queue, so the scheduler judges
     start_rate_per_s: float  # the pool's start rate: refusals' Retry-After are spread at it (sched/retry_spread.py)
     least_retry_after_s: float  # the pool's configured Retry-After
@@ -174,6 +176,7 @@ class OverloadGate:
         self._epoch = 0  # publications so far (loop)
         self._passes: dict[int, int] = {}  # door only: epoch -> requests passed on during it
         self._congested_until_s: dict[str, float] = {}  # loop: pool -> end of its overload episode (sticky)
+        self._free_seats_at: dict[str, tuple[float, int]] = {}  # loop: pool -> (when, free seats then)
         self._retry_slot_s: dict[str, float] = {}  # door only: pool -> next free Retry-After slot (monotonic)
         self._lags: list[tuple[float, float]] = []
         self._signature: tuple[object, ...] = ()
@@ -284,10 +287,7 @@ class OverloadGate:
                 if objective_s < pool.settings.hold_timeout_s:  # held under the objective: the bound applies
                     idle_fraction = getattr(settings, "overload_idle_fraction", 0.0)
                     objective = objective_s
-            free = 0
-            if not len(pool.hold):
-                for b in sched.routable_backends(name):
-                    free += max(0, CapacityModel._limits(b.spec.profile)[0] - len(b.inflight))
+            free = self._free_seats(name, now) if not len(pool.hold) else 0
             fair = getattr(pool.policy, "fair", None)
             queue = QueueView(
                 held=len(pool.hold), hold_max=pool.settings.hold_max_requests, idle_fraction=idle_fraction,
@@ -301,6 +301,20 @@ class OverloadGate:
                 self._congested_until_s[name] = now + CONGESTED_HOLD_S
         self.queues = queues
         self._epoch += 1
+
+    def _free_seats(self, pool: str, now: float) -> int:
+        """Typical requests the pool's backends could start now, by the capacity model (sched/headroom.py):
+        what an empty queue lets through before it forms. The engines' own limits (max_num_seqs) were ~1,000
+        here, far above what the model routes, and every moment the queue emptied the door passed that many
+        for the scheduler to refuse (bench/overload.py: bursts of 700-800 refusals a second, 0.9 s late).
+        Computed at most every FREE_SEATS_EVERY_S (~25 µs a backend)."""
+        cached = self._free_seats_at.get(pool)
+        if cached is not None and now - cached[0] < FREE_SEATS_EVERY_S:
+            return cached[1]
+        headroom = pool_headroom(self.scheduler, pool, now)
+        free = max(0, headroom.seats - headroom.busy_seats)
+        self._free_seats_at[pool] = (now, free)
+        return free
 
     def describe(self) -> dict[str, object]:
         now = time.monotonic()
