@@ -143,9 +143,11 @@ def test_sustained_overload_is_refused_at_arrival_not_held_then_refused():
 
 
 def test_des_10x_fewer_requests_held_then_refused_and_2x_goodput_is_kept():
-    """One L4 (~8 req/s of this workload), deterministic DES: at 10x the bound refuses at arrival much of what
-    was held and then refused at its objective, serving as many; at 2x, where a queue still turns fluctuations
-    into throughput, goodput is that of no bound."""
+    """One L4 (~8 req/s of this workload), deterministic DES: at 10x few requests are held and then refused at
+    their objective, and the bound never adds to them, serving as many; at 2x, where a queue still turns
+    fluctuations into throughput, goodput is that of no bound. Held-then-refused at 10x, of 3,200: 575 with
+    neither the bound nor the early drain estimate, 360 with the bound alone, 237-244 with the early estimate
+    (sched/admission.py EARLY_MIN_RELEASES), which now does most of what the bound did here."""
     inst = [DesInstance("a", resolve_profile("l4/llama-3.1-8b-tp1"))]
 
     def run(rate: float, **options) -> tuple[float, int, int]:
@@ -159,7 +161,7 @@ def test_des_10x_fewer_requests_held_then_refused_and_2x_goodput_is_kept():
 
     _, served10, late10 = run(80.0)
     _, served10_off, late10_off = run(80.0, overload_idle_fraction=0)
-    assert late10 <= 0.85 * late10_off, (late10, late10_off)
+    assert late10 <= late10_off and late10 <= 0.09 * 3200, (late10, late10_off)
     assert served10 >= 0.97 * served10_off, (served10, served10_off)
     good2, _, _ = run(16.0)
     good2_off, _, _ = run(16.0, overload_idle_fraction=0)
