@@ -341,6 +341,9 @@ def run_one(variant: str, engines: list[str], args: argparse.Namespace, engine_p
     loop, _, flag = variant.partition("+")
     config: dict[str, Any] = {"models": {"m": {"backends": [
         {"url": u, "name": f"sim{i}", "engine": "vllm", "profile": PROFILE} for i, u in enumerate(engines)]}}}
+    if args.policy_option:  # e.g. ttft_slo_ms=200: the user's own TTFT objective instead of the derived one
+        config["models"]["m"]["policy_options"] = {k: float(v) for k, _, v in
+                                                   (o.partition("=") for o in args.policy_option)}
     config["server"] = {"admin_token_env": ADMIN_TOKEN_ENV}  # /admin/backends at the end: the proxy's counts
     if flag == "noaccept":
         config["server"]["accept_thread"] = False
@@ -499,6 +502,8 @@ def main() -> None:
     ap.add_argument("--loops", default="uvloop,asyncio",
                     help="comma-separated: uvloop, asyncio, and either with +noaccept (accept on the event loop)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--policy-option", action="append", default=[], metavar="NAME=NUMBER",
+                    help="a capacity policy option for the proxy (repeatable), e.g. ttft_slo_ms=200")
     ap.add_argument("--nice-clients", type=int, default=0,
                     help="run the load generator at this nice level (0: same priority as the proxy)")
     # worker mode (internal)
