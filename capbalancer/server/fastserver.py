@@ -45,6 +45,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from capbalancer.config import ServerSettings
 from capbalancer.server import halfclose, observe, proxy, routes
 from capbalancer.server.app import _unexpected_errors, unexpected_error_answer
+from capbalancer.server.deadline import Deadline
 from capbalancer.server.errors import error_body
 from capbalancer.server.observe import CLIENT_CLOSED_STATUS, Observer
 
@@ -252,6 +253,11 @@ class FastRequest:
         return self._payload_writer
 
     @property
+    def attempt_deadline(self) -> Deadline:
+        """The connection's deadline for proxy.py's attempts: its loop timer outlives each request."""
+        return self.conn.deadline
+
+    @property
     def keep_alive(self) -> bool:
         return self._keep_alive and not self.conn.closing
 
@@ -346,6 +352,7 @@ class FastProtocol(asyncio.Protocol):
         self.drain_waiter: asyncio.Future[None] | None = None
         self.idle_deadline = 0.0
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.deadline = Deadline(self.loop, persistent=True)  # the attempts' (server/deadline.py)
 
     # --- asyncio.Protocol ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -367,6 +374,7 @@ class FastProtocol(asyncio.Protocol):
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
+        self.deadline.close()
         if self.body is not None and not self.body.eof:
             self.body.set_exception(exc or ConnectionResetError("Connection lost"))
         waiter = self.drain_waiter
@@ -597,6 +605,7 @@ class FastProtocol(asyncio.Protocol):
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
+        self.deadline.close()
         data = bytes(self.raw) + bytes(self.pending)
         self.raw = bytearray()
         self.pending = bytearray()
