@@ -359,8 +359,8 @@ class Forward:
         timeouts = up.timeouts
         t_start = loop.time()
         total_deadline = t_start + timeouts.total_s
-        gauge = metrics.inflight_for(up.name)
-        gauge.inc()
+        inflight = metrics.inflight_for(up.name)
+        inflight.n += 1
         ok = False
         usage: Usage | None = None
         counter: StreamCounter | None = None
@@ -489,7 +489,7 @@ class Forward:
                                                 "backend_disconnected")
         finally:
             driver.watch_first_token(demand.request_id, None)
-            gauge.dec()
+            inflight.n -= 1
             if upstream_resp is not None:
                 if reuse_connection:
                     upstream_resp.release()
