@@ -3,14 +3,21 @@ aiohttp, and that the hand-over keeps aiohttp's answers. Real proxy and backend 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import socket
 import time
 
 import pytest
+from aiohttp import web
 from faults import FaultBackend, Proxy, proxy_config
 
 from capbalancer.config import parse_config
+from capbalancer.server import proxy as proxy_module
+from capbalancer.server.access_log import ACCESS_LOGGER
+from capbalancer.server.app import build_app, build_state
+from capbalancer.server.fastserver import FastServer
 
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
@@ -136,3 +143,57 @@ def test_aiohttp_server_still_selectable() -> None:
             assert status == 200 and json.loads(raw)["choices"]
     with pytest.raises(Exception, match="http_server"):
         parse_config({"server": {"http_server": "nginx"}, "models": {"m": {"backends": [{"url": "http://x:1"}]}}})
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(record.getMessage()))
+
+
+@pytest.mark.parametrize("extra_middleware", [False, True])
+async def test_the_observed_fast_path_answers_and_logs_as_the_middleware_chain_does(monkeypatch,
+                                                                                   extra_middleware: bool) -> None:
+    """The app's own middlewares (observe, errors) are plain calls in the fast server; any other chain goes through
+    aiohttp's. Both give a bug past the handler the errors middleware's 500 and an access line with its status."""
+    async def broken(request):
+        raise RuntimeError("a bug past the handler")
+
+    monkeypatch.setattr(proxy_module, "handle", broken)
+    state = build_state(parse_config({"models": {"m": {"backends": [{"url": "http://127.0.0.1:9", "name": "b0"}]}}}))
+    app = build_app(state)
+    if extra_middleware:
+        @web.middleware
+        async def passthrough(request, handler):
+            return await handler(request)
+
+        app.middlewares.append(passthrough)
+    lines = _Lines()
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        fast = FastServer(app, runner.server, state.config.server)
+        assert (fast.observer is None) == extra_middleware
+        server = await asyncio.get_running_loop().create_server(fast, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post(b"/v1/chat/completions"))
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(length)
+        writer.close()
+        server.close()
+        assert head.startswith(b"HTTP/1.1 500 ")
+        assert json.loads(body)["error"]["code"] == "internal_error"
+        [line] = lines.lines
+        assert (line["method"], line["path"], line["status"]) == ("POST", "/v1/chat/completions", 500)
+        assert line["ttft_ms"] is not None and line["duration_ms"] is not None
+    finally:
+        logger.removeHandler(lines)
+        await runner.cleanup()

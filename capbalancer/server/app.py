@@ -68,16 +68,22 @@ def build_app(state: ProxyState) -> web.Application:
 async def _unexpected_errors(request: web.Request, handler: Callable) -> web.StreamResponse:
     try:
         return await handler(request)
-    except web.HTTPException as exc:
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:
+        return unexpected_error_answer(request, exc)
+
+
+def unexpected_error_answer(request: web.BaseRequest, exc: Exception) -> web.StreamResponse:
+    """The errors middleware's answer to an exception past the handler (re-raised when it has none): a plain call,
+    so that the fast server (server/fastserver.py) answers as the middleware does without a coroutine around it."""
+    if isinstance(exc, web.HTTPException):
         if exc.status >= 400:  # aiohttp's own 404/405 etc., in the OpenAI shape
             return error_response(exc.status, f"{exc.reason}: {request.method} {request.path}",
                                   headers={"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
-        raise
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(500, "internal error in the proxy (logged)", code="internal_error")
+        raise exc
+    log.exception("unexpected error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal error in the proxy (logged)", code="internal_error")
 
 
 # --- lifecycle ---------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ class SchedulerDriver:
         self._timer: asyncio.Task[None] | None = None
         # request id -> what to call if its first token is overdue (the relay cancels and retries it).
         self._first_token_watch: dict[str, Callable[[], None]] = {}
+        # Read when scraped, not set on every hold and release (a count over the pools and a gauge's lock each time).
+        metrics.held.set_function(lambda: float(self.scheduler.held_count()))
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -54,7 +56,6 @@ class SchedulerDriver:
         decision = self.scheduler.submit(demand, self.clock(), exclude)
         if isinstance(decision, Hold):
             self._waiters[demand.request_id] = asyncio.get_running_loop().create_future()
-            self.metrics.held.set(self.scheduler.held_count())
             self._wake.set()
         elif not isinstance(decision, Reject) and not self._wake.is_set():
             self._wake.set()  # a request in flight: its first-token timer needs the timer task
@@ -81,7 +82,6 @@ class SchedulerDriver:
 
     def cancel(self, request_id: str) -> None:
         self._handle(self.scheduler.cancel(request_id, self.clock()))
-        self.metrics.held.set(self.scheduler.held_count())
 
     def watch_first_token(self, request_id: str, on_overdue: Callable[[], None] | None) -> None:
         """Call `on_overdue` if the request's first-token timer runs out (None: stop watching)."""
@@ -152,7 +152,6 @@ class SchedulerDriver:
                     pending.extend(self.scheduler.cancel(event.request_id, self.clock()))
                 continue
             fut.set_result(event)
-        self.metrics.held.set(self.scheduler.held_count())
 
     async def _run_timer(self) -> None:
         while True:

@@ -37,17 +37,51 @@ CLIENT_CLOSED_STATUS = 499  # nginx's code for "the client went away first": log
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class Observer:
+    """What the observing middleware does around a request, as plain calls: the middleware below uses them, and
+    the fast server (server/fastserver.py) calls them directly around proxy.handle, without a chain of
+    coroutines per request (bench/results/dataplane.md)."""
+
+    def __init__(self, state: ProxyState) -> None:
+        self.state = state
+        self.pool_metrics = PoolMetrics(state.metrics.registry, state.driver)
+        self.middleware: Any = None  # the middleware installed with it (the fast server checks the chain)
+
+    @staticmethod
+    def begin(request: web.BaseRequest) -> RequestRecord:
+        record = RequestRecord(started_s=time.monotonic(), method=request.method, path=request.path)
+        request[RECORD_KEY] = record
+        return record
+
+    def end(self, record: RequestRecord, response: web.StreamResponse | None, access_log_on: bool,
+            span: Any = None) -> None:
+        """The request is done (answered, failed or abandoned; `record.status` says which): its tokens, its line,
+        its span."""
+        try:
+            _complete(record, response)
+            if record.pool is not None and record.backend is not None:
+                self.pool_metrics.count_tokens(record.pool, record.backend, record.tokens_in, record.tokens_out)
+            if access_log_on:
+                access_log.emit(record)
+            if span is not None:
+                tracing.end_span(span, record)
+        except Exception:  # observing a request must never fail it: the answer stands, the bug is logged
+            log.exception("observing request %s failed", record.request_id)
+
+
+OBSERVER: web.AppKey[Observer] = web.AppKey("capbalancer_observer", Observer)
+
+
 def install(app: web.Application, state: ProxyState) -> None:
     """Make `app` observe its requests; the switches are read from the live config (a reload flips them)."""
-    pool_metrics = PoolMetrics(state.metrics.registry, state.driver)
+    observer = Observer(state)
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in UNLOGGED_PATHS:
             return await handler(request)
         settings = state.config.server
-        record = RequestRecord(started_s=time.monotonic(), method=request.method, path=request.path)
-        request[RECORD_KEY] = record
+        record = observer.begin(request)
         span = None
         if settings.tracing:
             tracer = _tracer(request.app)
@@ -72,23 +106,16 @@ def install(app: web.Application, state: ProxyState) -> None:
             record.status = 500
             raise
         finally:
-            try:
-                _complete(record, response)
-                if record.pool is not None and record.backend is not None:
-                    pool_metrics.count_tokens(record.pool, record.backend, record.tokens_in, record.tokens_out)
-                if settings.access_log:
-                    access_log.emit(record)
-                if span is not None:
-                    tracing.end_span(span, record)
-            except Exception:  # observing a request must never fail it: the answer stands, the bug is logged
-                log.exception("observing request %s failed", record.request_id)
+            observer.end(record, response, settings.access_log, span)
 
     app[TRACER] = TracerSlot()
+    app[OBSERVER] = observer
+    observer.middleware = observe
     app.middlewares.insert(0, observe)
-    app.on_response_prepare.append(_first_byte)
+    app.on_response_prepare.append(first_byte)
 
 
-async def _first_byte(request: web.Request, response: web.StreamResponse) -> None:
+async def first_byte(request: web.Request, response: web.StreamResponse) -> None:
     record = request.get(RECORD_KEY)
     if record is not None and record.first_byte_s is None:
         record.first_byte_s = time.monotonic()

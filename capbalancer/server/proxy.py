@@ -28,6 +28,7 @@ from capbalancer.sched.types import Demand, Dispatch, Expire, Hold, Reject
 from capbalancer.server import access_log
 from capbalancer.server.affinity import ObjectAffinity
 from capbalancer.server.clients import ClientAuth
+from capbalancer.server.deadline import Deadline
 from capbalancer.server.driver import SchedulerDriver
 from capbalancer.server.errors import ProxyError, error_response, from_exception, sse_error_event
 from capbalancer.server.metrics import ProxyMetrics
@@ -234,6 +235,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return from_exception(exc, {"x-request-id": request_id})
 
 
+def _attempt_deadline(request: web.Request, loop: asyncio.AbstractEventLoop) -> Deadline:
+    """The client connection's own deadline (the fast server's: its loop timer outlives each request), else one
+    for this attempt alone (server/deadline.py)."""
+    deadline = getattr(request, "attempt_deadline", None)
+    return deadline if deadline is not None else Deadline(loop)
+
+
 def _proxy_out_of_fds(exc: BaseException) -> bool:
     os_error = getattr(exc, "os_error", None) or exc
     return isinstance(os_error, OSError) and os_error.errno in (errno.EMFILE, errno.ENFILE)
@@ -351,8 +359,8 @@ class Forward:
         timeouts = up.timeouts
         t_start = loop.time()
         total_deadline = t_start + timeouts.total_s
-        gauge = metrics.inflight_for(up.name)
-        gauge.inc()
+        inflight = metrics.inflight_for(up.name)
+        inflight.n += 1
         ok = False
         usage: Usage | None = None
         counter: StreamCounter | None = None
@@ -365,7 +373,7 @@ class Forward:
         overdue = False
         try:
             try:
-                async with asyncio.timeout_at(min(t_start + timeouts.first_byte_s, total_deadline)) as timer:
+                with _attempt_deadline(request, loop).start(min(t_start + timeouts.first_byte_s, total_deadline)) as timer:
                     if state.config.retries.first_token_timeout:
                         def on_overdue() -> None:
                             # No first token within the first-token timer and nothing sent to the client yet:
@@ -481,7 +489,7 @@ class Forward:
                                                 "backend_disconnected")
         finally:
             driver.watch_first_token(demand.request_id, None)
-            gauge.dec()
+            inflight.n -= 1
             if upstream_resp is not None:
                 if reuse_connection:
                     upstream_resp.release()
