@@ -294,3 +294,15 @@ def test_a_queue_that_empties_for_a_moment_still_stands():
     lull.on_empty(1.0)
     lull.on_backlog(6.0)  # seconds later: judged afresh
     assert not lull.standing(6.1)
+
+
+def test_a_backlog_that_ended_is_not_standing_before_anything_resets_it():
+    """After a lull with no release pass and no newcomer nothing resets the old backlog; its rate and standing
+    must not count (the front door reads them live: it refused the first of a new burst after a lull)."""
+    rate = DrainRate()
+    rate.on_backlog(0.0)
+    for k in range(1, 40):
+        rate.on_release(0.02 * k)
+    rate.on_empty(1.0)  # the queue emptied; then nothing happens for seconds
+    assert rate.standing(1.0 + EMPTY_GRACE_S / 2) and rate.current_rate_per_s(1.0) is not None
+    assert not rate.standing(7.0) and rate.current_rate_per_s(7.0) is None

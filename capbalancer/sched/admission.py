@@ -86,7 +86,17 @@ class DrainRate:
         """Whether the queue has stood (not emptied for EMPTY_GRACE_S) for STANDING_MIN_S: a sustained overload,
         not a burst."""
         since = self.standing_from_s()
-        return since is not None and now >= since
+        return since is not None and now >= since and not self.over(now)
+
+    def over(self, now: float) -> bool:
+        """The backlog ended (the queue has been empty for EMPTY_GRACE_S) though nothing has reset it yet: that
+        happens at the next release pass or backlog, and after a lull with neither, the front door read the old
+        backlog's rate and standing live and refused the first of a new burst (bench/dataplane.py: 6-14 a round)."""
+        return self.emptied_at_s is not None and now - self.emptied_at_s >= EMPTY_GRACE_S
+
+    def current_rate_per_s(self, now: float) -> float | None:
+        """The drain rate, unless its backlog is over."""
+        return None if self.over(now) else self.rate_per_s
 
     def standing_from_s(self) -> float | None:
         """When the queue counts as standing, as things are (None: no backlog)."""

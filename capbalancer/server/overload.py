@@ -138,15 +138,14 @@ class QueueView:
         the door's clock plus the loop's lag)."""
         if self.idle_fraction is None:
             return None
-        standing_from = pool.drain.standing_from_s()
-        if standing_from is None or now < standing_from:
+        if not pool.drain.standing(now):
             return None
         return pool.overload.last_hold_limit(self.idle_fraction)
 
-    def drain_limit(self, pool: PoolState) -> int | None:
+    def drain_limit(self, pool: PoolState, now: float) -> int | None:
         """The longest queue the measured drain rate clears within the objective (None: no rate or objective).
         The scheduler's own test is stricter (it leaves room for the loaded TTFT): this never refuses more."""
-        rate = pool.drain.rate_per_s
+        rate = pool.drain.current_rate_per_s(now)
         if self.objective_s is None or rate is None or rate <= 0:
             return None
         return math.ceil(rate * self.objective_s)
@@ -412,7 +411,7 @@ class OverloadGate:
             # 0.3 s before the queue's standing time was refused for its length once the loop read it).
             common = view is not None and view.floor_bound(tokens)  # judged by the pool's common objective
             bound = q.bound(pool, now + self.lag_s) if common else None
-            drain = q.drain_limit(pool) if common else None
+            drain = q.drain_limit(pool, now) if common else None
             if drain is not None:
                 bound = drain if bound is None else min(bound, drain)
             limit = q.limit(bound, held)
