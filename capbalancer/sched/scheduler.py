@@ -24,7 +24,7 @@ from typing import Any
 
 from capbalancer.fleet.kv_events import KvEvent
 from capbalancer.fleet.snapshot import EngineSnapshot
-from capbalancer.sched.admission import DrainRate, OverloadRatio
+from capbalancer.sched.admission import DrainRate, OverloadRatio, queue_waits
 from capbalancer.sched.backend import BackendState, Health, InflightRequest
 from capbalancer.sched.capacity import TTFT_MARGIN_FACTOR, TTFT_MARGIN_S, CapacityModel
 from capbalancer.sched.estimates import OutputLengthEstimator
@@ -360,9 +360,11 @@ class Scheduler:
                           pool.retry.retry_after_s(now, settings.retry_after_s))
         # An under-served size class goes ahead of the rest of its priority: only those ahead of it count.
         ahead = len(pool.hold) if standing == 0 else pool.hold.count_ahead(demand.priority)
+        head = pool.hold.peek() if by_objective else None
         limit = pool.overload.hold_limit(now, getattr(getattr(pool.policy, "settings", None),
                                                       "overload_idle_fraction", 0.0)) if (
-            by_objective and pool.drain.standing(now)) else None
+            by_objective and pool.drain.standing(now) and head is not None
+            and queue_waits(head[1], now, demand.deadline_s - demand.arrival_s)) else None
         if limit is not None and ahead >= limit:
             # Sustained overload: the queue is as long as it needs to be to keep the backends busy; holding this
             # one too would only make it (and everything behind it) wait, and as many would be refused anyway.
@@ -428,7 +430,10 @@ class Scheduler:
         if req is None:
             return []
         if output_tokens is not None:
-            state.set_progress(req, output_tokens, now)
+            # Not a first token: an answer with none seen before its end was not streamed (or streamed nothing
+            # until then), and its end says nothing about when its first token came. Marking it then taught the
+            # TTFT correction whole answers' durations (up to 20x) from non-streamed traffic.
+            state.set_progress(req, output_tokens, now, mark_first_token=False)
         state.remove_inflight(request_id, now)
         if state.gpu_siblings:
             self.capacity.refresh_shared(state, now)

@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from capbalancer.sched.admission import queue_waits
 from capbalancer.sched.capacity import CapacityModel
 from capbalancer.sched.headroom import pool_headroom
 from capbalancer.sched.retry_spread import MAX_SPREAD_S
@@ -129,6 +130,7 @@ class QueueView:
     # queue ahead would keep past it at the measured drain rate (read live), so the queue takes at most that many.
     objective_s: float | None
     free_seats: int  # typical requests the routable backends could start at once (capacity model), with no queue
+    head_held_at_s: float | None  # when the queue's head was held (None: no queue): whether requests wait in it
     fair_exempt: bool  # a size class is under-served: its requests skip the queue, so the scheduler judges
     start_rate_per_s: float  # the pool's start rate: refusals' Retry-After are spread at it (sched/retry_spread.py)
     least_retry_after_s: float  # the pool's configured Retry-After
@@ -136,9 +138,9 @@ class QueueView:
     def bound(self, pool: PoolState, now: float) -> int | None:
         """The pool's standing-overload bound if it applies at `now` (when the scheduler will judge the request:
         the door's clock plus the loop's lag)."""
-        if self.idle_fraction is None:
+        if self.idle_fraction is None or self.objective_s is None:
             return None
-        if not pool.drain.standing(now):
+        if not pool.drain.standing(now) or not queue_waits(self.head_held_at_s, now, self.objective_s):
             return None
         return pool.overload.last_hold_limit(self.idle_fraction)
 
@@ -235,9 +237,13 @@ class OverloadGate:
             return False
         fraction = getattr(getattr(state.policy, "settings", None), "overload_idle_fraction", 0.0)
         limit = state.overload.last_hold_limit(fraction)
-        # The bound applies only to a queue that has stood (sched/admission.py STANDING_MIN_S); `now` is the
-        # scheduler's clock too (time.monotonic, through the driver).
-        return limit is not None and len(state.hold) >= limit and state.drain.standing(now)
+        # The bound applies only to a queue that has stood and in which requests wait (sched/admission.py); `now`
+        # is the scheduler's clock too (time.monotonic, through the driver).
+        if limit is None or len(state.hold) < limit or not state.drain.standing(now):
+            return False
+        view, head = self.views.get(pool), state.hold.peek()
+        objective_s = None if view is None else (view.slo_s if view.slo_s is not None else view.floor_s)
+        return objective_s is not None and head is not None and queue_waits(head[1], now, objective_s)
 
     def publish(self) -> None:
         """Each pool's objective bounds; and a fresher snapshot or a health change counts as freed room (the
@@ -290,7 +296,7 @@ class OverloadGate:
             fair = getattr(pool.policy, "fair", None)
             queue = QueueView(
                 held=len(pool.hold), hold_max=pool.settings.hold_max_requests, idle_fraction=idle_fraction,
-                objective_s=objective,
+                objective_s=objective, head_held_at_s=head[1] if (head := pool.hold.peek()) is not None else None,
                 free_seats=free,
                 fair_exempt=fair is not None and fair.any_under_served(now),
                 start_rate_per_s=pool.retry.start_rate_per_s(now),
