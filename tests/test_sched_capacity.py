@@ -106,6 +106,30 @@ def test_calibration_converges_on_a_profile_that_is_twice_too_optimistic():
     assert described["tpot_seconds"]["observed"] == pytest.approx(true_tpot, rel=0.05)
 
 
+def test_non_streamed_answers_lower_a_too_slow_tpot_model_and_never_raise_it():
+    """A non-streamed answer shows no first token, but its time over its tokens bounds its TPOT from above: a
+    model slower than that bound is corrected down to it (instant backends were held by a 154 ms prediction);
+    a slow answer says nothing (its queue and prefill may be all of it), so it never raises the correction."""
+    prof = profile("a", 1.0, kv_tokens=10_000_000)
+    sched = make([("a", prof)])
+    state = sched.backends["a"]
+    model_tpot = prof.step.decode_step_seconds(1, 150)
+    now = 0.0
+    for i in range(30):  # ten times faster than the model, whole answers only
+        assert sched.submit(demand(i, prompt=100, max_tokens=50), now) == Route("a")
+        now += 49 * model_tpot / 10
+        sched.finish(f"r{i}", now, output_tokens=50)
+        now += 0.01
+    assert sched.capacity.tpot_factor(state) < 0.2
+    low = sched.capacity.tpot_factor(state)
+    for i in range(30, 60):  # then slow answers (say, queued): no evidence either way
+        assert sched.submit(demand(i, prompt=100, max_tokens=50), now) == Route("a")
+        now += 49 * model_tpot * 5
+        sched.finish(f"r{i}", now, output_tokens=50)
+    assert sched.capacity.tpot_factor(state) == low
+    assert state.ttft_correction.value is None  # no first token seen: TTFT learns nothing
+
+
 def test_backend_without_profile_is_still_routed_and_learns_its_speed():
     sched = make([("noprof", None)])
     assert sched.submit(demand(0), 0.0) == Route("noprof")

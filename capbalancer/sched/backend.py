@@ -39,7 +39,9 @@ class InflightRequest:
     predicted_ttft_s: float | None = None
     predicted_tpot_s: float | None = None
     predicted_ttft_base_s: float | None = None  # the same prediction before online correction
-    # The backend's load integrals when this request produced its first token (see BackendState).
+    # The backend's load integrals when this request was dispatched and when it produced its first token.
+    seq_integral_at_dispatch: float = 0.0
+    kv_integral_at_dispatch: float = 0.0
     seq_integral_at_first_token: float = 0.0
     kv_integral_at_first_token: float = 0.0
     # Prefix cache (sched/prefix_index.py): prompt tokens expected cached there (no prefill), and of those,
@@ -156,6 +158,8 @@ class BackendState:
 
     def add_inflight(self, req: InflightRequest) -> None:
         self._advance_integrals(req.dispatched_at_s)
+        req.seq_integral_at_dispatch = self.load_integral_seq_s
+        req.kv_integral_at_dispatch = self.load_integral_kv_s
         self.inflight[req.request_id] = req
         self.own_kv_tokens += req.kv_tokens
         self.own_reserved_kv_tokens += req.kv_tokens_reserved
@@ -175,15 +179,16 @@ class BackendState:
             return None
         return req.kv_snapshot_tokens if req.kv_snapshot_epoch == self.snapshot_epoch else req.kv_tokens
 
-    def set_progress(self, req: InflightRequest, output_tokens: int, now: float) -> None:
-        """Move a request's generated-token count (never backwards) and mark its first token."""
+    def set_progress(self, req: InflightRequest, output_tokens: int, now: float, mark_first_token: bool = True) -> None:
+        """Move a request's generated-token count (never backwards) and mark its first token (unless told not to:
+        a non-streamed answer's tokens are counted when it ends, which is not when its first token came)."""
         self._advance_integrals(now)
         if (output_tokens > req.output_tokens and req.kv_snapshot_epoch != self.snapshot_epoch
                 and not self._sent_after_snapshot(req)):
             # First change since the snapshot: remember what the snapshot saw of this request.
             req.kv_snapshot_tokens = req.kv_tokens
             req.kv_snapshot_epoch = self.snapshot_epoch
-        if req.first_token_at_s is None and output_tokens > 0:
+        if req.first_token_at_s is None and output_tokens > 0 and mark_first_token:
             req.first_token_at_s = now
             req.seq_integral_at_first_token = self.load_integral_seq_s
             req.kv_integral_at_first_token = self.load_integral_kv_s

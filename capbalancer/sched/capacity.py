@@ -399,6 +399,7 @@ class CapacityModel:
     def record_completion(self, state: BackendState, req: InflightRequest, now: float) -> None:
         """Compare what was observed with what the profile predicts for the load the request really saw."""
         if req.first_token_at_s is None:
+            self._record_unstreamed(state, req, now)
             return
         observed_ttft = req.first_token_at_s - req.dispatched_at_s
         state.observed_ttft_s.add(observed_ttft)
@@ -436,6 +437,33 @@ class CapacityModel:
             state.interference.observe(own_base * self.tpot_factor(state), shared_s, observed_tpot)
         elif own_base > 0:
             state.tpot_correction.add(_clip(observed_tpot / own_base))
+
+    def _record_unstreamed(self, state: BackendState, req: InflightRequest, now: float) -> None:
+        """A non-streamed answer: no first token was seen, but its whole time over its tokens bounds its TPOT from
+        above (it also holds its queueing and prefill). That is evidence only that the model is too slow: when even
+        the bound is below what the calibrated model says for the batch the request decoded in, the correction moves
+        down towards it; never up (the prefill and queue in it could hide any TPOT). Without this, traffic that
+        never streams never calibrated TPOT: against an instant backend with no profile the generic profile's
+        recent-prefill term predicted 154 ms a token, over the derived 100 ms objective, and 32-61% of requests
+        were held for ~13 ms (bench/results/dataplane.md, fourth pass)."""
+        elapsed_s = now - req.dispatched_at_s
+        if req.output_tokens < 2 or elapsed_s <= 0 or state.gpu_siblings:
+            return
+        tpot_bound_s = elapsed_s / (req.output_tokens - 1)
+        mean_seqs = max(1.0, (state.load_integral_seq_s - req.seq_integral_at_dispatch) / elapsed_s)
+        mean_kv = max(0.0, (state.load_integral_kv_s - req.kv_integral_at_dispatch) / elapsed_s)
+        snap = state.fresh_snapshot(now, self.health)
+        if snap is not None and snap.running:
+            mean_seqs = max(mean_seqs, float(snap.running))
+        step = self.base_step(state)
+        seqs = int(round(mean_seqs))
+        churn = self.churn_seconds_per_seq(state, step, req.prefill_tokens, req.expected_output_tokens)
+        own_base = step.decode_step_seconds(seqs, int(mean_kv)) + churn * seqs
+        if own_base <= 0:
+            return
+        ratio = _clip(tpot_bound_s / own_base)
+        if ratio < self.tpot_factor(state):
+            state.tpot_correction.add(ratio)
 
     def record_overdue(self, state: BackendState, req: InflightRequest, now: float) -> None:
         """A request still without its first token long after it was predicted: the backend is slower than the
