@@ -414,22 +414,13 @@ class CapacityModel:
         state.observed_tpot_s.add(observed_tpot)
         if req.predicted_tpot_s is not None:
             state.predicted_tpot_s.add(req.predicted_tpot_s)
-        # The batch this request decoded alongside, on average: our own load integral over its decode
-        # time, or the snapshot's figure when another client's traffic makes the engine busier.
-        mean_seqs = max(1.0, (state.load_integral_seq_s - req.seq_integral_at_first_token) / decode_s)
-        mean_kv = max(0.0, (state.load_integral_kv_s - req.kv_integral_at_first_token) / decode_s)
-        snap = state.fresh_snapshot(now, self.health)
-        if snap is not None and snap.running:
-            mean_seqs = max(mean_seqs, float(snap.running))
-        step = self.base_step(state)
-        seqs = int(round(mean_seqs))
-        churn = self.churn_seconds_per_seq(state, step, req.prefill_tokens, req.expected_output_tokens)
+        own_base = self._decode_step_base_s(state, req, now, req.seq_integral_at_first_token,
+                                            req.kv_integral_at_first_token, decode_s)
         # Siblings on the same GPU: their summed step, averaged over this request's decode (the scheduler keeps
         # its integral as their loads change), so the correction does not learn the contention as its own.
         shared_s = 0.0
         if state.gpu_siblings:
             shared_s = (state.interference.integral_at(now) - req.shared_integral_at_first_token) / decode_s
-        own_base = step.decode_step_seconds(seqs, int(mean_kv)) + churn * seqs
         if shared_s > 0:
             # Busy siblings: what they cost it beyond its own (calibrated) step is the interference factor's
             # evidence (sched/interference.py). The own correction learns only while it has the GPU to itself, as
@@ -437,6 +428,21 @@ class CapacityModel:
             state.interference.observe(own_base * self.tpot_factor(state), shared_s, observed_tpot)
         elif own_base > 0:
             state.tpot_correction.add(_clip(observed_tpot / own_base))
+
+    def _decode_step_base_s(self, state: BackendState, req: InflightRequest, now: float, seq_integral_at: float,
+                            kv_integral_at: float, span_s: float) -> float:
+        """The uncorrected decode step (churn included) of the batch `req` ran in over the last `span_s`: our own
+        load integrals since the given marks, or the snapshot's figure when another client's traffic makes the
+        engine busier."""
+        mean_seqs = max(1.0, (state.load_integral_seq_s - seq_integral_at) / span_s)
+        mean_kv = max(0.0, (state.load_integral_kv_s - kv_integral_at) / span_s)
+        snap = state.fresh_snapshot(now, self.health)
+        if snap is not None and snap.running:
+            mean_seqs = max(mean_seqs, float(snap.running))
+        step = self.base_step(state)
+        seqs = int(round(mean_seqs))
+        churn = self.churn_seconds_per_seq(state, step, req.prefill_tokens, req.expected_output_tokens)
+        return step.decode_step_seconds(seqs, int(mean_kv)) + churn * seqs
 
     def _record_unstreamed(self, state: BackendState, req: InflightRequest, now: float) -> None:
         """A non-streamed answer: no first token was seen, but its whole time over its tokens bounds its TPOT from
@@ -450,15 +456,8 @@ class CapacityModel:
         if req.output_tokens < 2 or elapsed_s <= 0 or state.gpu_siblings:
             return
         tpot_bound_s = elapsed_s / (req.output_tokens - 1)
-        mean_seqs = max(1.0, (state.load_integral_seq_s - req.seq_integral_at_dispatch) / elapsed_s)
-        mean_kv = max(0.0, (state.load_integral_kv_s - req.kv_integral_at_dispatch) / elapsed_s)
-        snap = state.fresh_snapshot(now, self.health)
-        if snap is not None and snap.running:
-            mean_seqs = max(mean_seqs, float(snap.running))
-        step = self.base_step(state)
-        seqs = int(round(mean_seqs))
-        churn = self.churn_seconds_per_seq(state, step, req.prefill_tokens, req.expected_output_tokens)
-        own_base = step.decode_step_seconds(seqs, int(mean_kv)) + churn * seqs
+        own_base = self._decode_step_base_s(state, req, now, req.seq_integral_at_dispatch,
+                                            req.kv_integral_at_dispatch, elapsed_s)
         if own_base <= 0:
             return
         ratio = _clip(tpot_bound_s / own_base)

@@ -47,7 +47,7 @@ from capbalancer.server import halfclose, observe, proxy, routes
 from capbalancer.server.app import _unexpected_errors, unexpected_error_answer
 from capbalancer.server.deadline import Deadline
 from capbalancer.server.errors import error_body
-from capbalancer.server.observe import CLIENT_CLOSED_STATUS, Observer
+from capbalancer.server.observe import Observer, status_of_exception
 
 log = logging.getLogger("capbalancer.server")
 
@@ -641,14 +641,8 @@ async def _observed(request: FastRequest, observer: Observer) -> web.StreamRespo
             response = unexpected_error_answer(request, exc)  # type: ignore[arg-type]
         record.status = response.status
         return response
-    except web.HTTPException as exc:
-        record.status = exc.status
-        raise
-    except (asyncio.CancelledError, ConnectionResetError):
-        record.status = CLIENT_CLOSED_STATUS
-        raise
-    except Exception:
-        record.status = 500
+    except BaseException as exc:
+        record.status = status_of_exception(exc)
         raise
     finally:
         observer.end(record, response, access_log_on)

@@ -34,6 +34,16 @@ class TracerSlot:
 TRACER: web.AppKey[TracerSlot] = web.AppKey("capbalancer_tracer", TracerSlot)
 CLIENT_CLOSED_STATUS = 499  # nginx's code for "the client went away first": logged, never sent
 
+
+def status_of_exception(exc: BaseException) -> int:
+    """The status an access line records for a handler that raised `exc` (aiohttp answers an HTTPException
+    with its status; a client that left gets CLIENT_CLOSED_STATUS; anything else ends in a 500)."""
+    if isinstance(exc, web.HTTPException):
+        return exc.status
+    if isinstance(exc, (asyncio.CancelledError, ConnectionResetError)):
+        return CLIENT_CLOSED_STATUS
+    return 500
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -96,14 +106,8 @@ def install(app: web.Application, state: ProxyState) -> None:
             response = await handler(request)
             record.status = response.status
             return response
-        except web.HTTPException as exc:
-            record.status = exc.status
-            raise
-        except (asyncio.CancelledError, ConnectionResetError):
-            record.status = CLIENT_CLOSED_STATUS
-            raise
-        except Exception:
-            record.status = 500
+        except BaseException as exc:
+            record.status = status_of_exception(exc)
             raise
         finally:
             observer.end(record, response, settings.access_log, span)
