@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -403,6 +404,7 @@ def run_one(variant: str, engines: list[str], args: argparse.Namespace, engine_p
             merged["status"].setdefault(k, []).extend(v)
         for k, v in part["errors"].items():
             merged["errors"][k] = merged["errors"].get(k, 0) + v
+    shutil.rmtree(tmp, ignore_errors=True)  # the workers' result files: merged above
     h_ok = [v for v in health.values if v is not None]
     r_ok = [v for v in ready.values if v is not None]
     r429 = merged["status"].get("429", [])
