@@ -90,8 +90,8 @@ class DrainRate:
     def standing(self, now: float) -> bool:
         """Whether the queue has stood (not emptied for EMPTY_GRACE_S) for STANDING_MIN_S: a sustained overload,
         not a burst."""
-        since = self.standing_from_s()
-        return since is not None and now >= since and not self.over(now)
+        since = self.backlog_since_s
+        return since is not None and now >= since + STANDING_MIN_S and not self.over(now)
 
     def over(self, now: float) -> bool:
         """The backlog ended (the queue has been empty for EMPTY_GRACE_S) though nothing has reset it yet: that
@@ -102,11 +102,6 @@ class DrainRate:
     def current_rate_per_s(self, now: float) -> float | None:
         """The drain rate, unless its backlog is over."""
         return None if self.over(now) else self.rate_per_s
-
-    def standing_from_s(self) -> float | None:
-        """When the queue counts as standing, as things are (None: no backlog)."""
-        since = self.backlog_since_s
-        return None if since is None else since + STANDING_MIN_S
 
     def on_release(self, now: float) -> None:
         if self.window_start_s is None:

@@ -39,11 +39,17 @@ class RetrySpread:
 
     def retry_after_s(self, now: float, least_s: float) -> float:
         """The Retry-After of a request refused now: the next slot at the start rate, at least `least_s`."""
-        rate = self.start_rate_per_s(now)
-        if rate <= 0:
-            return least_s
-        slot = max(now + least_s, self.next_slot_s)
-        if slot > now + MAX_SPREAD_S:
-            return MAX_SPREAD_S if MAX_SPREAD_S > least_s else least_s
-        self.next_slot_s = slot + 1.0 / rate
-        return slot - now
+        wait_s, self.next_slot_s = next_slot(now, least_s, self.start_rate_per_s(now), self.next_slot_s)
+        return wait_s
+
+
+def next_slot(now: float, least_s: float, rate_per_s: float, next_slot_s: float) -> tuple[float, float]:
+    """(Retry-After of a request refused now, the next free slot after it): the first slot at `rate_per_s` from
+    `next_slot_s`, at least `least_s` from now, never more than MAX_SPREAD_S (then the slots do not move). Shared
+    by the scheduler's refusals and the front door's (server/overload.py), which keeps its own slots."""
+    if rate_per_s <= 0:
+        return least_s, next_slot_s
+    slot = max(now + least_s, next_slot_s)
+    if slot > now + MAX_SPREAD_S:
+        return (MAX_SPREAD_S if MAX_SPREAD_S > least_s else least_s), next_slot_s
+    return slot - now, slot + 1.0 / rate_per_s

@@ -360,11 +360,12 @@ class Scheduler:
                           pool.retry.retry_after_s(now, settings.retry_after_s))
         # An under-served size class goes ahead of the rest of its priority: only those ahead of it count.
         ahead = len(pool.hold) if standing == 0 else pool.hold.count_ahead(demand.priority)
-        head = pool.hold.peek() if by_objective else None
-        limit = pool.overload.hold_limit(now, getattr(getattr(pool.policy, "settings", None),
-                                                      "overload_idle_fraction", 0.0)) if (
-            by_objective and pool.drain.standing(now) and head is not None
-            and queue_waits(head[1], now, demand.deadline_s - demand.arrival_s)) else None
+        limit = None
+        if by_objective and pool.drain.standing(now):
+            head = pool.hold.peek()
+            if head is not None and queue_waits(head[1], now, demand.deadline_s - demand.arrival_s):
+                limit = pool.overload.hold_limit(now, getattr(getattr(pool.policy, "settings", None),
+                                                              "overload_idle_fraction", 0.0))
         if limit is not None and ahead >= limit:
             # Sustained overload: the queue is as long as it needs to be to keep the backends busy; holding this
             # one too would only make it (and everything behind it) wait, and as many would be refused anyway.

@@ -57,14 +57,18 @@ def retry_after_header(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
 
 
+def retry_after_ms_header(seconds: float) -> str:
+    # The same to the millisecond (OpenAI's clients read it first): refusals spread below a second apart
+    # (sched/retry_spread.py) would all round up to the same whole second.
+    return str(max(1, int(seconds * 1000)))
+
+
 def error_response(status: int, message: str, *, code: str | None = None, param: str | None = None,
                    retry_after_s: float | None = None, headers: dict[str, str] | None = None) -> web.Response:
     hdrs = dict(headers or {})
     if retry_after_s is not None:
         hdrs["Retry-After"] = retry_after_header(retry_after_s)
-        # The same to the millisecond (OpenAI's clients read it first): refusals spread below a second apart
-        # (sched/retry_spread.py) would all round up to the same whole second.
-        hdrs["retry-after-ms"] = str(max(1, int(retry_after_s * 1000)))
+        hdrs["retry-after-ms"] = retry_after_ms_header(retry_after_s)
     return web.Response(status=status, body=error_body(status, message, code, param),
                         content_type="application/json", headers=hdrs)
 

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from capbalancer.server.errors import error_body, retry_after_header
+from capbalancer.server.errors import error_body, retry_after_header, retry_after_ms_header
 from capbalancer.server.limits import default_max_connections, fd_soft_limit
 from capbalancer.server.overload import DoorRefusal
 
@@ -103,11 +103,11 @@ _SHED = _response(429, "Too Many Requests", error_body(
 
 
 def _refusal(refusal: DoorRefusal) -> bytes:
-    # Whole seconds in Retry-After (never 0), the same to the millisecond in retry-after-ms (OpenAI's clients
-    # read it first): the door spreads its refusals' retries below a second apart, as the scheduler does.
+    # The door spreads its refusals' retries below a second apart, as the scheduler does: both headers, as
+    # error_response writes them.
     return _response(429, "Too Many Requests", error_body(429, refusal.message, "no_capacity"),
                      f"Retry-After: {retry_after_header(refusal.retry_after_s)}\r\n"
-                     f"retry-after-ms: {max(1, int(refusal.retry_after_s * 1000))}\r\n")
+                     f"retry-after-ms: {retry_after_ms_header(refusal.retry_after_s)}\r\n")
 
 
 def probe_path(head: bytes) -> str | None | bool:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from capbalancer.sched.admission import queue_waits
 from capbalancer.sched.capacity import CapacityModel
 from capbalancer.sched.headroom import pool_headroom
-from capbalancer.sched.retry_spread import MAX_SPREAD_S
+from capbalancer.sched.retry_spread import next_slot
 from capbalancer.sched.scheduler import PoolState, Scheduler
 from capbalancer.sched.types import Decision, Hold, Reject
 
@@ -87,6 +87,11 @@ class PoolView:
     factor: float  # 0: no derived objective (held until the hold timeout: never refused at the door)
     # Per routable backend (fixed, per-token): idle TTFT of an n-token prompt <= fixed + per_token x n.
     idle_bounds: tuple[tuple[float, float], ...]
+
+    @property
+    def objective_s(self) -> float:
+        """The objective a request of the pool's common size is judged by: the configured one, else the floor."""
+        return self.slo_s if self.slo_s is not None else self.floor_s
 
     def floor_bound(self, prompt_tokens: int) -> bool:
         """True when no request of at most `prompt_tokens` has an objective longer than the pool's common one
@@ -242,8 +247,7 @@ class OverloadGate:
         if limit is None or len(state.hold) < limit or not state.drain.standing(now):
             return False
         view, head = self.views.get(pool), state.hold.peek()
-        objective_s = None if view is None else (view.slo_s if view.slo_s is not None else view.floor_s)
-        return objective_s is not None and head is not None and queue_waits(head[1], now, objective_s)
+        return view is not None and head is not None and queue_waits(head[1], now, view.objective_s)
 
     def publish(self) -> None:
         """Each pool's objective bounds; and a fresher snapshot or a health change counts as freed room (the
@@ -287,11 +291,10 @@ class OverloadGate:
             settings = getattr(pool.policy, "settings", None)
             view = self.views.get(name)
             idle_fraction = objective = None
-            if view is not None and settings is not None:
-                objective_s = view.slo_s if view.slo_s is not None else view.floor_s
-                if objective_s < pool.settings.hold_timeout_s:  # held under the objective: the bound applies
-                    idle_fraction = getattr(settings, "overload_idle_fraction", 0.0)
-                    objective = objective_s
+            if view is not None and settings is not None and view.objective_s < pool.settings.hold_timeout_s:
+                # Held under the objective: the bound applies.
+                idle_fraction = getattr(settings, "overload_idle_fraction", 0.0)
+                objective = view.objective_s
             free = self._free_seats(name, now) if not len(pool.hold) else 0
             fair = getattr(pool.policy, "fair", None)
             queue = QueueView(
@@ -399,6 +402,8 @@ class OverloadGate:
         """A refusal when, in every pool, the hold queue as published, plus the requests passed on since, less
         the room freed since, is at the length that refuses a newcomer of `tokens` prompt tokens."""
         queues, views = self.queues, self.views
+        epoch = self._epoch
+        unseen = self._passes.get(epoch, 0) + self._passes.get(epoch - 1, 0)  # passed on, not read by the loop yet
         retry = None
         full = True
         for name in pools:
@@ -411,8 +416,7 @@ class OverloadGate:
                 return None
             # The queue as it is (its length is read live), and the requests passed on that it has not seen yet.
             held = len(pool.hold)
-            epoch = self._epoch
-            held_now = held + self._passes.get(epoch, 0) + self._passes.get(epoch - 1, 0)
+            held_now = held + unseen
             # The scheduler judges it a loop lag from now: by then the queue may stand (measured: a request passed
             # 0.3 s before the queue's standing time was refused for its length once the loop read it).
             common = view is not None and view.floor_bound(tokens)  # judged by the pool's common objective
@@ -431,14 +435,9 @@ class OverloadGate:
     def _spread_retry(self, pool: str, q: QueueView, now: float) -> float:
         """The next free slot at the pool's start rate, at least its Retry-After from now (as the scheduler's
         own refusals get theirs, sched/retry_spread.py): refused together, clients come back one by one."""
-        least = q.least_retry_after_s
-        if q.start_rate_per_s <= 0:
-            return least
-        slot = max(now + least, self._retry_slot_s.get(pool, 0.0))
-        if slot > now + MAX_SPREAD_S:
-            return max(least, MAX_SPREAD_S)
-        self._retry_slot_s[pool] = slot + 1.0 / q.start_rate_per_s
-        return slot - now
+        wait_s, self._retry_slot_s[pool] = next_slot(now, q.least_retry_after_s, q.start_rate_per_s,
+                                                     self._retry_slot_s.get(pool, 0.0))
+        return wait_s
 
     def judge_head(self, head: bytes) -> DoorRefusal | None:
         """`shed_after_s` for the head of an HTTP request (as peeked by the door)."""
