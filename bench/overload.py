@@ -63,6 +63,7 @@ REFUSAL_SOURCES = (
     (b"cannot start within its time-to-first-token objective", "scheduler: cannot start in time"),
     (b"as long as this sustained overload needs", "scheduler: queue at its bound"),
     (b"hold queue would take", "scheduler: queue too slow"),
+    (b"seats for held requests", "scheduler: seats forecast"),
     (b"keep service fair", "scheduler: fair shedding"),
     (b"hold queue is full", "scheduler: queue full"),
     (b"held past its deadline", "held, then expired"),

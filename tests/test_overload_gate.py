@@ -14,7 +14,7 @@ from test_goodput_admission import T0, demand, make, seats_profile
 from capbalancer.config import PoolSettings
 from capbalancer.sched.admission import STANDING_MIN_S
 from capbalancer.sched.scheduler import Scheduler
-from capbalancer.sched.types import BackendSpec, Hold, Reject, Route
+from capbalancer.sched.types import BackendSpec, Demand, Hold, Reject, Route
 from capbalancer.server.overload import (
     CONGESTED_HOLD_S,
     LATE,
@@ -235,6 +235,34 @@ def test_an_onset_burst_is_passed_on_only_as_far_as_the_queue_and_the_seats_reac
     assert gate.judge_head(head(500)) is not None
     gate.publish()  # the loop caught up (and took none of them here): room again
     assert gate.judge_head(head(500)) is None
+
+
+def test_before_a_drain_is_measured_the_door_refuses_past_the_seat_forecast():
+    """No drain measured (an onset, the first moments after a lull): the door bounded the queue by the hold limit
+    alone and passed on what the scheduler then refused for the seats' forecast, a loop lag late. The loop
+    publishes the forecast; the door refuses past it, and passes again once answers are short enough."""
+    sched = make()  # 2 seats
+    for _ in range(16):  # answers of ~300 tokens: both seats busy for ~3 s, past the 2 s objective
+        sched.pools["m"].output_lengths.observe(300)
+    def long(i: int) -> Demand:
+        return Demand(request_id=f"r{i}", pool="m", prompt_tokens=100, max_tokens=300, arrival_s=T0)
+
+    for i in range(2):
+        assert isinstance(sched.submit(long(i), T0), Route)
+    gate = OverloadGate(sched, clock=lambda: T0)
+    gate.publish()
+    assert gate.queues["m"].forecast_limit == 0
+    refusal = gate.judge_head(head(500))
+    assert refusal is not None and refusal.message == QUEUE_AT_BOUND
+    assert isinstance(sched.submit(long(9), T0), Reject)  # the scheduler agrees
+    quick = make()
+    for _ in range(16):
+        quick.pools["m"].output_lengths.observe(5)
+    for i in range(2):
+        quick.submit(demand(i, T0), T0)
+    gate = OverloadGate(quick, clock=lambda: T0)
+    gate.publish()
+    assert (gate.queues["m"].forecast_limit or 0) > 10 and gate.judge_head(head(500)) is None
 
 
 def test_an_under_served_size_class_is_left_to_the_scheduler():

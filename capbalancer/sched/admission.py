@@ -11,7 +11,9 @@ a queue that stands at the length the objective allows is only latency: every he
 objective and as many are refused either way. What such a queue must do is keep the backends busy, and a few
 requests do that: with the pool's measured overload ratio (requests asking to join the queue per request it
 released to a backend), the queue is bounded at the length that leaves the backends without held work no more
-than a small fraction of the time. The rest are refused at once. Pure and clock-driven.
+than a small fraction of the time. The rest are refused at once. Before any drain has been measured (an onset, the
+first moments after a lull), the seats' forecast (`SeatForecast`: when the capacity model says the running
+requests end) says how many held requests can start in time. Pure and clock-driven.
 """
 
 from __future__ import annotations
@@ -206,6 +208,56 @@ class OverloadRatio:
         """The most requests worth holding now (None: no bound): `standing_queue_limit` in lumps of `bulk`."""
         k = standing_queue_limit(self.current(now), idle_fraction)
         return None if k is None else math.ceil(k * min(MAX_BULK, max(1.0, self.bulk)))
+
+
+# How long a seat forecast (`SeatForecast`) is reused: rebuilding it reads every request in flight in the pool (1,024
+# at the bench's onset), and within this long the requests it misses are counted (`starts_total`).
+FORECAST_EVERY_S = 0.05
+# A forecast needs the pool's output lengths: before any answer has completed, a request is expected to generate
+# half its max_tokens (sched/estimates.py), and a client asking for 4,096 tokens that get 200 would have its seats
+# forecast to free 10x too late, refusing what would start in time. Until this many answers were seen, no forecast.
+FORECAST_MIN_OUTPUTS = 8
+# Beyond this many starts a forecast stops counting: no queue is that long (the hold limit is 1,024 by default).
+FORECAST_MAX_STARTS = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class SeatForecast:
+    """When the pool's seats are predicted to free, by the capacity model: its drain before any has been measured.
+
+    Until a drain rate is measured (`DrainRate`: 16 releases over 0.25 s at the least, and after every lull of
+    EMPTY_GRACE_S), nothing bounded the hold queue but its 1,024 limit. At an onset every seat fills at once, and
+    the whole first wave ends together, after its prefill backlog and its decode: a queue that formed meanwhile
+    waits for that, and what could not start within its TTFT objective was refused at its release, 2.4 s after
+    arriving (bench/overload.py: up to 1,024 a run; the DES of the same fleet: 1,024 of 1,024 held). So each seat
+    is forecast from what is known at once: a running request ends when its predicted first token and its
+    expected output at the backend's TPOT now say (its first token when seen), a free seat ends now, and a seat
+    that frees then takes a request of `service_s` after another. The forecast errs early where it errs (a
+    request dispatched into a growing batch is given today's TPOT, one past its expected end frees now), so it
+    refuses no request that the seats would start in time as the model sees them."""
+
+    built_at_s: float
+    starts_at_build: int  # the pool's starts (dispatches) when built: those since then took forecast seats
+    # Per backend: its seats' predicted ends (ascending, clock seconds) and how long one request runs there then.
+    backends: tuple[tuple[tuple[float, ...], float], ...]
+
+    def starts_by(self, horizon_s: float, enough: int = FORECAST_MAX_STARTS) -> int:
+        """Requests the seats start (free seats filled, then one per seat each time it frees) by `horizon_s`;
+        counting stops at `enough` (the caller's question is only whether there are that many: O(seats) else)."""
+        total = 0
+        for ends_s, service_s in self.backends:
+            for end_s in ends_s:
+                if end_s > horizon_s:
+                    break
+                if service_s <= 0:
+                    return enough
+                total += 1 + int((horizon_s - end_s) / service_s)
+                if total >= enough:
+                    return enough
+        return total
+
+    def fresh(self, now: float) -> bool:
+        return self.built_at_s <= now < self.built_at_s + FORECAST_EVERY_S
 
 
 def queue_waits(head_held_at_s: float | None, now: float, objective_s: float) -> bool:

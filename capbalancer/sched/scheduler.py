@@ -24,9 +24,15 @@ from typing import Any
 
 from capbalancer.fleet.kv_events import KvEvent
 from capbalancer.fleet.snapshot import EngineSnapshot
-from capbalancer.sched.admission import DrainRate, OverloadRatio, queue_waits
+from capbalancer.sched.admission import (
+    FORECAST_MIN_OUTPUTS,
+    DrainRate,
+    OverloadRatio,
+    SeatForecast,
+    queue_waits,
+)
 from capbalancer.sched.backend import BackendState, Health, InflightRequest
-from capbalancer.sched.capacity import TTFT_MARGIN_FACTOR, TTFT_MARGIN_S, CapacityModel
+from capbalancer.sched.capacity import TTFT_MARGIN_FACTOR, TTFT_MARGIN_S, CapacityModel, CapacitySettings
 from capbalancer.sched.estimates import OutputLengthEstimator
 from capbalancer.sched.hold import HoldQueue
 from capbalancer.sched.outlier import OutlierDetector, OutlierSettings
@@ -82,6 +88,9 @@ class PoolState:
     overload: OverloadRatio = field(default_factory=OverloadRatio)
     # Retry-After of overload refusals, spread at the pool's start rate (sched/retry_spread.py).
     retry: RetrySpread = field(default_factory=RetrySpread)
+    starts_total: int = 0  # requests dispatched (routed or released): what a seat forecast's seats were taken by
+    # When its seats free, by the capacity model: the drain until one is measured (sched/admission.py).
+    forecast: SeatForecast | None = None
 
     @property
     def release_rate_per_s(self) -> float | None:
@@ -386,12 +395,65 @@ class Scheduler:
             pool.rejected_total += 1
             return Reject(429, f"overloaded: the hold queue would take ~{wait_s:.1f}s, past this request's "
                           "time-to-first-token objective", pool.retry.retry_after_s(now, max(settings.retry_after_s, wait_s)))
+        if wait_s is None and by_objective and not len(self.remote) \
+                and pool.output_lengths.samples >= FORECAST_MIN_OUTPUTS:
+            # No drain measured yet (an onset, or the first moments after a lull): the seats' forecast says how
+            # many held requests start in time (sched/admission.py, SeatForecast).
+            can_start = self.held_starts_by(demand.pool, leave_by, now, demand.prompt_tokens,
+                                            ctx.expected_output_tokens, enough=ahead + 1)
+            if ahead >= can_start:
+                pool.rejected_total += 1
+                return Reject(429, f"overloaded: the backends free ~{can_start} seats for held requests before this "
+                              "request's time-to-first-token objective", pool.retry.retry_after_s(
+                                  now, settings.retry_after_s))
         if not len(pool.hold):
             pool.drain.on_backlog(now)
         position = pool.hold.push(demand, now, start_by, ahead=standing < 0)
         self._held_pool[demand.request_id] = demand.pool
         pool.held_total += 1
         return Hold(reason=reason, queue_position=position)
+
+    def held_starts_by(self, pool_name: str, horizon_s: float, now: float, prompt_tokens: int,
+                       expected_output_tokens: int, enough: int) -> int:
+        """How many held requests the pool's seats are forecast to start by `horizon_s` (at most `enough`): the
+        forecast's starts, less those taken since it was made (sched/admission.py, SeatForecast)."""
+        pool = self.pools[pool_name]
+        forecast = pool.forecast
+        if forecast is None or not forecast.fresh(now):
+            forecast = pool.forecast = self._seat_forecast(pool, pool_name, now, prompt_tokens,
+                                                           expected_output_tokens)
+        taken = pool.starts_total - forecast.starts_at_build
+        return max(0, forecast.starts_by(horizon_s, enough + taken) - taken)
+
+    def _seat_forecast(self, pool: PoolState, pool_name: str, now: float, prompt_tokens: int,
+                       expected_output_tokens: int) -> SeatForecast:
+        # The pool's own settings, as `pool_headroom` takes them: its TPOT objective caps a backend's batch
+        # before its seats run out.
+        settings = getattr(pool.policy, "settings", None)
+        model = CapacityModel(self.health, settings) if isinstance(settings, CapacitySettings) else self.capacity
+        probe = Demand(request_id="seat-forecast", pool=pool_name, prompt_tokens=max(1, prompt_tokens),
+                       max_tokens=max(1, expected_output_tokens), arrival_s=now)
+        decode_tokens = max(0, expected_output_tokens - 1)
+        backends = []
+        for b in self._routable(pool, now):
+            est = model.estimate(b, probe, expected_output_tokens, now)
+            tpot_s = est.tpot_s  # at the batch running now: a request dispatched into a smaller one is slower now
+            seats = est.seats if est.tpot_seats is None or est.tpot_seats > est.seats else est.tpot_seats
+            busy = est.seqs_after - 1
+            ends = [now] * max(0, seats - busy)
+            running = []
+            for r in b.inflight.values():
+                first_s = r.first_token_at_s
+                if first_s is None:
+                    first_s = r.dispatched_at_s + (r.predicted_ttft_s or 0.0)
+                end_s = first_s + max(0, r.expected_output_tokens - 1) * tpot_s
+                running.append(end_s if end_s > now else now)
+            running.sort()
+            # More running than seats (requests waiting inside the engine): the first ends free seats for those.
+            ends.extend(running[max(0, busy - seats):])
+            service_s = model.idle_ttft_s(b, prompt_tokens) + decode_tokens * tpot_s
+            backends.append((tuple(ends), service_s))
+        return SeatForecast(built_at_s=now, starts_at_build=pool.starts_total, backends=tuple(backends))
 
     def on_first_token(self, request_id: str, now: float) -> None:
         found = self._inflight_with_backend(request_id)
@@ -665,6 +727,7 @@ class Scheduler:
         if fair is not None:
             fair.on_start(demand.prompt_tokens, now)
         pool.retry.on_start(now)
+        pool.starts_total += 1
 
     def _index_dispatch(self, backend: BackendState, demand: Demand, cached_tokens: int, now: float) -> None:
         """The prompt's blocks are on `backend` now. Its cache holds what its KV can keep besides the KV that

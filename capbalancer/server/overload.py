@@ -30,7 +30,8 @@ connections): 7,500 of 7,750 refusals were made by the scheduler, 0.3-0.8 s afte
 by the door in 8 ms. The door's refusals count as offered load in the pool's overload ratio (they are demand
 the queue did not take; left out, the ratio read ~1.2 under a 3x overload and the bound grew to hundreds).
 Before the loop has published a queue (an onset burst), the door passes at most what the queue and the
-backends' free seats can take.
+backends' free seats can take; before a drain rate is
+measured, at most what the seats' forecast (sched/admission.py) starts within the objective.
 
 While a pool refuses, the loop's successful answers close their connection (`congested`), so that keep-alive
 clients' next requests come through the door rather than past it. The loop's lag (how late its timers fire)
@@ -46,9 +47,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from capbalancer.sched.admission import queue_waits
+from capbalancer.sched.admission import FORECAST_MIN_OUTPUTS, queue_waits
 from capbalancer.sched.capacity import CapacityModel
-from capbalancer.sched.headroom import pool_headroom
+from capbalancer.sched.headroom import DEFAULT_PROMPT_TOKENS, pool_headroom
 from capbalancer.sched.retry_spread import next_slot
 from capbalancer.sched.scheduler import PoolState, Scheduler
 from capbalancer.sched.types import Decision, Hold, Reject
@@ -139,6 +140,9 @@ class QueueView:
     fair_exempt: bool  # a size class is under-served: its requests skip the queue, so the scheduler judges
     start_rate_per_s: float  # the pool's start rate: refusals' Retry-After are spread at it (sched/retry_spread.py)
     least_retry_after_s: float  # the pool's configured Retry-After
+    # Until a drain rate is measured: the held requests the seats are forecast to start within the objective
+    # (sched/admission.py SeatForecast), as of the publication; None: no forecast (or a rate is measured).
+    forecast_limit: int | None = None
 
     def bound(self, pool: PoolState, now: float) -> int | None:
         """The pool's standing-overload bound if it applies at `now` (when the scheduler will judge the request:
@@ -153,7 +157,13 @@ class QueueView:
         """The longest queue the measured drain rate clears within the objective (None: no rate or objective).
         The scheduler's own test is stricter (it leaves room for the loaded TTFT): this never refuses more."""
         rate = pool.drain.current_rate_per_s(now)
-        if self.objective_s is None or rate is None or rate <= 0:
+        if self.objective_s is None:
+            return None
+        if rate is None:
+            # No drain measured yet (an onset, a lull just over): the seats' forecast, which the scheduler applies
+            # too (and more strictly: by when each request must leave the queue, not by its objective).
+            return self.forecast_limit
+        if rate <= 0:
             return None
         return math.ceil(rate * self.objective_s)
 
@@ -296,6 +306,13 @@ class OverloadGate:
                 idle_fraction = getattr(settings, "overload_idle_fraction", 0.0)
                 objective = view.objective_s
             free = self._free_seats(name, now) if not len(pool.hold) else 0
+            forecast = None
+            # Only where no seat is free (else the door passes one per free seat and a forecast would be long).
+            if objective is not None and (len(pool.hold) or not free) and pool.drain.rate_per_s is None \
+                    and not len(sched.remote) and pool.output_lengths.samples >= FORECAST_MIN_OUTPUTS:
+                expected = pool.output_lengths.expected(pool.settings.default_max_tokens)
+                forecast = sched.held_starts_by(name, now + objective, now, DEFAULT_PROMPT_TOKENS, expected,
+                                                enough=pool.settings.hold_max_requests)
             fair = getattr(pool.policy, "fair", None)
             queue = QueueView(
                 held=len(pool.hold), hold_max=pool.settings.hold_max_requests, idle_fraction=idle_fraction,
@@ -303,7 +320,7 @@ class OverloadGate:
                 free_seats=free,
                 fair_exempt=fair is not None and fair.any_under_served(now),
                 start_rate_per_s=pool.retry.start_rate_per_s(now),
-                least_retry_after_s=pool.settings.retry_after_s)
+                least_retry_after_s=pool.settings.retry_after_s, forecast_limit=forecast)
             queues[name] = queue
             if queue.held and (queue.bound(pool, now) is not None or queue.held >= queue.hold_max):
                 self._congested_until_s[name] = now + CONGESTED_HOLD_S
