@@ -30,7 +30,7 @@ connections): 7,500 of 7,750 refusals were made by the scheduler, 0.3-0.8 s afte
 by the door in 8 ms. The door's refusals count as offered load in the pool's overload ratio (they are demand
 the queue did not take; left out, the ratio read ~1.2 under a 3x overload and the bound grew to hundreds).
 Before the loop has published a queue (an onset burst), the door passes at most what the queue and the
-backends' free seats can take, counting the connections the loop has not adopted yet; before a drain rate is
+backends' free seats can take; before a drain rate is
 measured, at most what the seats' forecast (sched/admission.py) starts within the objective.
 
 While a pool refuses, the loop's successful answers close their connection (`congested`), so that keep-alive
@@ -198,9 +198,6 @@ class OverloadGate:
         self._signature: tuple[object, ...] = ()
         self._changes = 0  # fresher snapshots and health changes seen (loop), counted as freed room
         self._passed: dict[str, tuple[int, int]] = {}  # door only: pool -> (id of its streak, requests passed)
-        # Connections the door handed to the loop that it has not adopted yet (server/frontdoor.py `in_handover`,
-        # set by serve.py): at an onset the loop publishes several times before it adopts them.
-        self.handover: Callable[[], int] = lambda: 0
         self._task: asyncio.Task[None] | None = None
 
     # --- on the loop ---------------------------------------------------------------------------------
@@ -423,10 +420,7 @@ class OverloadGate:
         the room freed since, is at the length that refuses a newcomer of `tokens` prompt tokens."""
         queues, views = self.queues, self.views
         epoch = self._epoch
-        # Passed on, not read by the loop yet: those of the last two publications, or, when more, the connections
-        # not adopted yet (both count the latest passes: the larger, not the sum). Counting only the publications
-        # passed 500 too many at an onset, refused by the scheduler ~0.6 s late (bench/overload.py, second 0).
-        unseen = max(self._passes.get(epoch, 0) + self._passes.get(epoch - 1, 0), self.handover())
+        unseen = self._passes.get(epoch, 0) + self._passes.get(epoch - 1, 0)  # passed on, not read by the loop yet
         retry = None
         full = True
         for name in pools:

@@ -57,7 +57,6 @@ def start_front_door(settings: ServerSettings, state: ProxyState, server: web.Se
     # switch interval (5 ms by default), several times per probe. 0.5 ms bounds that wait (measured:
     # bench/results/robust-server.md); the loop thread is only asked to switch while the door waits.
     sys.setswitchinterval(0.0005)
-    gate.handover = lambda: door.in_handover  # what the door passed that the loop has not adopted: not in a queue yet
     door.start()
     log.info("accepting on a front-door thread: /health and /ready answered there; at most %d connections", cap)
     return door
