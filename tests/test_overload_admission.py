@@ -26,8 +26,10 @@ from capbalancer.sched.admission import (
     EMPTY_GRACE_S,
     FORECAST_MIN_OUTPUTS,
     STANDING_MIN_S,
+    BackendForecast,
     DrainRate,
     OverloadRatio,
+    SeatForecast,
     standing_queue_limit,
 )
 from capbalancer.sched.scheduler import Scheduler
@@ -413,3 +415,18 @@ def test_des_onset_of_long_answers_is_refused_at_arrival_not_held_then_refused()
     assert on_time / seconds >= 90.0, (on_time, seconds)  # before: 8,867 in 117 s (76 a second)
     below, late_below, _ = run(400)
     assert below == 20_000 and late_below == 0
+
+
+def test_a_seat_forecast_counts_one_start_per_prefill_time_on_each_backend():
+    """Seats that free in time are not enough: requests released together are prefilled one after another, and one
+    released by its seat in time came too late by its prefill turn (live, bench/overload.py --seconds 6: 117-524 held
+    at the onset, then refused at their release; 0-6 with this cap). Ten seats freeing at once, each running a
+    request 0.5 s: 40 starts in 2 s by the seats; a backend prefilling one request per 0.1 s starts 20."""
+    seats = BackendForecast(ends_s=(T0,) * 10, service_s=0.5, prefill_s=0.0)
+    assert SeatForecast(built_at_s=T0, starts_at_build=0, backends=(seats,)).starts_by(T0 + 1.99) == 40
+    slow_prefill = BackendForecast(ends_s=(T0,) * 10, service_s=0.5, prefill_s=0.1)
+    forecast = SeatForecast(built_at_s=T0, starts_at_build=0, backends=(slow_prefill, slow_prefill))
+    assert forecast.starts_by(T0 + 1.99) == 2 * 20
+    assert forecast.starts_by(T0 + 1.99, enough=5) == 5
+    late = BackendForecast(ends_s=(T0 + 3.0,) * 10, service_s=0.5, prefill_s=0.1)  # no seat frees in time
+    assert SeatForecast(built_at_s=T0, starts_at_build=0, backends=(late,)).starts_by(T0 + 1.99) == 0

@@ -222,6 +222,15 @@ FORECAST_MAX_STARTS = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
+class BackendForecast:
+    """One backend's part of a `SeatForecast`."""
+
+    ends_s: tuple[float, ...]  # its seats' predicted ends, ascending (clock seconds; a free seat: the forecast's now)
+    service_s: float  # how long a request started there then runs (its prefill and expected output)
+    prefill_s: float  # the prefill one more request of the typical size costs there, a batch running
+
+
+@dataclass(frozen=True, slots=True)
 class SeatForecast:
     """When the pool's seats are predicted to free, by the capacity model: its drain before any has been measured.
 
@@ -234,26 +243,35 @@ class SeatForecast:
     expected output at the backend's TPOT now say (its first token when seen), a free seat ends now, and a seat
     that frees then takes a request of `service_s` after another. The forecast errs early where it errs (a
     request dispatched into a growing batch is given today's TPOT, one past its expected end frees now), so it
-    refuses no request that the seats would start in time as the model sees them."""
+    refuses no request that the seats would start in time as the model sees them.
+
+    A seat is not all a start needs: requests released together are prefilled one after another, and one released
+    in time by its seat still came too late by its prefill turn (the onset, live: 120-520 held, then refused at
+    their release, though seats had freed). A backend starts in time at most one request per its prefill time
+    from now until the horizon (by when a request must leave the queue, its loaded TTFT already allowed for)."""
 
     built_at_s: float
     starts_at_build: int  # the pool's starts (dispatches) when built: those since then took forecast seats
-    # Per backend: its seats' predicted ends (ascending, clock seconds) and how long one request runs there then.
-    backends: tuple[tuple[tuple[float, ...], float], ...]
+    backends: tuple[BackendForecast, ...]
 
     def starts_by(self, horizon_s: float, enough: int = FORECAST_MAX_STARTS) -> int:
-        """Requests the seats start (free seats filled, then one per seat each time it frees) by `horizon_s`;
-        counting stops at `enough` (the caller's question is only whether there are that many: O(seats) else)."""
+        """Requests the seats start (free seats filled, then one per seat each time it frees, one per prefill time
+        on each backend) by `horizon_s`; counting stops at `enough` (the caller only asks whether there are that
+        many: O(seats) else)."""
         total = 0
-        for ends_s, service_s in self.backends:
-            for end_s in ends_s:
-                if end_s > horizon_s:
+        for b in self.backends:
+            cap = FORECAST_MAX_STARTS if b.prefill_s <= 0 else 1 + int((horizon_s - self.built_at_s) / b.prefill_s)
+            starts = 0
+            for end_s in b.ends_s:
+                if end_s > horizon_s or starts >= cap:
                     break
-                if service_s <= 0:
-                    return enough
-                total += 1 + int((horizon_s - end_s) / service_s)
-                if total >= enough:
-                    return enough
+                if b.service_s <= 0:
+                    starts = cap
+                    break
+                starts += 1 + int((horizon_s - end_s) / b.service_s)
+            total += min(starts, cap)
+            if total >= enough:
+                return enough
         return total
 
     def fresh(self, now: float) -> bool:

@@ -26,6 +26,7 @@ from capbalancer.fleet.kv_events import KvEvent
 from capbalancer.fleet.snapshot import EngineSnapshot
 from capbalancer.sched.admission import (
     FORECAST_MIN_OUTPUTS,
+    BackendForecast,
     DrainRate,
     OverloadRatio,
     SeatForecast,
@@ -452,7 +453,12 @@ class Scheduler:
             # More running than seats (requests waiting inside the engine): the first ends free seats for those.
             ends.extend(running[max(0, busy - seats):])
             service_s = model.idle_ttft_s(b, prompt_tokens) + decode_tokens * tpot_s
-            backends.append((tuple(ends), service_s))
+            # A prefill chunk rides on a decode step of the running batch: its share of that step, and its tokens.
+            _, max_batched = CapacityModel._limits(b.spec.profile)
+            step = model.base_step(b)
+            prefill_s = (prompt_tokens * step.prefill_seconds_per_token * model.ttft_factor(b)
+                         + prompt_tokens / max(1, max_batched) * tpot_s)
+            backends.append(BackendForecast(ends_s=tuple(ends), service_s=service_s, prefill_s=prefill_s))
         return SeatForecast(built_at_s=now, starts_at_build=pool.starts_total, backends=tuple(backends))
 
     def on_first_token(self, request_id: str, now: float) -> None:
