@@ -353,6 +353,9 @@ class FastProtocol(asyncio.Protocol):
         self.idle_deadline = 0.0
         self.idle_handle: asyncio.TimerHandle | None = None
         self.deadline = Deadline(self.loop, persistent=True)  # the attempts' (server/deadline.py)
+        # Set by the front door on a connection whose request it judged and passed on: called once, when that
+        # request's head is read (or the connection ends first), so the door knows it is no longer in transit.
+        self.on_first_request: Callable[[], None] | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -368,8 +371,15 @@ class FastProtocol(asyncio.Protocol):
             return
         self._arm_idle()
 
+    def _first_request_read(self) -> None:
+        hook, self.on_first_request = self.on_first_request, None
+        if hook is not None:
+            hook()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self.server.connections.discard(self)
+        if self.on_first_request is not None:
+            self._first_request_read()
         transport, self.transport = self.transport, None
         if self.idle_handle is not None:
             self.idle_handle.cancel()
@@ -471,6 +481,8 @@ class FastProtocol(asyncio.Protocol):
         headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.on_first_request is not None:
+            self._first_request_read()
         parser = self.parser
         route = FAST_ROUTES.get(self.url)
         if (route is None or parser.get_method() != route[0] or parser.get_http_version() != "1.1"

@@ -132,7 +132,9 @@ class FrontDoor:
                  open_connections: Callable[[], int], max_connections: int, handoff_after_s: float = 0.5,
                  shed: Callable[[], bool] | None = None,
                  judge: Callable[[bytes], DoorRefusal | None] | None = None,
-                 on_refused: Callable[[bytes, int], None] | None = None) -> None:
+                 on_refused: Callable[[bytes, int], None] | None = None,
+                 passes: Callable[[], int] | None = None,
+                 on_pass_read: Callable[[], None] | None = None) -> None:
         self.listeners = listeners
         # Told of each request answered here with a refusal (its first bytes, the status): the access log's line
         # for a request that never reaches the loop. Called on this thread: it must not block or touch the loop.
@@ -145,6 +147,10 @@ class FrontDoor:
         self.shed = shed
         # A new request's head -> its refusal when it would be refused anyway (server/overload.py).
         self.judge = judge
+        # The judge's count of requests it let through (read on this thread, which alone moves it), and what to
+        # tell it on the loop once such a request has been read there: until then it is in transit, in no queue.
+        self.passes = passes
+        self.on_pass_read = on_pass_read
         self._cap = max_connections
         self._cap_at_s = 0.0
         self.handoff_after_s = handoff_after_s
@@ -282,8 +288,11 @@ class FrontDoor:
             self._refuse(conn, _SHED)
             self._tell_refused(head, 429)
             return
+        counted = False
         if head.startswith(_SHEDDABLE) and self.judge is not None:
+            before = self.passes() if self.passes is not None else 0
             refusal = self._judge(head)
+            counted = refusal is None and self.passes is not None and self.passes() != before
             if refusal is not None:
                 # It could not start within its TTFT objective, or the hold queue is as long as it may be: 429 at
                 # arrival, not after the loop's backlog.
@@ -295,8 +304,10 @@ class FrontDoor:
             self.refused_over_cap += 1
             self._refuse(conn, _overloaded(f"the proxy is at its connection limit ({self._cap}); retry later"))
             self._tell_refused(head, 503)
+            if counted:
+                self._pass_done()
             return
-        self._hand_over(conn)
+        self._hand_over(conn, counted)
 
     def _tell_refused(self, head: bytes, status: int) -> None:
         if self.on_refused is not None:
@@ -425,19 +436,29 @@ class FrontDoor:
             self._sel.unregister(conn)
         conn.close()
 
-    def _hand_over(self, conn: socket.socket) -> None:
+    def _pass_done(self) -> None:
+        """A request the judge let through will not reach the loop's queue after all (refused at the connection
+        cap, or the loop shutting down): it is no longer in transit."""
+        if self.on_pass_read is not None:
+            try:
+                self.loop.call_soon_threadsafe(self.on_pass_read)
+            except RuntimeError:  # the loop is closed
+                pass
+
+    def _hand_over(self, conn: socket.socket, counted: bool = False) -> None:
         self._pending.pop(conn, None)
         self._sel.unregister(conn)
         self.handed += 1
         try:
-            self.loop.call_soon_threadsafe(self._adopt, conn)
+            self.loop.call_soon_threadsafe(self._adopt, conn, counted)
         except RuntimeError:  # the loop is closed: shutting down
             self.adopted += 1
             conn.close()
 
     # --- on the loop ------------------------------------------------------------------------------------
-    def _adopt(self, conn: socket.socket) -> None:
+    def _adopt(self, conn: socket.socket, counted: bool = False) -> None:
         made = False
+        on_read = self.on_pass_read if counted else None
 
         def factory() -> asyncio.Protocol:
             # Counted as adopted the moment its protocol exists (aiohttp counts it from connection_made, just
@@ -445,13 +466,21 @@ class FrontDoor:
             nonlocal made
             made = True
             self.adopted += 1
-            return self.protocol_factory()
+            protocol = self.protocol_factory()
+            if on_read is not None:
+                if hasattr(protocol, "on_first_request"):
+                    protocol.on_first_request = on_read  # told when its request is read (server/fastserver.py)
+                else:
+                    on_read()  # aiohttp's own protocol: no hook, so counted read now (an undercount, never stuck)
+            return protocol
 
         task = self.loop.create_task(self.loop.connect_accepted_socket(factory, sock=conn))
 
         def done(t: asyncio.Task) -> None:
             if not made:
                 self.adopted += 1
+                if on_read is not None:
+                    on_read()
             if t.cancelled() or t.exception() is not None:
                 conn.close()
 

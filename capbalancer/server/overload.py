@@ -187,10 +187,12 @@ class OverloadGate:
         self.shed = 0  # requests the door refused on a streak or for the queue's length (tests, the bench)
         self.shed_for_queue = 0  # of which for the queue's length
         self._shed_counted = 0  # `shed` already told to the pools' overload ratios (loop)
-        # Requests the door passed on, per publication (door only): those passed since the one before the last are
-        # probably not decided yet (a handed connection is adopted one loop iteration later and read the next).
-        self._epoch = 0  # publications so far (loop)
-        self._passes: dict[int, int] = {}  # door only: epoch -> requests passed on during it
+        # Requests the door judged and passed on (door only), and of those the ones the loop has read (loop only):
+        # the difference is in transit, in no queue yet. A handed connection is adopted an iteration or more later
+        # and read after that; counting only the passes of the last two publications (as before) forgot those the
+        # loop, lagging, read three or more iterations later, and the door let too many through.
+        self.passed_total = 0
+        self.read_total = 0
         self._congested_until_s: dict[str, float] = {}  # loop: pool -> end of its overload episode (sticky)
         self._free_seats_at: dict[str, tuple[float, int]] = {}  # loop: pool -> (when, free seats then)
         self._retry_slot_s: dict[str, float] = {}  # door only: pool -> next free Retry-After slot (monotonic)
@@ -325,7 +327,6 @@ class OverloadGate:
             if queue.held and (queue.bound(pool, now) is not None or queue.held >= queue.hold_max):
                 self._congested_until_s[name] = now + CONGESTED_HOLD_S
         self.queues = queues
-        self._epoch += 1
 
     def _free_seats(self, pool: str, now: float) -> int:
         """Typical requests the pool's backends could start now, by the capacity model (sched/headroom.py):
@@ -345,6 +346,8 @@ class OverloadGate:
         now = time.monotonic()
         return {"loop_lag_ms": round(self.lag_s * 1000.0, 1), "shed_at_arrival": self.shed,
                 "shed_for_queue_length": self.shed_for_queue,
+                # Requests the door judged and passed on, and of those the ones not read by the loop yet.
+                "passed_on": self.passed_total, "in_transit": max(0, self.passed_total - self.read_total),
                 "refusing": sorted(p for p, s in self.streaks.items() if now - s.last_s < STREAK_FRESH_S)}
 
     def congested(self) -> bool:
@@ -408,19 +411,20 @@ class OverloadGate:
             s = streaks.get(name)
             if s is not None and id(s) == sid:
                 self._passed[name] = (sid, n + 1)
-        epoch = self._epoch
-        self._passes[epoch] = self._passes.get(epoch, 0) + 1
-        if len(self._passes) > 2:
-            for old in [e for e in self._passes if e < epoch - 1]:
-                del self._passes[old]
+        self.passed_total += 1
         return None
+
+    def pass_read(self) -> None:
+        """(loop) A request the door passed on has been read, or will never be: it is out of transit."""
+        self.read_total += 1
 
     def _queue_refusal(self, pools: list[str], tokens: int, now: float) -> DoorRefusal | None:
         """A refusal when, in every pool, the hold queue as published, plus the requests passed on since, less
         the room freed since, is at the length that refuses a newcomer of `tokens` prompt tokens."""
         queues, views = self.queues, self.views
-        epoch = self._epoch
-        unseen = self._passes.get(epoch, 0) + self._passes.get(epoch - 1, 0)  # passed on, not read by the loop yet
+        unseen = self.passed_total - self.read_total  # passed on, not read by the loop yet
+        if unseen < 0:
+            unseen = 0
         retry = None
         full = True
         for name in pools:

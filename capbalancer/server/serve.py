@@ -52,7 +52,8 @@ def start_front_door(settings: ServerSettings, state: ProxyState, server: web.Se
     gate.start()
     door = FrontDoor(bind_listeners(settings.host, settings.port, reuse_port=reuse_port()), loop, fast or server,
                      lambda path: probe_answer(state, path), count, cap, shed=lambda: hold_queues_full(state),
-                     judge=gate.judge_head, on_refused=lambda head, status: _log_refused(state, head, status))
+                     judge=gate.judge_head, on_refused=lambda head, status: _log_refused(state, head, status),
+                     passes=lambda: gate.passed_total, on_pass_read=gate.pass_read)
     # The thread needs the GIL for a few microseconds per connection; a busy loop thread hands it over only every
     # switch interval (5 ms by default), several times per probe. 0.5 ms bounds that wait (measured:
     # bench/results/robust-server.md); the loop thread is only asked to switch while the door waits.
