@@ -105,6 +105,12 @@ class Estimate:
     def admits(self) -> bool:
         return self.fits_memory and self.fits_compute
 
+    @property
+    def batch_cap(self) -> int:
+        """The batch the backend takes before its seats or its TPOT objective stop admission."""
+        t = self.tpot_seats
+        return self.seats if t is None or t > self.seats else t
+
 
 # (TTFT, TPOT, end-to-end) seconds that `CapacityModel.score` predicted, as `estimate` would give them (the
 # end-to-end time without the routing score's recompute cost).

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from capbalancer.sched.capacity import CapacityModel, CapacitySettings
 from capbalancer.sched.scheduler import Scheduler
 from capbalancer.sched.types import Demand
 
@@ -43,15 +42,12 @@ def pool_headroom(scheduler: Scheduler, pool_name: str, now: float,
     expected_out = pool.output_lengths.expected(max_tokens)
     probe = Demand(request_id="headroom-probe", pool=pool_name, prompt_tokens=max(1, typical_prompt_tokens),
                    max_tokens=max_tokens, arrival_s=now)
-    # The pool's own capacity settings where its policy has them: its TPOT objective (the user's or the derived
-    # default) caps a backend's batch before its seats run out, and free seats past that cap are not headroom.
-    settings = getattr(pool.policy, "settings", None)
-    model = (CapacityModel(scheduler.health, settings) if isinstance(settings, CapacitySettings)
-             else scheduler.capacity)
+    # Free seats past a backend's TPOT objective are not headroom: the pool's own settings say where it is.
+    model = scheduler.pool_model(pool)
     seats = busy = 0
     for backend in scheduler.routable_backends(pool_name):
         est = model.estimate(backend, probe, expected_out, now)
-        cap = est.seats if est.tpot_seats is None or est.tpot_seats > est.seats else est.tpot_seats
+        cap = est.batch_cap
         seats += cap
         busy += min(cap, est.seqs_after - 1)
     return Headroom(seats=seats, busy_seats=busy, held=len(pool.hold))

@@ -426,12 +426,15 @@ class Scheduler:
         taken = pool.starts_total - forecast.starts_at_build
         return max(0, forecast.starts_by(horizon_s, enough + taken) - taken)
 
+    def pool_model(self, pool: PoolState) -> CapacityModel:
+        """A capacity model with the pool's own settings where its policy has them (its TPOT objective, the user's
+        or the derived default, caps a backend's batch before its seats run out), else the scheduler's."""
+        settings = getattr(pool.policy, "settings", None)
+        return CapacityModel(self.health, settings) if isinstance(settings, CapacitySettings) else self.capacity
+
     def _seat_forecast(self, pool: PoolState, pool_name: str, now: float, prompt_tokens: int,
                        expected_output_tokens: int) -> SeatForecast:
-        # The pool's own settings, as `pool_headroom` takes them: its TPOT objective caps a backend's batch
-        # before its seats run out.
-        settings = getattr(pool.policy, "settings", None)
-        model = CapacityModel(self.health, settings) if isinstance(settings, CapacitySettings) else self.capacity
+        model = self.pool_model(pool)
         probe = Demand(request_id="seat-forecast", pool=pool_name, prompt_tokens=max(1, prompt_tokens),
                        max_tokens=max(1, expected_output_tokens), arrival_s=now)
         decode_tokens = max(0, expected_output_tokens - 1)
@@ -439,7 +442,7 @@ class Scheduler:
         for b in self._routable(pool, now):
             est = model.estimate(b, probe, expected_output_tokens, now)
             tpot_s = est.tpot_s  # at the batch running now: a request dispatched into a smaller one is slower now
-            seats = est.seats if est.tpot_seats is None or est.tpot_seats > est.seats else est.tpot_seats
+            seats = est.batch_cap
             busy = est.seqs_after - 1
             ends = [now] * max(0, seats - busy)
             running = []
