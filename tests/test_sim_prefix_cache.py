@@ -161,3 +161,23 @@ def test_a_decode_run_cut_short_gives_back_the_cached_blocks_it_reserved():
     # an arrival cuts the run after a few steps: the unused reservations come back with their cached content
     run(eng, "a2", a, 1, now + 0.1)
     assert eng.prefix_cache.hits_tokens_total == 7 * 16
+
+
+@pytest.mark.parametrize(("flavour", "shared_hit_tokens", "block_size"),
+                         [("vllm", 96, 16), ("sglang", 100, 1), ("tgi", 100, 1)])
+def test_each_engine_flavour_matches_a_shared_prefix_at_its_own_granularity(flavour, shared_hit_tokens, block_size):
+    # vLLM caches whole 16-token blocks; SGLang's radix cache and TGI's flashinfer KV page a token at a time, so
+    # a 100-token shared prefix hits 96 tokens on vLLM and all 100 on the other two (same KV capacity in tokens).
+    from capbalancer.profiling.library import resolve_profile
+
+    prof = resolve_profile("a100-80g/llama-2-13b-tp1")
+    eng = EngineModel(EngineConfig.from_profile(prof, flavour))
+    assert eng.block_size == block_size
+    assert eng.config.kv_capacity_tokens == prof.num_gpu_blocks * prof.block_size
+    ids = list(range(1000, 1160))
+    _, t = run(eng, "a", ids, 3, 0.0)
+    run(eng, "b", ids[:100] + [7] * 60, 3, t + 1.0)
+    assert eng.prefix_cache.hits_tokens_total == shared_hit_tokens
+    snap = eng.snapshot(t + 2.0, flavour)
+    if flavour != "tgi":  # TGI exports no prefix-cache counters
+        assert snap.prefix_cache_hits_tokens_total == shared_hit_tokens

@@ -83,3 +83,21 @@ def test_no_enable_prefix_caching_recomputes_every_prompt():
         assert value(text, f"vllm:prefix_cache_hits_total{LABELS}") == 0
         assert value(text, f"vllm:prompt_tokens_total{LABELS}") == 2160
         assert 'enable_prefix_caching="False"' in text
+
+
+def test_the_sglang_flavour_caches_to_the_token():
+    # SGLang's radix cache pages KV a token at a time: a repeated 1080-token prompt hits all but its last token
+    # (1079), where vLLM's 16-token blocks give 67 * 16 = 1072 (the test above).
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running(capbalancer("sim", "--engine", "sglang", "--profile", FAST, "--port", str(port), "--model", "m"),
+                 ready_url=f"{base}/health"):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=30)
+        for _ in range(2):
+            client.completions.create(model="m", prompt=PROMPT, max_tokens=2)
+        text = metrics_text(base)
+        labels = '{engine_type="unified",model_name="m",pp_rank="0",tp_rank="0"}'
+        assert value(text, f"sglang:cached_tokens_total{labels}") == 1079
+        assert value(text, f"sglang:prompt_tokens_total{labels}") == 2160
+        snap = snapshot_from_metrics("sglang", text, 0.0)
+        assert snap.prefix_cache_hits_tokens_total == 1079

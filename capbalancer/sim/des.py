@@ -172,7 +172,7 @@ class _Run:
         if self.model not in models:
             raise ValueError(f"workload model {self.model!r} is served by no instance (fleet has {models})")
         self.sched = self.make_scheduler(models, policy)
-        self.engines = [EngineModel(EngineConfig.from_profile(i.profile)) for i in instances]
+        self.engines = [EngineModel(EngineConfig.from_profile(i.profile, i.engine)) for i in instances]
         self.index_of = {i.name: k for k, i in enumerate(instances)}
         # Engines whose next event a GPU sibling moved: rescheduled after the event that moved it.
         self.moved: set[int] = set()

@@ -11,7 +11,10 @@ discrete-event runner on a virtual clock. What it models, after vLLM's `v1/core/
 - step time from the profile's linear model (prefill tokens, decode sequences, context tokens);
 - automatic prefix caching (on by default, as in vLLM; sim/prefix_cache.py): a request that carries token ids
   starts with the longest cached run of its prompt's blocks, shared with the running requests that use them,
-  and prefill is charged only for the tokens not cached.
+  and prefill is charged only for the tokens not cached. SGLang (its radix cache, `--page-size` 1 by default)
+  and TGI (flashinfer attention, its default, with `BLOCK_SIZE = 1` and prefix caching on) keep KV a token
+  at a time, so they match any shared prefix to the token where vLLM matches whole 16-token blocks:
+  `EngineConfig.from_profile(..., engine=...)` gives them one-token blocks of the same total capacity.
 
 Speed: between composition changes (an arrival, a finish, the cache running out) a batch of pure decodes
 repeats identical steps, so the engine plans a run of K such steps at once: decode progress is kept
@@ -63,6 +66,12 @@ class RequestTooLong(ValueError):
         super().__init__(message)
 
 
+# Engines whose KV pages hold one token, so their prefix cache matches to the token: SGLang's radix cache
+# (server_args.page_size, default 1) and TGI with its default flashinfer attention (models/globals.py:
+# BLOCK_SIZE = 1; the launcher turns PREFIX_CACHING on unless the model or attention rules it out).
+TOKEN_PAGED_ENGINES = frozenset({"sglang", "tgi"})
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """The engine's own limits (vLLM's flags), taken from a profile unless overridden."""
@@ -77,8 +86,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # vLLM's default; --no-enable-prefix-caching turns it off
 
     @classmethod
-    def from_profile(cls, profile: Profile, **overrides: int | bool) -> EngineConfig:
-        cfg = dict(block_size=profile.block_size, num_gpu_blocks=profile.num_gpu_blocks,
+    def from_profile(cls, profile: Profile, engine: str = "vllm", **overrides: int | bool) -> EngineConfig:
+        """The engine `engine` ("vllm", "sglang", "tgi", "openai") would run with on `profile`'s GPU: SGLang and
+        TGI page their KV a token at a time (TOKEN_PAGED_ENGINES), the same capacity in one-token blocks."""
+        block_size, num_gpu_blocks = profile.block_size, profile.num_gpu_blocks
+        if engine in TOKEN_PAGED_ENGINES:
+            block_size, num_gpu_blocks = 1, profile.num_gpu_blocks * profile.block_size
+        cfg = dict(block_size=block_size, num_gpu_blocks=num_gpu_blocks,
                    max_num_seqs=profile.max_num_seqs, max_num_batched_tokens=profile.max_num_batched_tokens,
                    max_model_len=profile.max_model_len, step=profile.step,
                    gpu_memory_utilization=profile.gpu_memory_utilization)

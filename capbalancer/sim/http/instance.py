@@ -107,7 +107,8 @@ class SimInstance:
                                                   else frontend_seconds_per_prompt_token)
         if self.frontend_seconds < 0 or self.frontend_seconds_per_prompt_token < 0:
             raise ValueError("front-end latency must be >= 0")
-        self.engine = EngineModel(EngineConfig.from_profile(profile, enable_prefix_caching=enable_prefix_caching),
+        self.engine = EngineModel(EngineConfig.from_profile(profile, engine_kind,
+                                                            enable_prefix_caching=enable_prefix_caching),
                                   per_token_events=True)
         self.metrics = InstanceMetrics()
         self._seed = seed
