@@ -23,6 +23,7 @@ Needs the optional extra `kv-events` (pyzmq, msgspec).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,7 +143,16 @@ class KvEventSubscriber:
         self._task: asyncio.Task[None] | None = None
         self._next_seq: int | None = None
         self.batches = 0
+        self.events = 0
         self.errors = 0
+        self.gaps = 0  # breaks in the sequence numbers: batches lost, or the engine restarted
+        self.last_batch_at_s: float | None = None  # the loop's clock
+
+    def describe(self, now_s: float) -> dict[str, object]:
+        """For /admin/backends: the stream's health (a silent or gapped stream means the index guesses)."""
+        last = self.last_batch_at_s
+        return {"endpoint": self.endpoint, "batches": self.batches, "events": self.events, "gaps": self.gaps,
+                "errors": self.errors, "last_batch_age_s": None if last is None else round(now_s - last, 3)}
 
     def start(self) -> asyncio.Task[None]:
         if self._task is None:
@@ -171,9 +181,13 @@ class KvEventSubscriber:
             log.warning("kv events from %s: dropped a malformed batch (%s)", self.backend_id, exc)
             return
         if self._next_seq is not None and seq != self._next_seq:
+            self.gaps += 1
             events = [AllBlocksCleared(), *events]  # missed batches: what we knew may be wrong
         self._next_seq = seq + 1
         self.batches += 1
+        self.events += len(events)
+        with contextlib.suppress(RuntimeError):  # no loop: called directly (tests, replays)
+            self.last_batch_at_s = asyncio.get_running_loop().time()
         self._sink(self.backend_id, events)
 
     async def _run(self) -> None:

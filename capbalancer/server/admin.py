@@ -7,6 +7,7 @@ it did not exist.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from dataclasses import replace
@@ -64,8 +65,12 @@ async def backends(state: ProxyState, request: web.Request) -> web.Response:
         out["overload"] = state.gate.describe()
     # `engine` is the one in use (detected, for `auto`); the configured one tells an `auto` backend apart.
     configured = {b.name: b.engine for _, b in state.config.backends()}
+    loop_now = asyncio.get_running_loop().time()
     for name, row in out["backends"].items():
         row["engine_configured"] = configured.get(name)
+        sub = state.kv_subscribers.get(name)
+        if sub is not None:  # precise prefix mode: is the engine's event stream arriving, and whole?
+            row["kv_events"] = sub.describe(loop_now)
     return _json(out)
 
 

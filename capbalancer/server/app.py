@@ -113,6 +113,7 @@ def _subscribe_kv_events(state: ProxyState, b: BackendConfig) -> None:
     sub = KvEventSubscriber(b.name, b.kv_events or "",
                             lambda backend_id, events: driver.scheduler.observe_kv_events(backend_id, events,
                                                                                           driver.clock()))
+    state.kv_subscribers[b.name] = sub
     state.background.add(sub.start())
 
 

@@ -75,6 +75,7 @@ class ProxyState:
     poller_kind: str = ""
     make_target: Callable[[Any], Any] | None = None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    kv_subscribers: dict[str, Any] = field(default_factory=dict)  # backend -> fleet.kv_events.KvEventSubscriber
     _client_auth: ClientAuth | None = None
     tokenizers: dict[str, Any] = field(default_factory=dict)  # tokenizer file -> loaded tokenizer
     # Backends added through the admin API, by name -> (model name, backend): a reload keeps them (the file
