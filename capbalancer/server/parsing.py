@@ -32,6 +32,11 @@ class ParsedRequest:
     # Sequences generated per prompt (`n`, `best_of`; TGI's `best_of`): each costs its own output and KV.
     sequences: int = 1
     previous_id: str | None = None  # /v1/responses `previous_response_id`: only its backend holds it
+    # A chat request's messages and template switches (kept with the text): with the pool's tokenizer, the proxy
+    # renders the model's chat template over them, as the engine does (server/chat_template.py).
+    messages: Any = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 MAX_SESSION_ID_CHARS = 256
@@ -94,9 +99,16 @@ def parse_body(path: str, raw: bytes, keep_text: bool = False) -> ParsedRequest:
         text = _messages_text(body.get("messages")) if path == "/v1/chat/completions" else _content_text(
             body.get("input") if path == "/v1/embeddings" else body.get("prompt"))
     user = body.get("user")
-    return ParsedRequest(model=model, prompt_chars=chars, max_tokens=max_tokens, stream=bool(stream), api=api,
-                         prompt_text=text, user=user if isinstance(user, str) else None,
-                         sequences=sequences_of(body) if api != "embeddings" else 1)
+    parsed = ParsedRequest(model=model, prompt_chars=chars, max_tokens=max_tokens, stream=bool(stream), api=api,
+                           prompt_text=text, user=user if isinstance(user, str) else None,
+                           sequences=sequences_of(body) if api != "embeddings" else 1)
+    if keep_text and path == "/v1/chat/completions":
+        parsed.messages = body.get("messages")
+        continue_final = body.get("continue_final_message") is True
+        parsed.continue_final_message = continue_final
+        # vLLM: a generation prompt by default, never with continue_final_message
+        parsed.add_generation_prompt = body.get("add_generation_prompt") is not False and not continue_final
+    return parsed
 
 
 # OpenAI's own limit on `n`. vLLM sets none and fans a request out into that many engine requests at once, so

@@ -27,6 +27,7 @@ from capbalancer.sched.estimates import PromptTokenEstimator
 from capbalancer.sched.types import Demand, Dispatch, Expire, Hold, Reject
 from capbalancer.server import access_log
 from capbalancer.server.affinity import ObjectAffinity
+from capbalancer.server.chat_template import ChatTemplate, plain_messages
 from capbalancer.server.clients import ClientAuth
 from capbalancer.server.deadline import Deadline
 from capbalancer.server.driver import SchedulerDriver
@@ -78,6 +79,7 @@ class ProxyState:
     kv_subscribers: dict[str, Any] = field(default_factory=dict)  # backend -> fleet.kv_events.KvEventSubscriber
     _client_auth: ClientAuth | None = None
     tokenizers: dict[str, Any] = field(default_factory=dict)  # tokenizer file -> loaded tokenizer
+    chat_templates: dict[str, ChatTemplate | None] = field(default_factory=dict)  # tokenizer file -> its template
     # Backends added through the admin API, by name -> (model name, backend): a reload keeps them (the file
     # does not know them) until they are deleted, their model leaves the file, or the file names them itself.
     admin_added: dict[str, tuple[str, Any]] = field(default_factory=dict)
@@ -94,9 +96,25 @@ class ProxyState:
                 from tokenizers import Tokenizer
 
                 tok = self.tokenizers[pool.tokenizer] = Tokenizer.from_file(pool.tokenizer)
-            parsed.token_ids = tok.encode(parsed.prompt_text).ids
+            rendered = self._chat_prompt(pool.tokenizer, parsed) if parsed.messages is not None else None
+            if rendered is not None:
+                # The template writes the special tokens itself: the engine adds none (vLLM's chat default).
+                parsed.token_ids = tok.encode(rendered, add_special_tokens=False).ids
+            else:
+                parsed.token_ids = tok.encode(parsed.prompt_text).ids
             return max(1, len(parsed.token_ids))
         return self.estimator(pool.name).estimate(parsed.prompt_chars)
+
+    def _chat_prompt(self, tokenizer_file: str, parsed: ParsedRequest) -> str | None:
+        """The chat request's prompt as the engine renders it, if the tokenizer's folder has the template."""
+        if tokenizer_file in self.chat_templates:
+            template = self.chat_templates[tokenizer_file]
+        else:
+            template = self.chat_templates[tokenizer_file] = ChatTemplate.beside(tokenizer_file)
+        messages = plain_messages(parsed.messages) if template is not None else None
+        if template is None or messages is None:
+            return None
+        return template.render(messages, parsed.add_generation_prompt, parsed.continue_final_message)
 
     def client_auth(self) -> ClientAuth:
         """The client keys of the current config (rebuilt, buckets and all, when a reload changes them)."""

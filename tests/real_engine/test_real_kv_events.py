@@ -1,7 +1,8 @@
 """Precise prefix mode against real vLLMs: two servers publish their KV events (ZMQ, ipc sockets they bind), the
 proxy subscribes and tokenizes with the model's own tokenizer. A prompt sent straight to engine "b", which the
 proxy never saw, must reach the proxy's index through b's events alone; the same prompt sent through the proxy
-then goes to b, where the engine's own counter shows the hit.
+then goes to b, where the engine's own counter shows the hit. The same for a chat conversation, whose prompt the
+proxy renders through the model's chat template exactly as the engine does (checked token for token).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import openai
 import pytest
+from tokenizers import Tokenizer
 
+from capbalancer.server.chat_template import ChatTemplate
 from tests.real_engine.capture_kv_events import kv_events_args, prompt
 from tests.real_engine.proxy import proxy
 from tests.real_engine.server import SERVED_MODEL, ServerSpec, usable_cpus, vllm_servers
@@ -47,10 +50,10 @@ def _complete(url: str, text: str) -> None:
                                     "ignore_eos": True})
 
 
-def _until(cond, what: str, timeout_s: float = 60.0, every=None) -> None:
+def _until(cond, what: str, timeout_s: float = 60.0, every=None, state=None) -> None:
     end = time.monotonic() + timeout_s
     while not cond():
-        assert time.monotonic() < end, f"timed out: {what}"
+        assert time.monotonic() < end, f"timed out: {what}" + (f" ({state()})" if state else "")
         if every is not None:
             every()
         time.sleep(0.2)
@@ -91,3 +94,34 @@ def test_the_engines_events_steer_a_request_to_where_its_prefix_is(vllm_python: 
             assert raw.headers["x-capbalancer-backend"] == "b"
             assert _hits(urls["b"]) - hits_b >= full_engine_blocks * 128  # the engine really found it cached
             assert _hits(urls["a"]) == hits_a
+
+            # Chat: the proxy renders the model's chat template as the engine does, token for token ...
+            first_turn = [{"role": "system", "content": "You answer in one word."},
+                          {"role": "user", "content": prompt(8)}]
+            engine_ids = _post(urls["b"] + "/tokenize", {"model": SERVED_MODEL, "messages": first_turn})["tokens"]
+            template = ChatTemplate.beside(tiny_model / "tokenizer.json")
+            ours = Tokenizer.from_file(str(tiny_model / "tokenizer.json")).encode(
+                template.render(first_turn), add_special_tokens=False).ids
+            assert ours == engine_ids
+            # ... so a conversation's first turn, served straight by one engine, steers its second turn there.
+            # Four conversations, held by a, a, b, b: a proxy that could not match chat prompts would send them
+            # by load or in turn, and not all four to their holders.
+            for k, holder in enumerate(("a", "a", "b", "b")):
+                other = "b" if holder == "a" else "a"
+                turn = [{"role": "system", "content": "You answer in one word."},
+                        {"role": "user", "content": prompt(20 + k)}]
+                blocks = len(_post(urls[holder] + "/tokenize", {"model": SERVED_MODEL, "messages": turn})["tokens"]
+                             ) // 128
+                # (the blocks the index gains can be fewer: the system message's first block is shared)
+                batches = _admin(base)[holder]["kv_events"]["batches"]
+                _post(urls[holder] + "/v1/chat/completions", {"model": SERVED_MODEL, "messages": turn,
+                                                              "max_tokens": 2, "temperature": 0})
+                _until(lambda h=holder, n0=batches: _admin(base)[h]["kv_events"]["batches"] > n0,
+                       f"{holder}'s KV events of the first turn at the proxy", state=lambda h=holder: _admin(base)[h])
+                hits_holder, hits_other = _hits(urls[holder]), _hits(urls[other])
+                raw = client.chat.completions.with_raw_response.create(
+                    model=SERVED_MODEL, max_tokens=2, temperature=0,
+                    messages=[*turn, {"role": "assistant", "content": "Yes"}, {"role": "user", "content": "Why?"}])
+                assert raw.headers["x-capbalancer-backend"] == holder, k
+                assert _hits(urls[holder]) - hits_holder >= blocks * 128
+                assert _hits(urls[other]) == hits_other
