@@ -5,9 +5,8 @@ Unit checks of the rendering, and the count seen in the scheduler's own accounti
 from __future__ import annotations
 
 import json
-import threading
 
-from faults import FaultBackend, Proxy, proxy_config
+from test_tokenizer import held_kv_tokens
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from capbalancer.server.chat_template import ChatTemplate, plain_messages
@@ -59,27 +58,8 @@ def test_a_template_that_cannot_be_used_falls_back_without_an_error(tmp_path):
     assert ChatTemplate.beside(model_folder(tmp_path / "none", template=None)) is None  # no template at all
 
 
-def _held_kv_tokens(tokenizer_path, body) -> int:
-    with FaultBackend("b0") as b:
-        cfg = proxy_config([b], admin_token=True, overrides={"health": {"interval_s": 30.0}})
-        cfg["models"]["m"]["tokenizer"] = str(tokenizer_path)
-        with Proxy(config=cfg, admin_token="adm") as proxy:
-            b.set(api="hold")
-            done = threading.Thread(target=proxy.request, args=("POST", "/v1/chat/completions", body), daemon=True)
-            done.start()
-            try:
-                for _ in range(100):
-                    _, state = proxy.admin("GET", "backends")
-                    if state["backends"]["b0"]["inflight"] == 1:
-                        break
-                return state["backends"]["b0"]["kv_used_estimate_tokens"]
-            finally:
-                b.release()
-                done.join(10)
-
-
 def test_a_chat_prompt_is_counted_through_the_models_template(tmp_path):
     words = " ".join(["supercalifragilistic"] * 50)
     body = {"model": "m", "messages": [{"role": "user", "content": words}], "max_tokens": 4, "stream": True}
     # <s>, "user:", 50 words, "assistant:" = 53 (the joined contents alone were 50)
-    assert 53 <= _held_kv_tokens(model_folder(tmp_path), body) <= 55
+    assert 53 <= held_kv_tokens(model_folder(tmp_path), "/v1/chat/completions", body) <= 55

@@ -18,14 +18,20 @@ def _word_tokenizer(path) -> None:
 
 def _held_kv_tokens(tokenizer_path) -> int:
     prompt = " ".join(["supercalifragilistic"] * 50)  # 50 words, 1,049 characters
+    return held_kv_tokens(tokenizer_path, "/v1/completions",
+                          {"model": "m", "prompt": prompt, "max_tokens": 4, "stream": True})
+
+
+def held_kv_tokens(tokenizer_path, path: str, body: dict) -> int:
+    """The KV tokens the scheduler reserves for `body` (held at a backend that never answers), as the admin
+    API shows them: its prompt tokens as the proxy counted them, plus the first output token."""
     with FaultBackend("b0") as b:
         cfg = proxy_config([b], admin_token=True, overrides={"health": {"interval_s": 30.0}})
         if tokenizer_path is not None:
             cfg["models"]["m"]["tokenizer"] = str(tokenizer_path)
         with Proxy(config=cfg, admin_token="adm") as proxy:
             b.set(api="hold")
-            body = {"model": "m", "prompt": prompt, "max_tokens": 4, "stream": True}
-            done = threading.Thread(target=proxy.request, args=("POST", "/v1/completions", body), daemon=True)
+            done = threading.Thread(target=proxy.request, args=("POST", path, body), daemon=True)
             done.start()
             try:
                 for _ in range(100):
