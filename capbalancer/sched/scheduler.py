@@ -34,6 +34,7 @@ from capbalancer.sched.admission import (
 )
 from capbalancer.sched.backend import BackendState, Health, InflightRequest
 from capbalancer.sched.capacity import TTFT_MARGIN_FACTOR, TTFT_MARGIN_S, CapacityModel, CapacitySettings
+from capbalancer.sched.errors import SchedulerError
 from capbalancer.sched.estimates import OutputLengthEstimator
 from capbalancer.sched.hold import HoldQueue
 from capbalancer.sched.outlier import OutlierDetector, OutlierSettings
@@ -57,10 +58,6 @@ from capbalancer.sched.types import (
 
 # Held requests looked at past a head that waits for its prefix's backend, per release (each look is O(queue)).
 RELEASE_LOOKAHEAD = 16
-
-
-class SchedulerError(KeyError):
-    pass
 
 
 def _can_ever_take(backend: BackendState, needed_tokens: int | None) -> bool:
