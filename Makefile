@@ -32,8 +32,9 @@ compile: $(STAMP)
 	$(PY) tools/compile_sched.py
 	touch $(COMPILED)
 
-pure:
-	rm -rf capbalancer/sched/*.so capbalancer/sched/compiled.json build/mypyc $(COMPILED)
+pure:  # until a source changes or `make compile`
+	rm -rf capbalancer/sched/*.so capbalancer/sched/compiled.json build/mypyc
+	test ! -d $(VENV) || touch $(COMPILED)
 
 run: $(STAMP) $(COMPILED)
 	$(VENV)/bin/capbalancer serve --host $(HOST) --port $(PORT)

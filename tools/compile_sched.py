@@ -50,6 +50,16 @@ def clean() -> None:
     shutil.rmtree(BUILD_DIR, ignore_errors=True)
 
 
+def built_from_current_sources() -> bool:
+    """Whether a build is there and was made from the sources as they are (what capbalancer/sched/ checks)."""
+    try:
+        recorded = json.loads(MANIFEST.read_text())["sources"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    current = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sources()}
+    return bool(built_files()) and recorded == current
+
+
 def missing_tools() -> str | None:
     """Why a build cannot run here, or None."""
     try:
@@ -114,6 +124,9 @@ def main() -> int:
         return 0
     why = missing_tools()
     if why is not None:
+        if built_files() and not built_from_current_sources():
+            clean()  # it would never load again, only warn that it is stale
+            why += " (the stale build there is removed)"
         print(f"compile_sched: not compiled, the scheduling core runs as plain Python: {why}")
         return 0 if args.if_possible else 2
     try:
