@@ -67,8 +67,26 @@ def _unavailable(name: str, why: str) -> click.Command:
     return _cmd
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """The package's version and which build of the scheduling core loads (capbalancer/sched/__init__.py)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from capbalancer import __version__
+    from capbalancer.sched import BUILD
+
+    try:
+        installed = version("capbalancer")
+    except PackageNotFoundError:
+        installed = __version__
+    click.echo(f"{ctx.find_root().info_name}, version {installed}; scheduling core: {BUILD}")
+    ctx.exit()
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="capbalancer")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version (and whether the scheduling core runs compiled) and exit.")
 def main() -> None:
     """capbalancer: capacity-aware load balancing for LLM engines on unequal GPUs."""
 

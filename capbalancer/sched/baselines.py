@@ -142,10 +142,10 @@ class CacheAware:
         loads = [len(b.inflight) for b in candidates]
         max_load, min_load = max(loads), min(loads)
         hashes = demand.prefix.hashes
+        pick: BackendState | None = None
         if max_load - min_load > self.abs_threshold and max_load > min_load * self.rel_threshold:
             pick = candidates[loads.index(min_load)]
         else:
-            pick = None
             if hashes and demand.prompt_tokens > 0:
                 best_blocks = 0
                 for b in candidates:

@@ -193,7 +193,7 @@ class CapacityModel:
             # A pooling request (embeddings: it generates nothing) holds KV only while it prefills, and a batch of
             # inputs is prefilled as many requests, one step's token budget at a time: 100,000 inputs never hold
             # their 300k tokens at once (modelled whole, such a batch looked unservable beside any running request).
-            new_kv = max_batched_tokens
+            new_kv = float(max_batched_tokens)
         kv_projected = int(kv_used + reserve * own_growth + new_kv)
         kv_capacity = state.kv_capacity_tokens()
         fits_memory = (kv_capacity is None or seqs_now == 0

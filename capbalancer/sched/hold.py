@@ -104,7 +104,7 @@ class HoldQueue:
 
     def first(self, n: int) -> list[tuple[Demand, float]]:
         """The first `n` entries in queue order, left in the queue (O(queue length))."""
-        live = (e for e in self._heap if not e.removed)
+        live = [e for e in self._heap if not e.removed]
         return [(e.demand, e.held_at_s) for e in heapq.nsmallest(n, live)]
 
     def head_priority(self) -> int | None:

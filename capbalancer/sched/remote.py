@@ -145,11 +145,11 @@ class RemoteView:
                     heads.setdefault(name, []).append((pl.head_priority, e.observed_at_s - pl.head_age_s))
         self.pool_held, self.pool_release_rate_per_s, self.pool_heads = held, rates, heads
         freed: set[str] = set()
-        zero = (0, 0, 0, 0, 0, 0)
+        zero = [0, 0, 0, 0, 0, 0]
         for bid, b in backends.items():
-            acc = sums.get(bid, zero)
-            if acc[0] < b.remote_requests or acc[2] < b.remote_reserved_kv_tokens:
+            total = sums.get(bid, zero)
+            if total[0] < b.remote_requests or total[2] < b.remote_reserved_kv_tokens:
                 freed.add(b.spec.pool)
             (b.remote_requests, b.remote_kv_tokens, b.remote_reserved_kv_tokens, b.remote_pending_prefill_tokens,
-             b.remote_prompt_tokens, b.remote_expected_output_tokens) = acc
+             b.remote_prompt_tokens, b.remote_expected_output_tokens) = total
         return freed

@@ -34,6 +34,7 @@ from capbalancer.sched.admission import (
 )
 from capbalancer.sched.backend import BackendState, Health, InflightRequest
 from capbalancer.sched.capacity import TTFT_MARGIN_FACTOR, TTFT_MARGIN_S, CapacityModel, CapacitySettings
+from capbalancer.sched.errors import SchedulerError
 from capbalancer.sched.estimates import OutputLengthEstimator
 from capbalancer.sched.hold import HoldQueue
 from capbalancer.sched.outlier import OutlierDetector, OutlierSettings
@@ -57,10 +58,6 @@ from capbalancer.sched.types import (
 
 # Held requests looked at past a head that waits for its prefix's backend, per release (each look is O(queue)).
 RELEASE_LOOKAHEAD = 16
-
-
-class SchedulerError(KeyError):
-    pass
 
 
 def _can_ever_take(backend: BackendState, needed_tokens: int | None) -> bool:
@@ -315,8 +312,8 @@ class Scheduler:
         idle_ttft = getattr(pool.policy, "idle_ttft_s", None)
         idle_s = idle_ttft(demand, candidates, ctx) if idle_ttft is not None else 0.0  # once: used three times
         hold_deadline = now + settings.hold_timeout_s + idle_s
-        if header_deadline is None or header_deadline > hold_deadline:
-            demand.deadline_s = hold_deadline
+        deadline = hold_deadline if header_deadline is None or header_deadline > hold_deadline else header_deadline
+        demand.deadline_s = deadline
         # Fair shedding across prompt sizes (sched/fairness.py): None when the policy sheds by cost.
         fair = getattr(pool.policy, "fair", None)
         if fair is not None:
@@ -325,9 +322,10 @@ class Scheduler:
         objective = getattr(pool.policy, "ttft_deadline_s", None)
         objective_deadline = (objective(demand, candidates, ctx, idle_s if idle_ttft is not None else None)
                               if objective is not None else None)
-        by_objective = objective_deadline is not None and objective_deadline < demand.deadline_s
-        if by_objective:
-            demand.deadline_s = objective_deadline
+        by_objective = False
+        if objective_deadline is not None and objective_deadline < deadline:
+            by_objective = True
+            deadline = demand.deadline_s = objective_deadline
         # Requests already held go first unless this one outranks them: no jumping the queue.
         head_priority = pool.hold.head_priority()
         if (head_priority is None or demand.priority > head_priority) and not (
@@ -343,7 +341,6 @@ class Scheduler:
         if len(pool.hold) >= settings.hold_max_requests:
             pool.rejected_total += 1
             return Reject(429, "hold queue is full", pool.retry.retry_after_s(now, settings.retry_after_s))
-        deadline = demand.deadline_s
         # Under a TTFT objective the hold ends when the request could no longer start in time even on the
         # fastest idle backend; under the plain hold timeout (header, or objectives off) it ends at the deadline.
         start_by = deadline
@@ -363,7 +360,7 @@ class Scheduler:
             return Reject(429, "overloaded: this request cannot start within its time-to-first-token objective",
                           pool.retry.retry_after_s(now, settings.retry_after_s))
         standing = fair.standing(demand.prompt_tokens, now) if fair is not None and by_objective else 0
-        if standing > 0 and pool.hold.ahead_count and fair.should_shed(demand.prompt_tokens, now):
+        if standing > 0 and fair is not None and pool.hold.ahead_count and fair.should_shed(demand.prompt_tokens, now):
             # Its size class is served more than another, whose requests wait: the room goes to them.
             pool.rejected_total += 1
             return Reject(429, "overloaded: shed to keep service fair across request sizes",
@@ -373,7 +370,7 @@ class Scheduler:
         limit = None
         if by_objective and pool.drain.standing(now):
             head = pool.hold.peek()
-            if head is not None and queue_waits(head[1], now, demand.deadline_s - demand.arrival_s):
+            if head is not None and queue_waits(head[1], now, deadline - demand.arrival_s):
                 limit = pool.overload.hold_limit(now, getattr(getattr(pool.policy, "settings", None),
                                                               "overload_idle_fraction", 0.0))
         if limit is not None and ahead >= limit:
@@ -712,7 +709,7 @@ class Scheduler:
     def _dispatch(self, backend: BackendState, demand: Demand, pool: PoolState, now: float,
                   ctx: PolicyContext | None = None) -> None:
         prediction = ctx.prediction if ctx is not None else None
-        if prediction is not None and prediction[0] is backend:
+        if ctx is not None and prediction is not None and prediction[0] is backend:
             # The policy evaluated this backend for this demand just now, as `capacity.estimate` would.
             (ttft_s, tpot_s, e2e_s), cached, shared = prediction[1], prediction[2], prediction[3]
             expected = ctx.expected_output_tokens

@@ -11,6 +11,7 @@ from dataclasses import replace
 import click
 
 from capbalancer.config import Config, ConfigError, config_from_backends, config_from_fleet, load_config
+from capbalancer.sched import BUILD as SCHED_BUILD
 
 log = logging.getLogger("capbalancer.server")
 
@@ -87,7 +88,8 @@ def serve(config_path: str | None, host: str | None, port: int | None, backends:
         config = worker_config(config)  # a worker of `--workers N` shares through its parent's store
 
     async def main() -> None:
-        log.info("file descriptors: limit %d (hard %d)", fd_soft, fd_hard)
+        log.info("file descriptors: limit %d (hard %d); scheduling core: %s", fd_soft, fd_hard,
+                 SCHED_BUILD)  # compiled or plain Python (capbalancer/sched/__init__.py)
         if config is not None:
             log.info("event loop: %s; %s", loop_kind, config.summary().replace("\n", "\n    "))
             await run_server(config, config_path=config_path)
