@@ -169,3 +169,53 @@ def test_config_takes_a_zmq_endpoint_per_backend_and_refuses_others():
     assert cfg("tcp://127.0.0.1:5557").models["m"].backends[0].kv_events == "tcp://127.0.0.1:5557"
     with pytest.raises(ConfigError, match="kv_events"):
         cfg("http://127.0.0.1:5557")
+
+
+def test_extra_keys_give_the_cache_salt_and_stop_at_opaque_blocks():
+    # vLLM's extra_keys, one entry per block, untagged: [lora name], (image digest, offset) pairs, the cache salt
+    # (first block only), prompt-embedding digests.
+    enc = msgspec.msgpack.encode
+
+    def stored(extra, lora=None, parent=None):
+        raw = {"type": "BlockStored", "block_hashes": [1, 2], "parent_block_hash": parent, "token_ids": ids(32),
+               "block_size": 16, "lora_id": None, "medium": "GPU", "lora_name": lora, "extra_keys": extra}
+        return decode_batch(enc({"ts": 0.0, "events": [raw]}))[1][0]
+
+    ev = stored([["tenant-a"], None])
+    assert (ev.cache_salt, ev.opaque_from) == ("tenant-a", None)
+    ev = stored([["ad", "tenant-a"], ["ad"]], lora="ad")
+    assert (ev.lora_name, ev.cache_salt, ev.opaque_from) == ("ad", "tenant-a", None)
+    assert stored([[["img-digest", 0]], None]).opaque_from == 0
+    assert stored([None, [["img-digest", 16]]]).opaque_from == 1
+    assert stored([["x"], None], parent=7).opaque_from == 0  # not a prompt's head: no salt there
+    assert (stored(None).cache_salt, stored(None).opaque_from) == (None, None)
+
+
+def test_a_salted_prompt_matches_only_its_own_salt():
+    from capbalancer.fleet.kv_events import BlockStored as Stored
+
+    sched = make_sched()
+    prompt = ids(64)
+    sched.observe_kv_events("a", [Stored((11, 12), None, tuple(prompt), 32, None, "tenant-a")], 0.0)
+
+    def cached_with(salt):
+        d = Demand(request_id="q", pool="m", prompt_tokens=70, max_tokens=10, arrival_s=0.0,
+                   prefix=token_block_hashes(prompt + ids(6, 4), salt=prefix_salt("m", None, salt)))
+        return sched.capacity.cached_tokens(sched.backends["a"], d)[0]
+
+    assert cached_with("tenant-a") == 64 and cached_with(None) == 0 and cached_with("tenant-b") == 0
+    # An image's block (opaque past its tokens) is never taken for the text prompt that shares its tokens.
+    sched.observe_kv_events("a", [Stored((21, 22), None, tuple(prompt), 32, opaque_from=1)], 0.0)
+    assert cached_with(None) == 32
+
+
+def test_the_request_cache_salt_keys_the_prefix():
+    from capbalancer.server.parsing import parse_body, prefix_key
+
+    def key(body):
+        return prefix_key(parse_body("/v1/completions", msgspec.json.encode(body), keep_text=True), "m").hashes
+
+    base = {"model": "m", "prompt": "x" * 256}
+    assert key(base) == key(dict(base)) and key(base) != key({**base, "cache_salt": "t1"})
+    assert key({**base, "cache_salt": "t1"}) != key({**base, "cache_salt": "t2"})
+    assert key({**base, "cache_salt": 5}) == key(base)  # not a string: the engine refuses it, no salt here

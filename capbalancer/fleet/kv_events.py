@@ -43,6 +43,10 @@ class BlockStored:
     token_ids: tuple[int, ...]
     block_size: int
     lora_name: str | None = None
+    cache_salt: str | None = None  # the request's `cache_salt`, which vLLM hashes into a prompt's first block
+    # Blocks from this index on carry hash keys beyond their tokens (images' or prompt embeddings' digests): the
+    # proxy's keys over token ids cannot name them. None: every block is its tokens (and the salts above).
+    opaque_from: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +62,8 @@ class AllBlocksCleared:
 KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 # Field order of the array-encoded structs (after the tag), as vLLM declares them.
-_STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name")
+_STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name",
+                  "extra_keys")
 _REMOVED_FIELDS = ("block_hashes", "medium")
 
 
@@ -80,6 +85,27 @@ def _fields(raw: Any, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
     raise KvEventError("an event must be a map or an array")
 
 
+def _extra_keys(extra: Any, lora: str | None, first_is_head: bool) -> tuple[str | None, int | None]:
+    """(cache salt, index of the first opaque block) from a BlockStored's `extra_keys`: one entry per block, None or
+    the block's keys untagged, in vLLM's order: the LoRA name (when the event has one), (image digest, offset)
+    pairs, the cache salt (a prompt's first block only), prompt-embedding digests. Past the LoRA name, the head
+    block's first string is the salt; any other key makes the block opaque (multimodal or embeddings)."""
+    if not isinstance(extra, list | tuple):
+        return None, None
+    salt: str | None = None
+    for i, keys in enumerate(extra):
+        if not keys:
+            continue
+        rest = list(keys) if isinstance(keys, list | tuple) else [keys]
+        if lora is not None and rest and rest[0] == lora:
+            rest = rest[1:]
+        if i == 0 and first_is_head and rest and isinstance(rest[0], str):
+            salt, rest = rest[0], rest[1:]
+        if rest:
+            return salt, i
+    return salt, None
+
+
 def decode_event(raw: Any) -> KvEvent | None:
     """One event, from its decoded msgpack form; None for an event type this proxy does not use."""
     tag = raw.get("type") if isinstance(raw, dict) else (raw[0] if isinstance(raw, list | tuple) and raw else None)
@@ -93,9 +119,11 @@ def decode_event(raw: Any) -> KvEvent | None:
         if not isinstance(tokens, list | tuple) or not all(isinstance(t, int) for t in tokens):
             raise KvEventError("BlockStored token_ids must be integers")
         lora = f.get("lora_name")
+        lora = lora if isinstance(lora, str) else None
+        salt, opaque_from = _extra_keys(f.get("extra_keys"), lora, first_is_head=parent is None)
         return BlockStored(tuple(_hash(h) for h in f.get("block_hashes") or ()),
-                           None if parent is None else _hash(parent), tuple(tokens), block_size,
-                           lora if isinstance(lora, str) else None)
+                           None if parent is None else _hash(parent), tuple(tokens), block_size, lora, salt,
+                           opaque_from)
     if tag == "BlockRemoved":
         _, f = _fields(raw, _REMOVED_FIELDS)
         return BlockRemoved(tuple(_hash(h) for h in f.get("block_hashes") or ()))

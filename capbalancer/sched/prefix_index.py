@@ -63,10 +63,12 @@ class PrefixMatch:
 NO_MATCH = PrefixMatch()
 
 
-def prefix_salt(pool: str, adapter: str | None = None) -> str:
-    """The hash salt of a pool's prompts: the pool, and the LoRA adapter (or other model) a request names.
-    The engine's own block hash includes the adapter; pools never share a cache."""
-    return f"{pool}\x00{adapter or ''}"
+def prefix_salt(pool: str, adapter: str | None = None, cache_salt: str | None = None) -> str:
+    """The hash salt of a pool's prompts: the pool, the LoRA adapter (or other model) a request names, and its
+    `cache_salt` (vLLM's per-tenant prefix-cache salt). The engine's own block hash includes the adapter and the
+    cache salt; pools never share a cache."""
+    base = f"{pool}\x00{adapter or ''}"
+    return f"{base}\x00{cache_salt}" if cache_salt else base
 
 
 def chain_token_block(parent: int | None, token_ids: Sequence[int], salt: str) -> int:
@@ -311,13 +313,13 @@ class PrefixIndex:
                     if not known:
                         continue
                     parent = known[-1]
-                salt = prefix_salt(pool, ev.lora_name)
+                salt = prefix_salt(pool, ev.lora_name, ev.cache_salt)
                 stored: list[int] = []
                 tokens = ev.token_ids
                 for i, engine_hash in enumerate(ev.block_hashes):
                     chunk = tokens[i * ev.block_size:(i + 1) * ev.block_size]
-                    if len(chunk) < ev.block_size:
-                        break
+                    if len(chunk) < ev.block_size or (ev.opaque_from is not None and i >= ev.opaque_from):
+                        break  # (an image's or an embedding's block: its tokens alone do not name it)
                     ours: list[int] = []
                     for j in range(0, ev.block_size, ours_per):
                         parent = chain_token_block(parent, chunk[j:j + ours_per], salt)

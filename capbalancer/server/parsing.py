@@ -37,6 +37,7 @@ class ParsedRequest:
     messages: Any = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    cache_salt: str | None = None  # vLLM's per-request prefix-cache salt: prompts of other salts never share blocks
 
 
 MAX_SESSION_ID_CHARS = 256
@@ -54,7 +55,7 @@ def prefix_key(parsed: ParsedRequest, pool: str, aliases: tuple[str, ...] = ()) 
     beyond the pool's own (a LoRA adapter, or another model behind a catch-all pool), as the engine's own
     hash includes the adapter: different models never share an entry."""
     adapter = None if parsed.model in (None, pool, *aliases) else parsed.model
-    salt = prefix_salt(pool, adapter)
+    salt = prefix_salt(pool, adapter, parsed.cache_salt)
     if parsed.token_ids is not None:
         return token_block_hashes(parsed.token_ids, salt=salt)
     if parsed.prompt_text:
@@ -99,9 +100,11 @@ def parse_body(path: str, raw: bytes, keep_text: bool = False) -> ParsedRequest:
         text = _messages_text(body.get("messages")) if path == "/v1/chat/completions" else _content_text(
             body.get("input") if path == "/v1/embeddings" else body.get("prompt"))
     user = body.get("user")
+    cache_salt = body.get("cache_salt")
     parsed = ParsedRequest(model=model, prompt_chars=chars, max_tokens=max_tokens, stream=bool(stream), api=api,
                            prompt_text=text, user=user if isinstance(user, str) else None,
-                           sequences=sequences_of(body) if api != "embeddings" else 1)
+                           sequences=sequences_of(body) if api != "embeddings" else 1,
+                           cache_salt=cache_salt if isinstance(cache_salt, str) else None)
     if keep_text and path == "/v1/chat/completions":
         parsed.messages = body.get("messages")
         continue_final = body.get("continue_final_message") is True
