@@ -145,6 +145,32 @@ def test_sustained_overload_is_refused_at_arrival_not_held_then_refused():
         bounded, unbounded)
 
 
+def test_a_request_the_door_passed_is_not_refused_by_the_bound_but_still_by_its_objective():
+    # A standing 10x overload: the queue is at its bound, so a newcomer is refused for the queue's length ...
+    sched = make()
+    _sustained(sched, 8.0, 200.0, 0.1)
+    now = T0 + 8.0
+    pool = sched.pools["m"]
+    limit = pool.overload.hold_limit(now, 0.05)
+    assert limit is not None and len(pool.hold) >= limit
+    plain = sched.submit(Demand(request_id="plain", pool="m", prompt_tokens=100, max_tokens=100, arrival_s=now), now)
+    assert isinstance(plain, Reject) and "as long as this sustained overload needs" in plain.reason
+    # ... but one the front door judged against the bound and passed on (counted in transit there while the event
+    # loop lagged) is held: its place was taken when it arrived, and a refusal now would be a late 429.
+    passed = sched.submit(Demand(request_id="passed", pool="m", prompt_tokens=100, max_tokens=100, arrival_s=now,
+                                 door_passed=True), now)
+    assert isinstance(passed, Hold), passed
+    # The TTFT objective still refuses what could not start in time, passed or not.
+    for k in range(60):
+        d = sched.submit(Demand(request_id=f"p{k}", pool="m", prompt_tokens=100, max_tokens=100, arrival_s=now,
+                                door_passed=True), now)
+        if isinstance(d, Reject):
+            assert "objective" in d.reason or "hold queue would take" in d.reason, d.reason
+            break
+    else:
+        raise AssertionError("60 more passed requests were all held past the objective")
+
+
 def test_des_10x_fewer_requests_held_then_refused_and_2x_goodput_is_kept():
     """One L4 (~8 req/s of this workload), deterministic DES: at 10x few requests are held and then refused at
     their objective, and the bound never adds to them, serving as many; at 2x, where a queue still turns

@@ -31,6 +31,9 @@ class Demand:
     # Only these backends may serve it (a LoRA adapter that only they hold); None: any of the pool's.
     only_backends: frozenset[str] | None = None
     sequences: int = 1  # n / best_of: max_tokens bounds them all; each alone needs max_tokens / sequences
+    # The front door judged it against the queue's bound and passed it on (server/overload.py): it was counted
+    # in transit there, so the bound, which moves while the event loop lags, does not refuse it again here.
+    door_passed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -481,7 +481,8 @@ class FastProtocol(asyncio.Protocol):
         headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self.on_first_request is not None:
+        door_passed = self.on_first_request is not None
+        if door_passed:
             self._first_request_read()
         parser = self.parser
         route = FAST_ROUTES.get(self.url)
@@ -516,6 +517,8 @@ class FastProtocol(asyncio.Protocol):
         body = self.body = Body(self.loop)
         request = self.request = FastRequest(self.server.app, "POST", route[1], CIMultiDictProxy(headers), body, self,
                                              parser.should_keep_alive())
+        if door_passed:
+            request[proxy.DOOR_PASSED] = True
         self.state = _BODY
         self.task = self.loop.create_task(self._respond(request))
 

@@ -52,6 +52,7 @@ log = logging.getLogger("capbalancer.proxy")
 PRIORITY_HEADER = "x-capbalancer-priority"
 DEADLINE_HEADER = "x-capbalancer-deadline-ms"
 BACKEND_HEADER = "x-capbalancer-backend"
+DOOR_PASSED = "capbalancer.door_passed"  # request key: the front door judged this request and passed it on
 HELD_HEADER = "x-capbalancer-held-ms"
 MODEL_HEADER = "x-capbalancer-model"  # the pool of a request whose body names no model (TGI, SGLang native)
 PROGRESS_EVERY_TOKENS = 16  # scheduler progress updates while streaming: often enough, cheap enough
@@ -218,6 +219,7 @@ def build_demand(state: ProxyState, request: web.Request, pool: ModelConfig, par
         prompt_tokens_exact=parsed.token_ids is not None,
         max_tokens_explicit=parsed.max_tokens is not None,
         sequences=parsed.sequences,
+        door_passed=request.get(DOOR_PASSED, False),
     )
 
 
