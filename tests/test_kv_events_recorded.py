@@ -28,7 +28,8 @@ OURS_PER_BLOCK = 16
 
 
 def engine_blocks_alive(steps: list[dict]) -> list[tuple[set, dict]]:
-    """Per step: the engine hashes stored and not removed, and each stored hash's token ids (the oracle)."""
+    """Per step: the engine hashes stored and not removed, and each stored hash's (cache salt, token ids): the
+    oracle. A chain's salt is its head block's extra key; the blocks below a head inherit it."""
     alive: set = set()
     tokens_of: dict = {}
     out = []
@@ -38,9 +39,12 @@ def engine_blocks_alive(steps: list[dict]) -> list[tuple[set, dict]]:
             for ev in events:
                 if ev["type"] == "BlockStored":
                     size = ev["block_size"]
+                    parent = ev["parent_block_hash"]
+                    head_keys = (ev.get("extra_keys") or [None])[0]
+                    salt = (head_keys[0] if head_keys else None) if parent is None else tokens_of[parent][0]
                     for i, h in enumerate(ev["block_hashes"]):
                         alive.add(h)
-                        tokens_of[h] = tuple(ev["token_ids"][i * size:(i + 1) * size])
+                        tokens_of[h] = (salt, tuple(ev["token_ids"][i * size:(i + 1) * size]))
                 elif ev["type"] == "BlockRemoved":
                     alive.difference_update(ev["block_hashes"])
                 elif ev["type"] == "AllBlocksCleared":
@@ -49,11 +53,13 @@ def engine_blocks_alive(steps: list[dict]) -> list[tuple[set, dict]]:
     return out
 
 
-def leading_alive_blocks(token_ids: list[int], alive: set, tokens_of: dict, block_size: int) -> int:
-    """How many of the prompt's leading engine blocks the engine still holds (matched by their tokens)."""
+def leading_alive_blocks(token_ids: list[int], salt: str | None, alive: set, tokens_of: dict,
+                         block_size: int) -> int:
+    """How many of the prompt's leading engine blocks the engine still holds under this salt (by their tokens)."""
     held = {tokens_of[h] for h in alive}
     n = 0
-    while (n + 1) * block_size <= len(token_ids) and tuple(token_ids[n * block_size:(n + 1) * block_size]) in held:
+    while (n + 1) * block_size <= len(token_ids) and (salt, tuple(token_ids[n * block_size:(n + 1) * block_size])
+                                                      ) in held:
         n += 1
     return n
 
@@ -84,8 +90,7 @@ async def test_a_real_vllm_event_stream_drives_the_index_to_what_the_engine_hold
     pub.bind(endpoint)
     sub = KvEventSubscriber("a", endpoint, sink, topic=data["topic"])
     sub.start()
-    salt = prefix_salt("m")
-    prompts = [s["token_ids"] for s in steps if "token_ids" in s]
+    prompts = [(s["token_ids"], s.get("cache_salt")) for s in steps if "token_ids" in s]
     oracle = engine_blocks_alive(steps)
     try:
         # ZMQ drops what is published before the subscription lands: announce with sequence -1 (an empty
@@ -108,9 +113,9 @@ async def test_a_real_vllm_event_stream_drives_the_index_to_what_the_engine_hold
             await _until(lambda target=target: len(batches) >= target)
             alive, tokens_of = oracle[k]
             nonempty_steps += bool(alive)
-            for ids in prompts:
-                expected = leading_alive_blocks(ids, alive, tokens_of, block_size) * block_size
-                key = token_block_hashes(ids, salt=salt)
+            for ids, cache_salt in prompts:
+                expected = leading_alive_blocks(ids, cache_salt, alive, tokens_of, block_size) * block_size
+                key = token_block_hashes(ids, salt=prefix_salt("m", None, cache_salt))
                 got = sched.prefix.caches["a"].match(key.hashes).cached_blocks * OURS_PER_BLOCK
                 assert got == expected, (k, step["action"], got, expected)
         cache = sched.prefix.caches["a"]
@@ -125,10 +130,15 @@ async def test_a_real_vllm_event_stream_drives_the_index_to_what_the_engine_hold
         # The recording covers what precise mode must handle: stores, evictions and a clear.
         kinds = {ev["type"] for s in steps for f in s["frames"] for ev in msgspec.msgpack.decode(bytes.fromhex(f[2]))[1]}
         assert kinds == {"BlockStored", "BlockRemoved", "AllBlocksCleared"}
-        # After the clear, only the prompt sent after it is held: five full engine blocks of it.
-        first = prompts[0]
-        assert cache.match(token_block_hashes(first, salt=salt).hashes).cached_blocks == (len(first) // block_size) * 8
-        assert all(cache.match(token_block_hashes(p, salt=salt).hashes).cached_blocks == 0 for p in prompts[2:-1])
+        # After the clear, only the prompt sent after it is held, five full engine blocks of it, once plain and once
+        # under the tenant's salt; a third salt holds nothing.
+        first = prompts[0][0]
+        for cache_salt in (None, "tenant-b"):
+            key = token_block_hashes(first, salt=prefix_salt("m", None, cache_salt))
+            assert cache.match(key.hashes).cached_blocks == (len(first) // block_size) * 8
+        assert cache.match(token_block_hashes(first, salt=prefix_salt("m", None, "tenant-c")).hashes).cached_blocks == 0
+        salt = prefix_salt("m")
+        assert all(cache.match(token_block_hashes(p, salt=salt).hashes).cached_blocks == 0 for p, _ in prompts[2:-2])
     finally:
         await sub.stop()
         pub.close(linger=0)

@@ -10,8 +10,9 @@ would make it dial out). Steps, each a request and then the frames it caused:
 1. prompt A (~740 tokens: 5 full blocks), 2. A extended by a few words (A's blocks hit; its last block is not
 full, so nothing new is stored),
 3-7. five distinct prompts that overflow the 16-block cache (the engine evicts: BlockRemoved), 8. POST
-/reset_prefix_cache, then A again (AllBlocksCleared, then A's blocks stored anew). Each prompt's token ids are
-the engine's own (POST /tokenize).
+/reset_prefix_cache, then A again (AllBlocksCleared, then A's blocks stored anew), 9. A with a `cache_salt`
+(its blocks stored again under salted hashes; the salt is in the head block's extra_keys). Each prompt's token
+ids are the engine's own (POST /tokenize).
 """
 
 from __future__ import annotations
@@ -118,6 +119,11 @@ def capture(out: Path = OUT) -> dict:
                                                 "temperature": 0, "ignore_eos": True})
             steps.append({"action": "reset_prefix_cache, then completion", "prompt": base, "token_ids": ids,
                           "frames": [[f.hex() for f in fr] for fr in rec.take()]})
+            # The same prompt under a tenant's cache_salt: the engine stores its blocks again, under other hashes.
+            _post(srv.url + "/v1/completions", {"model": SERVED_MODEL, "prompt": base, "max_tokens": 4,
+                                                "temperature": 0, "ignore_eos": True, "cache_salt": "tenant-b"})
+            steps.append({"action": "completion with cache_salt", "prompt": base, "token_ids": ids,
+                          "cache_salt": "tenant-b", "frames": [[f.hex() for f in fr] for fr in rec.take()]})
         finally:
             rec.close()
         version = json.loads(urllib.request.urlopen(srv.url + "/version", timeout=10).read())["version"]
