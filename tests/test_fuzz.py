@@ -115,6 +115,19 @@ def test_fuzzed_requests_never_5xx_and_errors_are_openai_shaped(proxy, method, p
     check_answer(method, status, answer)
 
 
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("GET", "/v1/chat/completions", None),  # no such route for GET: aiohttp answers before any middleware
+    ("POST", "/v1/chat/completions", b'{"model": "m", "messages": []}'),
+    ("GET", "/no/such/path", None)])
+def test_an_unknown_expect_header_is_refused_in_the_api_shape(proxy, method, path, body):
+    # Found by the fuzzer (Expect: 0): aiohttp refuses an Expect other than 100-continue itself, before any
+    # middleware, with a plain-text 417 "Unknown Expect: 0".
+    status, answer = send(proxy, method, path, {"Expect": "0"}, body)
+    assert status == 417, (status, answer)
+    check_answer(method, status, answer)
+    assert "Unknown Expect" in json.loads(answer)["error"]["message"]
+
+
 @FUZZ_SETTINGS
 @given(body=shaped, stream=st.booleans(), path=st.sampled_from(API_PATHS))
 def test_fuzzed_api_bodies_are_forwarded_or_refused_cleanly(proxy, body, stream, path):

@@ -11,14 +11,15 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from capbalancer.config import BackendConfig, ClientKey, Config, ModelConfig, backend_spec
 from capbalancer.sched.scheduler import Scheduler
 from capbalancer.server import admin, observe, proxy, routes
+from capbalancer.server.access_log import RECORD_KEY
 from capbalancer.server.driver import SchedulerDriver
-from capbalancer.server.errors import ProxyError, error_response, from_exception
+from capbalancer.server.errors import ProxyError, error_body, error_response, from_exception
 from capbalancer.server.health import make_poller, poll_target
 from capbalancer.server.limits import read_body_bounded
 from capbalancer.server.metrics import ProxyMetrics
@@ -47,6 +48,7 @@ def build_app(state: ProxyState) -> web.Application:
     app = web.Application(client_max_size=1 << 62, middlewares=[_unexpected_errors])
     app[STATE] = state
     observe.install(app, state)
+    app.on_response_prepare.append(errors_before_the_middlewares)
     routes.add_routes(app)  # every engine route: see routes.py and docs/routes.md
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/info", tgi_info)
@@ -72,6 +74,20 @@ async def _unexpected_errors(request: web.Request, handler: Callable) -> web.Str
         raise
     except Exception as exc:
         return unexpected_error_answer(request, exc)
+
+
+async def errors_before_the_middlewares(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """on_response_prepare: an error aiohttp answers by itself before any middleware runs, which the errors
+    middleware never sees (an Expect header other than 100-continue: 417 "Unknown Expect: ..."), in the API's
+    own shape like every other error. An answer that went through the middlewares has an access-log record
+    (server/observe.py) and is left as it is: a relayed engine's error stays the engine's."""
+    if (response.status < 400 or not isinstance(response, web.Response) or response.content_type != "text/plain"
+            or request.get(RECORD_KEY) is not None):
+        return
+    body = error_body(response.status, response.text or response.reason or "error")
+    response.body = body
+    response.content_type = "application/json"
+    response.headers[hdrs.CONTENT_LENGTH] = str(len(body))  # the hook runs after the plain text's was set
 
 
 def unexpected_error_answer(request: web.BaseRequest, exc: Exception) -> web.StreamResponse:

@@ -44,7 +44,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from capbalancer.config import ServerSettings
 from capbalancer.server import halfclose, observe, proxy, routes
-from capbalancer.server.app import _unexpected_errors, unexpected_error_answer
+from capbalancer.server.app import _unexpected_errors, errors_before_the_middlewares, unexpected_error_answer
 from capbalancer.server.deadline import Deadline
 from capbalancer.server.errors import error_body
 from capbalancer.server.observe import Observer, status_of_exception
@@ -290,7 +290,7 @@ class FastServer:
         # without two coroutines per request. Any other chain (an embedder's middleware) goes through `handler`.
         observer = app.get(observe.OBSERVER)
         standard = (observer is not None and tuple(app.middlewares) == (observer.middleware, _unexpected_errors)
-                    and tuple(app.on_response_prepare) == (observe.first_byte,))
+                    and tuple(app.on_response_prepare) == (observe.first_byte, errors_before_the_middlewares))
         self.observer: Observer | None = observer if standard else None
         self.connections: set[FastProtocol] = set()
         self.handed_over = 0  # connections given to aiohttp (tests and figures)
