@@ -28,6 +28,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -338,6 +339,17 @@ class PrefixIndex:
             elif isinstance(ev, AllBlocksCleared):
                 cache.clear()
                 emap.clear()
+
+    def describe(self, backend_id: str) -> dict[str, Any] | None:
+        """What the index believes `backend_id` holds (for /admin/backends): its blocks (of 16 tokens or 64
+        characters), its cap, whether the engine's KV events (precise mode) or our own record decide evictions,
+        and the learned share of predicted hits the engine really reported."""
+        cache = self.caches.get(backend_id)
+        if cache is None:
+            return None
+        rate = self.hit_rates.get(backend_id)
+        return {"blocks": len(cache), "capacity_blocks": cache.capacity_blocks, "precise": cache.precise,
+                "hit_rate_factor": None if rate is None else round(rate.factor, 3)}
 
     def on_hits_counter(self, backend_id: str, hits_tokens_total: float) -> None:
         est = self.hit_rates.get(backend_id)

@@ -660,20 +660,9 @@ class Scheduler:
                 "failed": b.failed,
                 "ttft_seconds": {"predicted": b.predicted_ttft_s.value, "observed": b.observed_ttft_s.value},
                 "tpot_seconds": {"predicted": b.predicted_tpot_s.value, "observed": b.observed_tpot_s.value},
-                "prefix_index": self._describe_prefix(backend_id),
+                "prefix_index": self.prefix.describe(backend_id),
             }
         return out
-
-    def _describe_prefix(self, backend_id: str) -> dict[str, Any] | None:
-        """What the prefix index believes this backend holds: its blocks (of 16 tokens or 64 characters), its cap,
-        whether the engine's KV events (precise mode) or our own record decide evictions, and the learned share
-        of predicted hits the engine really reported."""
-        cache = self.prefix.caches.get(backend_id)
-        if cache is None:
-            return None
-        rate = self.prefix.hit_rates.get(backend_id)
-        return {"blocks": len(cache), "capacity_blocks": cache.capacity_blocks, "precise": cache.precise,
-                "hit_rate_factor": None if rate is None else round(rate.factor, 3)}
 
     # --- internals -----------------------------------------------------------------------------
     def _backend(self, backend_id: str) -> BackendState:

@@ -347,7 +347,7 @@ class OverloadGate:
         return {"loop_lag_ms": round(self.lag_s * 1000.0, 1), "shed_at_arrival": self.shed,
                 "shed_for_queue_length": self.shed_for_queue,
                 # Requests the door judged and passed on, and of those the ones not read by the loop yet.
-                "passed_on": self.passed_total, "in_transit": max(0, self.passed_total - self.read_total),
+                "passed_on": self.passed_total, "in_transit": self.in_transit,
                 "refusing": sorted(p for p, s in self.streaks.items() if now - s.last_s < STREAK_FRESH_S)}
 
     def congested(self) -> bool:
@@ -418,13 +418,18 @@ class OverloadGate:
         """(loop) A request the door passed on has been read, or will never be: it is out of transit."""
         self.read_total += 1
 
+    @property
+    def in_transit(self) -> int:
+        """Requests the door passed on that the loop has not read yet: in no queue. (The two counts are moved on
+        two threads, each read without a lock, so a read may see the loop's count ahead for a moment.)"""
+        unseen = self.passed_total - self.read_total
+        return unseen if unseen > 0 else 0
+
     def _queue_refusal(self, pools: list[str], tokens: int, now: float) -> DoorRefusal | None:
         """A refusal when, in every pool, the hold queue as published, plus the requests passed on since, less
         the room freed since, is at the length that refuses a newcomer of `tokens` prompt tokens."""
         queues, views = self.queues, self.views
-        unseen = self.passed_total - self.read_total  # passed on, not read by the loop yet
-        if unseen < 0:
-            unseen = 0
+        unseen = self.in_transit
         retry = None
         full = True
         for name in pools:

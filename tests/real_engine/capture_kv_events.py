@@ -46,7 +46,8 @@ def kv_events_args(endpoint: str) -> tuple[str, ...]:
     return ("--kv-events-config", json.dumps(cfg))
 
 
-def _post(url: str, body: dict | None) -> dict:
+def post_json(url: str, body: dict | None) -> dict:
+    """POST a JSON body (an empty one for None); the JSON answer ({} for an empty one)."""
     req = urllib.request.Request(url, data=json.dumps(body or {}).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
@@ -106,21 +107,21 @@ def capture(out: Path = OUT) -> dict:
             base = prompt(0)
             texts = [base, base + " and then a few more words at the end", *(prompt(s) for s in range(1, 6))]
             for text in texts:
-                ids = _post(srv.url + "/tokenize", {"model": SERVED_MODEL, "prompt": text})["tokens"]
-                _post(srv.url + "/v1/completions", {"model": SERVED_MODEL, "prompt": text, "max_tokens": 4,
+                ids = post_json(srv.url + "/tokenize", {"model": SERVED_MODEL, "prompt": text})["tokens"]
+                post_json(srv.url + "/v1/completions", {"model": SERVED_MODEL, "prompt": text, "max_tokens": 4,
                                                     "temperature": 0, "ignore_eos": True})
                 steps.append({"action": "completion", "prompt": text, "token_ids": ids,
                               "frames": [[f.hex() for f in fr] for fr in rec.take()]})
             # The engine publishes a step's events at the end of its next step: the clear goes out with the
             # blocks of the request that follows it.
-            _post(srv.url + "/reset_prefix_cache", None)
-            ids = _post(srv.url + "/tokenize", {"model": SERVED_MODEL, "prompt": base})["tokens"]
-            _post(srv.url + "/v1/completions", {"model": SERVED_MODEL, "prompt": base, "max_tokens": 4,
+            post_json(srv.url + "/reset_prefix_cache", None)
+            ids = post_json(srv.url + "/tokenize", {"model": SERVED_MODEL, "prompt": base})["tokens"]
+            post_json(srv.url + "/v1/completions", {"model": SERVED_MODEL, "prompt": base, "max_tokens": 4,
                                                 "temperature": 0, "ignore_eos": True})
             steps.append({"action": "reset_prefix_cache, then completion", "prompt": base, "token_ids": ids,
                           "frames": [[f.hex() for f in fr] for fr in rec.take()]})
             # The same prompt under a tenant's cache_salt: the engine stores its blocks again, under other hashes.
-            _post(srv.url + "/v1/completions", {"model": SERVED_MODEL, "prompt": base, "max_tokens": 4,
+            post_json(srv.url + "/v1/completions", {"model": SERVED_MODEL, "prompt": base, "max_tokens": 4,
                                                 "temperature": 0, "ignore_eos": True, "cache_salt": "tenant-b"})
             steps.append({"action": "completion with cache_salt", "prompt": base, "token_ids": ids,
                           "cache_salt": "tenant-b", "frames": [[f.hex() for f in fr] for fr in rec.take()]})

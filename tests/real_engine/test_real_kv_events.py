@@ -17,19 +17,13 @@ import pytest
 from tokenizers import Tokenizer
 
 from capbalancer.server.chat_template import ChatTemplate
-from tests.real_engine.capture_kv_events import kv_events_args, prompt
+from tests.real_engine.capture_kv_events import kv_events_args, post_json, prompt
 from tests.real_engine.proxy import proxy
 from tests.real_engine.server import SERVED_MODEL, ServerSpec, usable_cpus, vllm_servers
 from tests.support import free_port
 
 pytestmark = pytest.mark.real_engine
 ADMIN_TOKEN = "kv-events-test"
-
-
-def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        return json.loads(resp.read())
 
 
 def _admin(base: str) -> dict:
@@ -46,7 +40,7 @@ def _hits(url: str) -> float:
 
 
 def _complete(url: str, text: str) -> None:
-    _post(url + "/v1/completions", {"model": SERVED_MODEL, "prompt": text, "max_tokens": 2, "temperature": 0,
+    post_json(url + "/v1/completions", {"model": SERVED_MODEL, "prompt": text, "max_tokens": 2, "temperature": 0,
                                     "ignore_eos": True})
 
 
@@ -79,7 +73,7 @@ def test_the_engines_events_steer_a_request_to_where_its_prefix_is(vllm_python: 
                        f"{name}'s KV events at the proxy",
                        every=lambda u=url, s=seeds: _complete(u, prompt(next(s), 60)))
             text = prompt(7)  # ~740 tokens: five full 128-token engine blocks
-            engine_tokens = _post(urls["b"] + "/tokenize", {"model": SERVED_MODEL, "prompt": text})["tokens"]
+            engine_tokens = post_json(urls["b"] + "/tokenize", {"model": SERVED_MODEL, "prompt": text})["tokens"]
             full_engine_blocks = len(engine_tokens) // 128
             before = _admin(base)["b"]["prefix_index"]["blocks"]
             _complete(urls["b"], text)  # straight to the engine: only its events can tell the proxy
@@ -98,7 +92,7 @@ def test_the_engines_events_steer_a_request_to_where_its_prefix_is(vllm_python: 
             # Chat: the proxy renders the model's chat template as the engine does, token for token ...
             first_turn = [{"role": "system", "content": "You answer in one word."},
                           {"role": "user", "content": prompt(8)}]
-            engine_ids = _post(urls["b"] + "/tokenize", {"model": SERVED_MODEL, "messages": first_turn})["tokens"]
+            engine_ids = post_json(urls["b"] + "/tokenize", {"model": SERVED_MODEL, "messages": first_turn})["tokens"]
             template = ChatTemplate.beside(tiny_model / "tokenizer.json")
             ours = Tokenizer.from_file(str(tiny_model / "tokenizer.json")).encode(
                 template.render(first_turn), add_special_tokens=False).ids
@@ -110,11 +104,11 @@ def test_the_engines_events_steer_a_request_to_where_its_prefix_is(vllm_python: 
                 other = "b" if holder == "a" else "a"
                 turn = [{"role": "system", "content": "You answer in one word."},
                         {"role": "user", "content": prompt(20 + k)}]
-                blocks = len(_post(urls[holder] + "/tokenize", {"model": SERVED_MODEL, "messages": turn})["tokens"]
+                blocks = len(post_json(urls[holder] + "/tokenize", {"model": SERVED_MODEL, "messages": turn})["tokens"]
                              ) // 128
                 # (the blocks the index gains can be fewer: the system message's first block is shared)
                 batches = _admin(base)[holder]["kv_events"]["batches"]
-                _post(urls[holder] + "/v1/chat/completions", {"model": SERVED_MODEL, "messages": turn,
+                post_json(urls[holder] + "/v1/chat/completions", {"model": SERVED_MODEL, "messages": turn,
                                                               "max_tokens": 2, "temperature": 0})
                 _until(lambda h=holder, n0=batches: _admin(base)[h]["kv_events"]["batches"] > n0,
                        f"{holder}'s KV events of the first turn at the proxy", state=lambda h=holder: _admin(base)[h])
