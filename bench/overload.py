@@ -38,6 +38,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+sys.path.insert(0, str(REPO / "bench"))
+from cpus import keep_off, parse_cpus, pin_group  # noqa: E402
 from faults import ADMIN_TOKEN_ENV, Proxy, proc_rss_kb  # noqa: E402
 from support import PYTHON, capbalancer, free_port, running  # noqa: E402
 
@@ -351,6 +353,8 @@ def run_one(variant: str, engines: list[str], args: argparse.Namespace, engine_p
     if flag == "noaccept":
         config["server"]["accept_thread"] = False
     with Proxy(config=config, extra_args=("--loop", loop, "--log-level", "warning"), admin_token="bench") as proxy:
+        if args.proxy_cpus:
+            pin_group(proxy.pid, parse_cpus(args.proxy_cpus))
         time.sleep(1.5)  # a few health/metrics polls: every engine routable and calibrated
         base = unloaded_ttft(proxy.port, args.unloaded_requests, args.max_tokens)
         tmp = tempfile.mkdtemp(prefix="capb-overload-")
@@ -515,6 +519,9 @@ def main() -> None:
                     help="a capacity policy option for the proxy (repeatable), e.g. ttft_slo_ms=200")
     ap.add_argument("--nice-clients", type=int, default=0,
                     help="run the load generator at this nice level (0: same priority as the proxy)")
+    ap.add_argument("--proxy-cpus", default=None, metavar="0,1",
+                    help="pin the proxy (every thread) to these cores and the engines and the load generator to the "
+                         "others (bench/cpus.py): on a host with cores to spare")
     # worker mode (internal)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -524,6 +531,8 @@ def main() -> None:
     if args.worker:
         worker_main(args)
         return
+    if args.proxy_cpus:
+        keep_off(parse_cpus(args.proxy_cpus))
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

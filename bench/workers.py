@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/workers.py [--seconds 20] [--rounds 4] [--connections 128] [--workers 2]
                                       [--no-vllm-router] [--cache-dir ~/.cache/capbalancer-peers]
+                                      [--proxy-cpus 0,1]
 
 An instant backend (bench/proxy_overhead.py's: aiohttp, one process) stands in for the engine; wrk (Debian
 `wrk`) drives non-streamed chat completions with `--connections` connections. Targets, each in turn per
@@ -9,7 +10,7 @@ round so background load hits them alike: direct to the backend, capbalancer wit
 `--workers N` (sharing through the local redis-server it starts), and vllm-router (PyPI, pip-installed into
 its own venv under --cache-dir, as bench/peers.py does) with round_robin. All with the default policy
 (capacity) for capbalancer. Prints req/s per target and the ratios to direct and to one worker.
-Client, backend and proxies share this machine's cores.
+Client, backend and proxies share this machine's cores, unless `--proxy-cpus` gives each router cores of its own.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
+from cpus import keep_off, parse_cpus, pin_group  # noqa: E402
 from proxy_overhead import BODY, free_port, wait_up  # noqa: E402
 
 WRK_SCRIPT = """wrk.method = "POST"
@@ -120,7 +122,13 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-vllm-router", action="store_true")
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "capbalancer-peers"))
+    ap.add_argument("--proxy-cpus", default=None, metavar="0,1",
+                    help="pin each proxy (all its workers and threads) to these cores and the backend and wrk to "
+                         "the others (bench/cpus.py): on a host with cores to spare")
     args = ap.parse_args()
+    proxy_cpus = parse_cpus(args.proxy_cpus) if args.proxy_cpus else None
+    if proxy_cpus:
+        keep_off(proxy_cpus)
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
@@ -168,11 +176,16 @@ def main() -> int:
             import time
 
             time.sleep(2.0)
+        if proxy_cpus:  # every router, vllm-router too, gets the same cores
+            for name, _, pgid in targets:
+                if pgid:
+                    print(f"{name}: {pin_group(pgid, proxy_cpus)} threads pinned to cores {sorted(proxy_cpus)}")
         totals, bad, cpu = measure_interleaved(targets, backend_pgid, args.seconds, args.rounds, args.connections,
                                                script)
         slice_s = args.seconds / args.rounds
         print(f"wrk -t2 -c{args.connections}, non-streamed chat completions, instant backend; {args.rounds} "
-              f"interleaved rounds of {slice_s:g} s per target; cpus={os.cpu_count()}")
+              f"interleaved rounds of {slice_s:g} s per target; cpus={os.cpu_count()}"
+              + (f", routers pinned to {sorted(proxy_cpus)}" if proxy_cpus else ""))
         direct = totals["direct"]
         one = totals["capbalancer x1"]
         print(f"| {'target':34s} | req/s | / direct | / one worker | errors | CPU us/req: router | backend | wrk |")
