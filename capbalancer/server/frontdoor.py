@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from capbalancer.server.errors import error_body, retry_after_header, retry_after_ms_header
+from capbalancer.server.heldio import HeldIO, SocketModuleIO, door_io
 from capbalancer.server.limits import default_max_connections, fd_soft_limit
 from capbalancer.server.overload import DoorRefusal
 
@@ -58,6 +59,7 @@ LISTEN_BACKLOG = 4096
 class _Pending:
     since_s: float
     draining: bool = False  # answered and half-closed by us; waiting for the client's EOF
+    watched: bool = False  # registered with the selector (only once it has to wait for the client)
 
 
 def bind_listeners(host: str | None, port: int, backlog: int = LISTEN_BACKLOG,
@@ -110,6 +112,26 @@ def _refusal(refusal: DoorRefusal) -> bytes:
                      f"retry-after-ms: {retry_after_ms_header(refusal.retry_after_s)}\r\n")
 
 
+def whole_request_bytes(head: bytes) -> int | None:
+    """How many bytes the request that starts `head` takes (head + Content-Length body), when its whole head is
+    there and it has no chunked body; None otherwise."""
+    end = head.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    length = 0
+    for line in head[:end].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            try:
+                length = int(value.strip())
+            except ValueError:
+                return None
+        elif name == b"transfer-encoding":
+            return None
+    return end + 4 + length
+
+
 def probe_path(head: bytes) -> str | None | bool:
     """What the first bytes of a connection are: the probe path it asks for (its whole head has arrived),
     False when it is not a probe, None when too few bytes have arrived to tell."""
@@ -134,7 +156,8 @@ class FrontDoor:
                  judge: Callable[[bytes], DoorRefusal | None] | None = None,
                  on_refused: Callable[[bytes, int], None] | None = None,
                  passes: Callable[[], int] | None = None,
-                 on_pass_read: Callable[[], None] | None = None) -> None:
+                 on_pass_read: Callable[[], None] | None = None,
+                 io: HeldIO | SocketModuleIO | None = None) -> None:
         self.listeners = listeners
         # Told of each request answered here with a refusal (its first bytes, the status): the access log's line
         # for a request that never reaches the loop. Called on this thread: it must not block or touch the loop.
@@ -148,7 +171,7 @@ class FrontDoor:
         # A new request's head -> its refusal when it would be refused anyway (server/overload.py).
         self.judge = judge
         # The judge's count of requests it let through (read on this thread, which alone moves it), and what to
-        # tell it on the loop once such a request has been read there: until then it is in transit, in no queue.
+        # tell it on the loop once the scheduler has such a request: until then it is in transit, in no queue.
         self.passes = passes
         self.on_pass_read = on_pass_read
         self._cap = max_connections
@@ -156,7 +179,10 @@ class FrontDoor:
         self.handoff_after_s = handoff_after_s
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
-        self._pending: dict[socket.socket, _Pending] = {}
+        # The thread's calls on client connections (descriptors until handed over): calls that keep the GIL
+        # (server/heldio.py), so that only its select gives the GIL up to a busy loop.
+        self._io = io if io is not None else door_io()
+        self._pending: dict[int, _Pending] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._reserve_fd: int | None = None
@@ -190,8 +216,9 @@ class FrontDoor:
             self._thread.join(timeout=5.0)
         for s in self.listeners:
             s.close()
-        for s in list(self._pending):
-            s.close()
+        for fd in list(self._pending):
+            with contextlib.suppress(OSError):
+                self._io.close(fd)
         self._pending.clear()
         self._sel.close()
         self._wake_r.close()
@@ -222,7 +249,7 @@ class FrontDoor:
                     with contextlib.suppress(OSError):
                         self._wake_r.recv(64)
                 else:
-                    self._readable(key.fileobj)  # type: ignore[arg-type]
+                    self._readable(key.fd)
             self._expire()
 
     def _next_timeout(self) -> float | None:
@@ -234,7 +261,7 @@ class FrontDoor:
     def _accept(self, listener: socket.socket) -> None:
         for _ in range(_ACCEPT_BATCH):
             try:
-                conn, _ = listener.accept()
+                fd = self._io.accept(listener)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -245,22 +272,26 @@ class FrontDoor:
                     continue
                 log.warning("accept failed: %s", exc)
                 return
-            conn.setblocking(False)
-            if conn.family in (socket.AF_INET, socket.AF_INET6):
-                with contextlib.suppress(OSError):
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._pending[conn] = _Pending(time.monotonic())
-            self._sel.register(conn, selectors.EVENT_READ, "client")
-            self._readable(conn)  # its request is often there already: one trip through select saved
+            if listener.family in (socket.AF_INET, socket.AF_INET6):
+                self._io.set_nodelay(fd)
+            self._pending[fd] = _Pending(time.monotonic())
+            self._readable(fd)  # its request is usually there already: judged now, no trip through select
 
-    def _readable(self, conn: socket.socket) -> None:
+    def _watch(self, fd: int, pending: _Pending) -> None:
+        """Wait in select for more from this connection (registering costs a GIL release: only when needed)."""
+        if not pending.watched:
+            pending.watched = True
+            self._sel.register(fd, selectors.EVENT_READ, "client")
+
+    def _readable(self, conn: int) -> None:
         pending = self._pending.get(conn)
         if pending is None:
             return
         if pending.draining:
             try:
-                data = conn.recv(65536)
+                data = self._io.recv(conn, 65536)
             except (BlockingIOError, InterruptedError):
+                self._watch(conn, pending)
                 return
             except OSError:
                 data = b""
@@ -268,8 +299,9 @@ class FrontDoor:
                 self._close(conn)
             return
         try:
-            head = conn.recv(_PEEK_BYTES, socket.MSG_PEEK)
+            head = self._io.recv(conn, _PEEK_BYTES, peek=True)
         except (BlockingIOError, InterruptedError):
+            self._watch(conn, pending)
             return
         except OSError:
             head = b""
@@ -339,7 +371,7 @@ class FrontDoor:
             self._cap_at_s = now
         return self.open_connections() + self.in_handover >= self._cap
 
-    def _answer_probe(self, conn: socket.socket, head: bytes, path: str) -> bool:
+    def _answer_probe(self, conn: int, head: bytes, path: str) -> bool:
         try:
             answer = self.probe(path)
         except Exception:  # e.g. a dict resized by the loop while read: let the loop answer this one
@@ -348,38 +380,50 @@ class FrontDoor:
             return False
         status, body = answer
         with contextlib.suppress(OSError):
-            conn.recv(head.index(b"\r\n\r\n") + 4)  # consume the request we answer
+            self._io.recv(conn, head.index(b"\r\n\r\n") + 4)  # consume the request we answer
         reason = "OK" if status == 200 else "Service Unavailable"
         extra = "Retry-After: 1\r\n" if status == 503 else ""
         self.probes_answered += 1
         if len(head) == head.index(b"\r\n\r\n") + 4:  # all it sent is consumed: close now, no reset
             with contextlib.suppress(OSError):
-                conn.send(_response(status, reason, body, extra))
+                self._io.send(conn, _response(status, reason, body, extra))
             self._close(conn)
             return True
         self._refuse(conn, _response(status, reason, body, extra))
         return True
 
-    def _refuse(self, conn: socket.socket, data: bytes) -> None:
-        """Send a whole (small) answer, half-close, and drain until the client closes (or _DRAIN_S): closing
-        with unread request bytes would reset the connection, and a reset can destroy the answer unread."""
+    def _refuse(self, conn: int, data: bytes) -> None:
+        """Send a whole (small) answer, half-close, and close once the request is read whole: closing with
+        unread request bytes would reset the connection, and a reset can destroy the answer unread. A request
+        not all there yet is drained until the client closes (or _DRAIN_S)."""
         try:
-            conn.send(data)  # a few hundred bytes into an empty socket buffer: goes whole
-            conn.shutdown(socket.SHUT_WR)
-            if self._draining >= _MAX_DRAINING:  # each one holds a descriptor: read what is there and close
-                while conn.recv(65536):
-                    pass
+            self._io.send(conn, data)  # a few hundred bytes into an empty socket buffer: goes whole
+            self._io.shutdown_write(conn)
+            request = self._io.recv(conn, 65536)  # the request: usually all there, with its head
         except (BlockingIOError, InterruptedError):
-            self._close(conn)
-            return
+            request = None
         except OSError:
             self._close(conn)
             return
-        if self._draining >= _MAX_DRAINING:
+        whole = whole_request_bytes(request) if request else None
+        if request == b"" or (whole is not None and len(request or b"") >= whole) or self._draining >= _MAX_DRAINING:
+            # Read whole, or the client closed, or no room to drain (each one holds a descriptor): what else is
+            # there is read, then closed.
+            with contextlib.suppress(OSError):
+                while self._io.recv(conn, 65536):
+                    pass
             self._close(conn)
             return
-        self._pending[conn] = _Pending(time.monotonic(), draining=True)
+        self._drain(conn)
+
+    def _drain(self, conn: int) -> None:
+        pending = self._pending.get(conn)
+        if pending is None:
+            pending = self._pending[conn] = _Pending(time.monotonic())
+        pending.since_s = time.monotonic()
+        pending.draining = True
         self._draining += 1
+        self._watch(conn, pending)
 
     def _refuse_without_fds(self, listener: socket.socket) -> None:
         if self._reserve_fd is None:
@@ -428,13 +472,15 @@ class FrontDoor:
                 else:
                     self._hand_over(conn)
 
-    def _close(self, conn: socket.socket) -> None:
+    def _close(self, conn: int) -> None:
         p = self._pending.pop(conn, None)
         if p is not None and p.draining:
             self._draining -= 1
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(conn)
-        conn.close()
+        if p is not None and p.watched:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(conn)
+        with contextlib.suppress(OSError):
+            self._io.close(conn)
 
     def _pass_done(self) -> None:
         """A request the judge let through will not reach the loop's queue after all (refused at the connection
@@ -445,10 +491,13 @@ class FrontDoor:
             except RuntimeError:  # the loop is closed
                 pass
 
-    def _hand_over(self, conn: socket.socket, counted: bool = False) -> None:
-        self._pending.pop(conn, None)
-        self._sel.unregister(conn)
+    def _hand_over(self, fd: int, counted: bool = False) -> None:
+        p = self._pending.pop(fd, None)
+        if p is not None and p.watched:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(fd)
         self.handed += 1
+        conn = socket.socket(fileno=fd)  # the loop's transport takes a socket object (family and type read back)
         try:
             self.loop.call_soon_threadsafe(self._adopt, conn, counted)
         except RuntimeError:  # the loop is closed: shutting down
