@@ -252,6 +252,10 @@ class FastRequest:
     def writer(self) -> Writer:
         return self._payload_writer
 
+    def door_pass_read(self) -> None:
+        """The scheduler has this request now (proxy.py): the front door no longer counts it in transit."""
+        self.conn._first_request_read()
+
     @property
     def attempt_deadline(self) -> Deadline:
         """The connection's deadline for proxy.py's attempts: its loop timer outlives each request."""
@@ -481,9 +485,9 @@ class FastProtocol(asyncio.Protocol):
         headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        # A request the front door passed on stays in its in-transit count until the scheduler has it (proxy.py
+        # says so at its first decision) or it ends: a head read is not yet in the hold queue the door judges by.
         door_passed = self.on_first_request is not None
-        if door_passed:
-            self._first_request_read()
         parser = self.parser
         route = FAST_ROUTES.get(self.url)
         if (route is None or parser.get_method() != route[0] or parser.get_http_version() != "1.1"
@@ -566,6 +570,7 @@ class FastProtocol(asyncio.Protocol):
         except (asyncio.CancelledError, ConnectionError):
             keep_alive = False
         finally:
+            self._first_request_read()  # ended before the scheduler had it (refused, a bad request...)
             self._answered(keep_alive)
 
     def _answered(self, keep_alive: bool) -> None:
@@ -613,6 +618,7 @@ class FastProtocol(asyncio.Protocol):
     # --- hand-over ---------------------------------------------------------------------------------------
     def _hand_over(self) -> None:
         """Give this connection to aiohttp's server with the bytes received since this request began."""
+        self._first_request_read()  # aiohttp's server has no hook: counted read now (an undercount, never stuck)
         transport = self.transport
         self.handed = True
         self.server.connections.discard(self)

@@ -415,13 +415,15 @@ class OverloadGate:
         return None
 
     def pass_read(self) -> None:
-        """(loop) A request the door passed on has been read, or will never be: it is out of transit."""
+        """(loop) A request the door passed on is in the scheduler's counts now (held or sent), or never will be (it
+        ended first, or aiohttp's server took its connection): it is out of transit."""
         self.read_total += 1
 
     @property
     def in_transit(self) -> int:
-        """Requests the door passed on that the loop has not read yet: in no queue. (The two counts are moved on
-        two threads, each read without a lock, so a read may see the loop's count ahead for a moment.)"""
+        """Requests the door passed on that the scheduler has not seen yet (unread, or read and not yet submitted):
+        in no queue. (The two counts are moved on two threads, each read without a lock, so a read may see the
+        loop's count ahead for a moment.)"""
         unseen = self.passed_total - self.read_total
         return unseen if unseen > 0 else 0
 

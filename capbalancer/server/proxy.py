@@ -307,6 +307,8 @@ class Forward:
             decision = state.driver.submit(demand, tried)
             if state.gate is not None and not tried:  # the verdict the front door refuses by (server/overload.py)
                 state.gate.on_decision(demand.pool, decision, len(self.raw), time.monotonic())
+                if demand.door_passed:  # held or sent now: counted by the scheduler, no longer in transit
+                    self.request.door_pass_read()  # type: ignore[attr-defined]  # only the fast server sets it
             if isinstance(decision, Reject):
                 return self._final_error(last, decision.status, decision.reason, decision.retry_after_s,
                                          decision.code)
