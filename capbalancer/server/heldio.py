@@ -87,7 +87,7 @@ class HeldIO:
                               _MSG_DONTWAIT | (socket.MSG_PEEK if peek else 0))
         if got < 0:
             raise _fail()
-        return self._buf.raw[:got]
+        return ctypes.string_at(self._buf, got)  # only what came (`.raw` would copy the whole buffer first)
 
     def send(self, fd: int, data: bytes) -> int:
         """Bytes sent (a small answer into an empty socket buffer goes whole); BlockingIOError when it is full."""
