@@ -52,7 +52,8 @@ for i in $(seq "${RUNS:-1}"); do
         name=$([ "$tree" = . ] && echo this || basename "$tree")
         [ -f "$tree/capbalancer/sched/compiled.json" ] || (cd "$tree" && $PY tools/compile_sched.py --if-possible | tail -1)
         PYTHONPATH="$tree:/tmp/site" timeout 200 $PY "$tree/bench/overload.py" --connections 3000 --seconds 30 \
-            --loops "${LOOPS:-uvloop}" --unloaded-requests 20 --proxy-cpus 0,1 --json "$OUT/overload-$name$i.json" \
+            --loops "${LOOPS:-uvloop}" --unloaded-requests 20 --proxy-cpus "${PROXY_CPUS:-0,1}" ${OVERLOAD_ARGS:-} \
+            --json "$OUT/overload-$name$i.json" \
             2>&1 | tail -14
     done
 done

@@ -352,7 +352,9 @@ def run_one(variant: str, engines: list[str], args: argparse.Namespace, engine_p
     config["server"] = {"admin_token_env": ADMIN_TOKEN_ENV}  # /admin/backends at the end: the proxy's counts
     if flag == "noaccept":
         config["server"]["accept_thread"] = False
-    with Proxy(config=config, extra_args=("--loop", loop, "--log-level", "warning"), admin_token="bench") as proxy:
+    extra = ("--loop", loop, "--log-level", "warning") + (
+        ("--workers", str(args.proxy_workers)) if args.proxy_workers > 1 else ())
+    with Proxy(config=config, extra_args=extra, admin_token="bench") as proxy:
         if args.proxy_cpus:
             pin_group(proxy.pid, parse_cpus(args.proxy_cpus))
         time.sleep(1.5)  # a few health/metrics polls: every engine routable and calibrated
@@ -519,6 +521,9 @@ def main() -> None:
                     help="a capacity policy option for the proxy (repeatable), e.g. ttft_slo_ms=200")
     ap.add_argument("--nice-clients", type=int, default=0,
                     help="run the load generator at this nice level (0: same priority as the proxy)")
+    ap.add_argument("--proxy-workers", type=int, default=1,
+                    help="`serve --workers N` (each worker's front door takes part of the connections; the figures "
+                         "read from /admin/backends and the loop's CPU are one worker's)")
     ap.add_argument("--proxy-cpus", default=None, metavar="0,1",
                     help="pin the proxy (every thread) to these cores and the engines and the load generator to the "
                          "others (bench/cpus.py): on a host with cores to spare")
