@@ -5,9 +5,9 @@ Why a thread: under a 10x overload the event loop is busy with proxied work, and
 the loop waits behind all of it. Measured on this project (bench/overload.py, bench/results/robust-server.md):
 with the listening socket on the loop, 3,000 connections left up to ~1,800 unaccepted in the kernel backlog
 under uvloop and /health probes took seconds, so a liveness probe would restart the pod exactly when it is
-needed. This thread only blocks in `select`/`accept`/`recv` (which release the GIL) and does a few
-microseconds of Python per connection, so it gets the GIL within the interpreter's switch interval however
-busy the loop is:
+needed. This thread only blocks in `select` (which releases the GIL); its calls on client connections are
+non-blocking and keep the GIL (server/heldio.py), since each release would cost it a switch interval to get the
+GIL back from a busy loop. So it waits for the GIL about once a wake-up, however many connections that brings:
 
 - every connection is accepted at once, in batches (`accept` until EAGAIN): nothing waits in the backlog;
 - its first bytes are peeked (MSG_PEEK: nothing is consumed). `GET /health` and `GET /ready` are answered
@@ -474,9 +474,11 @@ class FrontDoor:
 
     def _close(self, conn: int) -> None:
         p = self._pending.pop(conn, None)
-        if p is not None and p.draining:
+        if p is None:
+            return  # closed already: its number may belong to a new descriptor now, which must stay open
+        if p.draining:
             self._draining -= 1
-        if p is not None and p.watched:
+        if p.watched:
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(conn)
         with contextlib.suppress(OSError):
