@@ -236,8 +236,12 @@ def test_an_onset_burst_is_passed_on_only_as_far_as_the_queue_and_the_seats_reac
     for _ in range(3):  # a lagging loop publishes again and again before it reads them: still counted
         gate.publish()
         assert gate.judge_head(head(500)) is not None
-    for _ in range(11):  # the loop read them (and took none of them here): room again
+    for _ in range(11):  # the loop read them (and took none of them here)
         gate.pass_read()
+    # Until the loop publishes, the seats counted at the last publication count as taken by what passed since
+    # (test_requests_sent_since_the_publication_took_the_free_seats_it_counted); then: room again.
+    assert gate.judge_head(head(500)) is not None
+    gate.publish()
     assert gate.judge_head(head(500)) is None
 
 
@@ -319,3 +323,26 @@ def test_the_door_refuses_what_the_measured_drain_cannot_clear_within_the_object
     refusal = gate.judge_head(head(500))
     assert refusal is not None and refusal.message == QUEUE_AT_BOUND
     assert isinstance(sched.submit(demand(99, now), now), Reject)  # the scheduler agrees
+
+
+def test_requests_sent_since_the_publication_took_the_free_seats_it_counted():
+    """The door lets an empty queue take the free seats counted at the last publication, on top of the hold
+    limit. Requests the scheduler has sent to a backend since leave the in-transit count without entering the
+    queue: before, the door counted their seats free again until the lagging loop published, and the surplus was
+    refused by the scheduler at its hard cap, ~0.45 s late (bench/overload.py, the onset)."""
+    sched = Scheduler([PoolSettings(name="m", policy="capacity", hold_max_requests=8)])
+    sched.add_backend(BackendSpec(backend_id="b", pool="m", engine="vllm", profile=seats_profile(3)), T0)
+    gate = OverloadGate(sched, clock=lambda: T0)
+    gate.publish()
+    for i in range(3):  # three pass and are sent at once: the three seats
+        assert gate.judge_head(head(500)) is None
+        assert isinstance(sched.submit(demand(i, T0), T0), Route)
+        gate.pass_read()
+    # No publication since (the loop is busy reading the burst): the queue takes 8, no more.
+    passed = [gate.judge_head(head(500)) is None for _ in range(9)]
+    assert passed == [True] * 8 + [False]
+    for i in range(3, 11):  # and the scheduler holds every one of them: none is refused late
+        assert isinstance(sched.submit(demand(i, T0), T0), Hold)
+        gate.pass_read()
+    refusal = gate.judge_head(head(500))
+    assert refusal is not None and refusal.message == QUEUE_FULL

@@ -143,6 +143,10 @@ class QueueView:
     # Until a drain rate is measured: the held requests the seats are forecast to start within the objective
     # (sched/admission.py SeatForecast), as of the publication; None: no forecast (or a rate is measured).
     forecast_limit: int | None = None
+    # The door's count of requests passed on, and of those in transit, at the publication: the free seats were
+    # counted then, so every request passed on since (sent to a backend since, or not) meets them first.
+    passed_at: int = 0
+    transit_at: int = 0
 
     def bound(self, pool: PoolState, now: float) -> int | None:
         """The pool's standing-overload bound if it applies at `now` (when the scheduler will judge the request:
@@ -317,6 +321,7 @@ class OverloadGate:
                                                 enough=pool.settings.hold_max_requests)
             fair = getattr(pool.policy, "fair", None)
             queue = QueueView(
+                passed_at=self.passed_total, transit_at=self.in_transit,
                 held=len(pool.hold), hold_max=pool.settings.hold_max_requests, idle_fraction=idle_fraction,
                 objective_s=objective, head_held_at_s=head[1] if (head := pool.hold.peek()) is not None else None,
                 free_seats=free,
@@ -445,6 +450,12 @@ class OverloadGate:
             # The queue as it is (its length is read live), and the requests passed on that it has not seen yet.
             held = len(pool.hold)
             held_now = held + unseen
+            if not held and q.free_seats:
+                # An empty queue also takes the free seats counted at the publication. Requests the scheduler has
+                # sent to a backend since left the transit count without entering the queue, yet took those
+                # seats: count every request passed on since then. (A loop reading a burst publishes rarely: at
+                # an onset the seats were counted twice and the surplus met the scheduler's hard cap.)
+                held_now = max(held_now, q.transit_at + self.passed_total - q.passed_at)
             # The scheduler judges it a loop lag from now: by then the queue may stand (measured: a request passed
             # 0.3 s before the queue's standing time was refused for its length once the loop read it).
             common = view is not None and view.floor_bound(tokens)  # judged by the pool's common objective
