@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from capbalancer.server.errors import error_body, retry_after_header, retry_after_ms_header
 from capbalancer.server.heldio import HeldIO, SocketModuleIO, door_io
 from capbalancer.server.limits import default_max_connections, fd_soft_limit
-from capbalancer.server.overload import DoorRefusal
+from capbalancer.server.overload import DoorRefusal, head_fields
 
 log = logging.getLogger("capbalancer.server")
 
@@ -115,21 +115,10 @@ def _refusal(refusal: DoorRefusal) -> bytes:
 def whole_request_bytes(head: bytes) -> int | None:
     """How many bytes the request that starts `head` takes (head + Content-Length body), when its whole head is
     there and it has no chunked body; None otherwise."""
-    end = head.find(b"\r\n\r\n")
-    if end < 0:
+    fields = head_fields(head)
+    if fields is None or fields.chunked:
         return None
-    length = 0
-    for line in head[:end].split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            try:
-                length = int(value.strip())
-            except ValueError:
-                return None
-        elif name == b"transfer-encoding":
-            return None
-    return end + 4 + length
+    return fields.end + 4 + (fields.content_length or 0)
 
 
 def probe_path(head: bytes) -> str | None | bool:

@@ -10,7 +10,7 @@ door refused a few hundred connections a second and its 429s waited hundreds of 
 across the foreign call, on descriptors that are non-blocking, cost about a microsecond each: the door then
 gives the GIL up only in its `select`, once a wake-up, however many connections that wake-up brings.
 
-Every call here must be one that cannot block: descriptors made by `accept_nonblocking` are non-blocking, and
+Every call here must be one that cannot block: descriptors made by `HeldIO.accept` are non-blocking, and
 `recv`/`send` also pass MSG_DONTWAIT. Linux only (accept4, MSG_DONTWAIT, MSG_NOSIGNAL); `AVAILABLE` is False
 elsewhere and the door uses the socket module as before.
 """

@@ -46,6 +46,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from capbalancer.sched.admission import FORECAST_MIN_OUTPUTS, queue_waits
 from capbalancer.sched.capacity import CapacityModel
@@ -118,6 +119,38 @@ class DoorRefusal:
 
     retry_after_s: float
     message: str
+
+
+class HeadFields(NamedTuple):
+    """What the door reads from a request's head (`head_fields`)."""
+
+    end: int  # where the head's blank line starts
+    content_length: int | None  # None: no Content-Length header
+    chunked: bool  # a Transfer-Encoding header
+    prioritized: bool  # an x-capbalancer-priority header
+
+
+def head_fields(head: bytes) -> HeadFields | None:
+    """The framing headers of the request that starts `head` (the door's peek); None while its head is not all
+    there, or when its Content-Length is not a number."""
+    end = head.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    length = None
+    chunked = prioritized = False
+    for line in head[:end].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        low = name.strip().lower()
+        if low == b"content-length":
+            try:
+                length = int(value.strip())
+            except ValueError:
+                return None
+        elif low == b"transfer-encoding":
+            chunked = True
+        elif low == b"x-capbalancer-priority":
+            prioritized = True
+    return HeadFields(end, length, chunked, prioritized)
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,20 +513,10 @@ class OverloadGate:
 
     def judge_head(self, head: bytes) -> DoorRefusal | None:
         """`shed_after_s` for the head of an HTTP request (as peeked by the door)."""
-        end = head.find(b"\r\n\r\n")
-        if end < 0:
+        fields = head_fields(head)
+        if fields is None or fields.prioritized:
             return None
-        length = None
-        for line in head[:end].split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            low = name.strip().lower()
-            if low == b"x-capbalancer-priority":
-                return None
-            if low == b"content-length":
-                try:
-                    length = int(value.strip())
-                except ValueError:
-                    return None
+        length = fields.content_length
         if length is None or length < 0:
             return None
         refusal = self.shed_after_s(length, self.clock())
