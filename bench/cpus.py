@@ -10,6 +10,7 @@ proxy with that many cores, as it would run on a host of its own.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -31,19 +32,28 @@ def keep_off(proxy_cpus: set[int]) -> set[int]:
     return rest
 
 
-def pin_group(pgid: int, cpus: set[int]) -> int:
-    """Pin every thread of every live process in process group `pgid` to `cpus`; how many threads were pinned.
-    Threads and processes started later inherit the mask of the thread that starts them."""
-    pinned = 0
+def group_stats(pgid: int) -> Iterator[tuple[int, list[str]]]:
+    """(pid, /proc/PID/stat fields after the command name) of every live process in process group `pgid`."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
-            for tid in os.listdir(f"/proc/{entry}/task"):
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid:  # field 5 of stat: the process group
+            yield int(entry), fields
+
+
+def pin_group(pgid: int, cpus: set[int]) -> int:
+    """Pin every thread of every live process in process group `pgid` to `cpus`; how many threads were pinned.
+    Threads and processes started later inherit the mask of the thread that starts them."""
+    pinned = 0
+    for pid, _ in group_stats(pgid):
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
                 os.sched_setaffinity(int(tid), cpus)
                 pinned += 1
-        except (OSError, ValueError):
+        except OSError:
             continue  # gone meanwhile
     return pinned

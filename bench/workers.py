@@ -27,7 +27,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from cpus import keep_off, parse_cpus, pin_group  # noqa: E402
+from cpus import group_stats, keep_off, parse_cpus, pin_group  # noqa: E402
 from proxy_overhead import BODY, free_port, wait_up  # noqa: E402
 
 WRK_SCRIPT = """wrk.method = "POST"
@@ -38,18 +38,8 @@ wrk.headers["Content-Type"] = "application/json"
 
 def group_cpu_s(pgid: int) -> float:
     """User + system CPU seconds of every live process in process group `pgid` (a proxy and its workers)."""
-    total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:  # field 5 of stat: the process group
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+    return sum((int(fields[11]) + int(fields[12])) / tick for _, fields in group_stats(pgid))
 
 
 def children_cpu_s() -> float:
