@@ -1,14 +1,17 @@
 """One proxy process against vllm-router and direct, side by side in one interleaved run (issue 17 item 1).
 
     .venv/bin/python bench/dataplane.py [--seconds 40] [--rounds 8] [--connections 128]
-        [--proxy NAME=REF[,server_key=value...]] ... [--no-vllm-router] [--stream]
+        [--proxy NAME=REF[,server_key=value...]] ... [--no-vllm-router] [--stream] [--floor]
 
 The instant backend of bench/proxy_overhead.py (aiohttp, one process) stands in for the engine; wrk (Debian
 `wrk`) drives non-streamed chat completions (`--stream`: streamed ones) over `--connections` connections.
 Each `--proxy` is one capbalancer process with the default policy (capacity) and its access log on (the
-defaults), as of git REF (`.`: this working tree; anything else is `git archive`d into a temporary folder),
-with `server:` settings added to its config file (e.g. `--proxy aio=.,http_server=aiohttp`). Targets take
-turns per round, so background load hits them alike. Prints req/s, the ratio to direct and to the first
+defaults), as of git REF (`.`: this working tree; a folder holding a capbalancer package: that tree as it is; anything
+else is `git archive`d into a temporary folder),
+with `server:` settings added to its config file (e.g. `--proxy aio=.,http_server=aiohttp`; `policy=NAME` sets the
+model's policy instead). Targets take
+turns per round, so background load hits them alike. `--floor` adds bench/floor_relay.py, a Python relay that does
+nothing but relay (what being a load balancer costs above it). Prints req/s, the ratio to direct and to the first
 proxy, and CPU microseconds per request of the router, the backend and wrk (from /proc).
 """
 
@@ -34,6 +37,8 @@ def proxy_tree(ref: str, tmp: str) -> Path:
     """The capbalancer source to run: this tree, or REF unpacked from git."""
     if ref == ".":
         return REPO
+    if Path(ref).is_dir():  # a prepared tree (e.g. a build variant), used as it is
+        return Path(ref).resolve()
     dest = Path(tmp) / f"src-{ref.replace('/', '_')}"
     if not dest.exists():
         dest.mkdir()
@@ -44,10 +49,12 @@ def proxy_tree(ref: str, tmp: str) -> Path:
 
 
 def write_config(path: Path, backend: str, port: int, settings: dict[str, str]) -> None:
+    """`settings` go under `server:`, but for `policy`, which is the model's."""
+    policy = settings.pop("policy", None)
     lines = ["server:", "  host: 127.0.0.1", f"  port: {port}"]
     lines += [f"  {k}: {v}" for k, v in settings.items()]
-    lines += ["models:", "  m:", "    default: true", "    backends:",
-              f"      - {{name: b0, url: '{backend}', engine: auto}}"]
+    lines += ["models:", "  m:", "    default: true"] + ([f"    policy: {policy}"] if policy else [])
+    lines += ["    backends:", f"      - {{name: b0, url: '{backend}', engine: auto}}"]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -59,6 +66,8 @@ def main() -> int:
     ap.add_argument("--proxy", action="append", default=[], metavar="NAME=REF[,key=value...]")
     ap.add_argument("--no-vllm-router", action="store_true")
     ap.add_argument("--no-direct", action="store_true")
+    ap.add_argument("--floor", action="store_true",
+                    help="add bench/floor_relay.py: a Python relay that only relays (uvloop + httptools)")
     ap.add_argument("--stream", action="store_true", help="streamed chat completions (100 events each)")
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "capbalancer-peers"))
     args = ap.parse_args()
@@ -96,6 +105,12 @@ def main() -> int:
                        "warning"], name, cwd=str(src), env={**os.environ, "PYTHONPATH": str(src)})
             wait_up(f"http://127.0.0.1:{port}", p)
             targets.append((name, f"http://127.0.0.1:{port}", p.pid))
+        if args.floor:
+            port = free_port()
+            p = start([sys.executable, str(BENCH / "floor_relay.py"), "--port", str(port), "--upstream", backend],
+                      "floor")
+            wait_up(f"http://127.0.0.1:{port}", p)
+            targets.append(("python floor relay", f"http://127.0.0.1:{port}", p.pid))
         skipped = ""
         if not args.no_vllm_router:
             from peers import Skip, peer_venv, rust_router_argv
