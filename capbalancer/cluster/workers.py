@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import socket
@@ -30,6 +31,68 @@ ENV_REPLICA_ID = "CAPBALANCER_REPLICA_ID"
 # Workers on one host share through loopback: a round trip is ~0.1 ms, so a short interval costs nothing.
 WORKER_INTERVAL_MS = 20.0
 RESTART_BACKOFF_S = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class UsableCpus:
+    """The cores this process may run on: the affinity mask, capped by the cgroup's CPU quota (a container's
+    `resources.limits.cpu`), which the mask does not show. `--workers auto` starts `count` workers."""
+
+    affinity: int
+    quota_cpus: float | None  # None: no quota (cgroup v2 "max", v1 -1, or no cgroup file)
+
+    @property
+    def count(self) -> int:
+        if self.quota_cpus is None:
+            return max(1, self.affinity)
+        return max(1, min(self.affinity, math.ceil(self.quota_cpus - 1e-9)))
+
+    def describe(self) -> str:
+        quota = "no CPU quota" if self.quota_cpus is None else f"CPU quota {self.quota_cpus:g}"
+        return f"{self.count} (affinity {self.affinity} cores, {quota})"
+
+
+def cgroup_quota_cpus(cpu_max: str | None = None, cfs_quota_us: str | None = None,
+                      cfs_period_us: str | None = None) -> float | None:
+    """CPUs allowed by a cgroup v2 `cpu.max` ("QUOTA PERIOD" or "max PERIOD") or v1's cfs_quota_us/cfs_period_us
+    files' texts; None when unlimited or unreadable."""
+    try:
+        if cpu_max is not None:
+            quota, _, period = cpu_max.strip().partition(" ")
+            if quota == "max":
+                return None
+            return int(quota) / int(period or "100000")
+        if cfs_quota_us is not None and cfs_period_us is not None:
+            quota_us = int(cfs_quota_us.strip())
+            return None if quota_us <= 0 else quota_us / int(cfs_period_us.strip())
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> UsableCpus:
+    """This process's usable cores (`os.sched_getaffinity`, else `os.cpu_count`) and its cgroup's quota."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        affinity = os.cpu_count() or 1
+    # In a container the cgroup namespace makes the mount's root the container's own cgroup.
+    cpu_max = _read(os.path.join(cgroup_root, "cpu.max"))  # cgroup v2
+    if cpu_max is not None:
+        quota = cgroup_quota_cpus(cpu_max=cpu_max)
+    else:  # cgroup v1
+        v1 = os.path.join(cgroup_root, "cpu")
+        quota = cgroup_quota_cpus(cfs_quota_us=_read(os.path.join(v1, "cpu.cfs_quota_us")),
+                                  cfs_period_us=_read(os.path.join(v1, "cpu.cfs_period_us")))
+    return UsableCpus(affinity=affinity, quota_cpus=quota)
 
 
 def reuse_port() -> bool:

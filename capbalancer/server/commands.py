@@ -38,6 +38,35 @@ def _check_policy(policy: str | None) -> None:
                                  param_hint="--policy")
 
 
+MAX_WORKERS = 256
+
+
+class WorkersParam(click.ParamType):
+    """--workers: a count from 1 to 256, or 'auto'."""
+
+    name = "N|auto"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) or str(value).strip().isdigit():
+            n = int(value)  # type: ignore[call-overload]
+            if 1 <= n <= MAX_WORKERS:
+                return n
+            self.fail(f"{n} is not in the range 1-{MAX_WORKERS}", param, ctx)
+        if str(value).strip().lower() == "auto":
+            return "auto"
+        self.fail(f"{value!r} is neither a number of workers nor 'auto'", param, ctx)
+
+
+
+def _auto_workers() -> int:
+    from capbalancer.cluster.workers import usable_cpus
+
+    cpus = usable_cpus()
+    n = min(cpus.count, MAX_WORKERS)
+    log.info("--workers auto: %s", cpus.describe())
+    return n
+
+
 @click.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML config file (see docs/config.md).")
@@ -49,10 +78,11 @@ def _check_policy(policy: str | None) -> None:
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--loop", "loop_choice", default="uvloop", type=click.Choice(["uvloop", "asyncio"]),
               help="Event loop (uvloop when installed, else asyncio). bench/overload.py measures both.")
-@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="Proxy processes on one port (SO_REUSEPORT), sharing reservations (docs/replicas.md).")
+@click.option("--workers", "workers_arg", type=WorkersParam(), default="1", show_default=True,
+              help="Proxy processes on one port (SO_REUSEPORT), sharing reservations (docs/replicas.md); 'auto': "
+                   "one per core this process may use (its CPU affinity, capped by its cgroup's CPU quota).")
 def serve(config_path: str | None, host: str | None, port: int | None, backends: tuple[str, ...],
-          policy: str | None, log_level: str, loop_choice: str = "uvloop", workers: int = 1) -> None:
+          policy: str | None, log_level: str, loop_choice: str = "uvloop", workers_arg: int | str = 1) -> None:
     """Run the proxy in front of a fleet (or, with no --config/--backend, an embedded simulated one)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _check_policy(policy)
@@ -81,6 +111,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, backends:
     problem = None if reuse_port() else port_problem(host or listen.host, port if port is not None else listen.port)
     if problem is not None:  # before the embedded cluster or any client session starts
         raise click.ClickException(problem)
+    workers = workers_arg if isinstance(workers_arg, int) else _auto_workers()
     if workers > 1:
         _run_workers(workers, config, config_path, host, port, backends, policy, log_level, loop_choice)
         return
