@@ -68,3 +68,16 @@ def test_huge_priority_and_deadline_are_400(proxy, value):
         assert status == 400, (name, value[:20], raw[:300])
     assert proxy.alive()
     assert "Traceback" not in proxy.log()
+
+
+def test_tiny_deadlines_refuse_only_themselves(proxy):
+    """A deadline too short to start in is refused (429) for that request alone: the front door's streak is the
+    pool's, so a malformed deadline after it still gets its 400 and a plain request its answer (once, a run of
+    tiny deadlines had the door refuse the next requests whatever they carried)."""
+    for _ in range(5):
+        status, raw = send(proxy.port, "x-capbalancer-deadline-ms", b"0.000001")
+        assert status in (429, 503), raw[:300]
+    status, raw = send(proxy.port, "x-capbalancer-deadline-ms", b"1" * 300)
+    assert status == 400, raw[:300]
+    status, raw = send(proxy.port, "x-request-id", b"plain")
+    assert status == 200, raw[:300]

@@ -346,3 +346,23 @@ def test_requests_sent_since_the_publication_took_the_free_seats_it_counted():
         gate.pass_read()
     refusal = gate.judge_head(head(500))
     assert refusal is not None and refusal.message == QUEUE_FULL
+
+
+def test_a_request_with_its_own_deadline_neither_feeds_nor_meets_the_doors_streak():
+    """A client's own x-capbalancer-deadline-ms makes its refusal about that deadline, not the pool: such refusals
+    start no streak (a client sending 1-ms deadlines once had the door refuse everyone else, and a malformed
+    deadline its 429 instead of its 400: tests/test_header_values.py), and a request with one is the scheduler's
+    to judge."""
+    sched = full_scheduler()
+    gate = OverloadGate(sched)
+    gate.publish()
+    d = demand(1, T0)
+    d.deadline_s = T0 + 1e-9  # a tiny deadline ("1e-6" ms): past by the time the scheduler judges it
+    refused = sched.submit(d, T0 + 1e-6)
+    assert isinstance(refused, Reject) and refused.status == 429
+    gate.on_decision("m", refused, 500, time.monotonic(), own_deadline=True)
+    assert gate.judge_head(head(500)) is None  # no streak: the next newcomer goes to the scheduler
+    refuse_one(sched, gate, 2, T0)  # a refusal by the pool's own objective does start one
+    assert gate.judge_head(head(500)) is not None
+    assert gate.judge_head(head(500, b"x-capbalancer-deadline-ms: 60000\r\n")) is None  # its own terms
+    assert gate.judge_head(head(500, b"X-Capbalancer-Deadline-Ms: " + b"1" * 300 + b"\r\n")) is None

@@ -8,7 +8,8 @@ arrives: the front-door thread (server/frontdoor.py). The thread cannot run the 
 pure, mutated by the loop), so it relies on the scheduler's latest verdict:
 
 - every time the scheduler decides on a newly arrived request, the loop records it (`on_decision`): a refusal
-  (429: it cannot start within its TTFT objective, or the queue is full) starts or extends a streak; anything
+  (429: it cannot start within its TTFT objective, or the queue is full) starts or extends a streak, unless the
+  request set its own deadline (a refusal of that deadline says nothing of the pool); anything
   else (routed or held) ends it, except a Hold that filled the queue to its standing-overload bound (the next
   newcomer is refused then too);
 - the door refuses a new API request with 429 + Retry-After only while, in every pool, a streak is under
@@ -18,7 +19,8 @@ pure, mutated by the loop), so it relies on the scheduler's latest verdict:
   The scheduler's state is then what refused those requests, less room that the requests passed on since will
   claim first, so it would refuse this one too: every freed seat still sends a request to the scheduler, which
   decides exactly;
-- requests that may outrank the queue (a priority header), whose size is unknown (no Content-Length), or whose
+- requests that may outrank the queue (a priority header) or bring their own deadline (a deadline header, longer
+  or shorter than the pool's objective), whose size is unknown (no Content-Length), or whose
   prompt may be long enough for a longer objective than the floor (`PoolView`) are always left to the loop.
 
 The door also refuses what the hold queue would refuse for its length (`QueueView`): the loop publishes each
@@ -127,7 +129,9 @@ class HeadFields(NamedTuple):
     end: int  # where the head's blank line starts
     content_length: int | None  # None: no Content-Length header
     chunked: bool  # a Transfer-Encoding header
-    prioritized: bool  # an x-capbalancer-priority header
+    # An x-capbalancer-priority or x-capbalancer-deadline-ms header: the request brings its own terms (it may
+    # outrank the queue, or wait longer or shorter than the pool's objective), so the scheduler judges it.
+    own_terms: bool
 
 
 def head_fields(head: bytes) -> HeadFields | None:
@@ -137,7 +141,7 @@ def head_fields(head: bytes) -> HeadFields | None:
     if end < 0:
         return None
     length = None
-    chunked = prioritized = False
+    chunked = own_terms = False
     for line in head[:end].split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         low = name.strip().lower()
@@ -148,9 +152,9 @@ def head_fields(head: bytes) -> HeadFields | None:
                 return None
         elif low == b"transfer-encoding":
             chunked = True
-        elif low == b"x-capbalancer-priority":
-            prioritized = True
-    return HeadFields(end, length, chunked, prioritized)
+        elif low in (b"x-capbalancer-priority", b"x-capbalancer-deadline-ms"):
+            own_terms = True
+    return HeadFields(end, length, chunked, own_terms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,10 +270,16 @@ class OverloadGate:
             lags.pop(0)
         self.lag_s = max(v for _, v in lags)
 
-    def on_decision(self, pool: str, decision: Decision, body_bytes: int, now: float) -> None:
-        """The scheduler's verdict on a newly arrived request of `pool` (not a retry)."""
+    def on_decision(self, pool: str, decision: Decision, body_bytes: int, now: float,
+                    own_deadline: bool = False) -> None:
+        """The scheduler's verdict on a newly arrived request of `pool` (not a retry). `own_deadline`: the request
+        set its own deadline (x-capbalancer-deadline-ms), so a refusal says only that this deadline was too short,
+        nothing of the pool: it neither starts nor extends a streak (a client sending 1-ms deadlines would
+        otherwise have the door refuse everyone else)."""
         streaks = self.streaks
         if isinstance(decision, Reject) and decision.status == 429:
+            if own_deadline:
+                return
             prev = streaks.get(pool)
             fresh = prev is not None and now - prev.last_s < STREAK_FRESH_S
             self.streaks = {**streaks, pool: Streak(
@@ -514,7 +524,7 @@ class OverloadGate:
     def judge_head(self, head: bytes) -> DoorRefusal | None:
         """`shed_after_s` for the head of an HTTP request (as peeked by the door)."""
         fields = head_fields(head)
-        if fields is None or fields.prioritized:
+        if fields is None or fields.own_terms:
             return None
         length = fields.content_length
         if length is None or length < 0:

@@ -306,7 +306,8 @@ class Forward:
         while True:
             decision = state.driver.submit(demand, tried)
             if state.gate is not None and not tried:  # the verdict the front door refuses by (server/overload.py)
-                state.gate.on_decision(demand.pool, decision, len(self.raw), time.monotonic())
+                state.gate.on_decision(demand.pool, decision, len(self.raw), time.monotonic(),
+                                       own_deadline=demand.deadline_s is not None)
                 if demand.door_passed:  # held or sent now: counted by the scheduler, no longer in transit
                     self.request.door_pass_read()  # type: ignore[attr-defined]  # only the fast server sets it
             if isinstance(decision, Reject):
