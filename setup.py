@@ -25,7 +25,6 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 SHIPPED_FOLDERS = ("profiles", "deploy")  # the same names as capbalancer/shipped.py
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
-COMPILE = os.environ.get("CAPBALANCER_COMPILE", "") not in ("", "0")  # as tools/build_backend.py reads it
 
 
 def _compile_sched() -> ModuleType:
@@ -37,6 +36,10 @@ def _compile_sched() -> ModuleType:
     return module
 
 
+TOOL = _compile_sched()
+COMPILE = TOOL.compile_requested()  # the same reading as tools/build_backend.py's
+
+
 class BuildExtCompiled(build_ext):
     """Makes the compiled core's extensions when the build needs them (not when setup.py is read: pip reads it
     first to learn the build requirements, before mypy is in the build environment)."""
@@ -44,12 +47,11 @@ class BuildExtCompiled(build_ext):
     def finalize_options(self) -> None:
         building = set(self.distribution.commands) & {"bdist_wheel", "build", "build_ext", "install"}
         if COMPILE and building and not self.distribution.ext_modules:
-            tool = _compile_sched()
-            why = tool.missing_tools()
+            why = TOOL.missing_tools()
             if why is not None:  # asked for explicitly: say why rather than ship a pure wheel under a platform tag
                 raise SystemExit(f"CAPBALANCER_COMPILE is set, but the scheduling core cannot be compiled: {why}")
             os.chdir(ROOT)  # mypyc names modules by their paths from the project root
-            self.distribution.ext_modules = tool.extensions(separate=False, opt_level="3",
+            self.distribution.ext_modules = TOOL.extensions(separate=False, opt_level="3",
                                                             build_dir=ROOT / "build" / "mypyc-wheel")
         super().finalize_options()
 
@@ -71,7 +73,7 @@ class BuildPyWithShipped(build_py):
                 shutil.copytree(src, target / name, ignore=IGNORED, dirs_exist_ok=True)
         if COMPILE:  # the record the package checks before it loads the extensions beside these sources
             manifest = Path(self.build_lib) / "capbalancer" / "sched" / "compiled.json"
-            manifest.write_text(_compile_sched().manifest_text(separate=False))
+            manifest.write_text(TOOL.manifest_text(separate=False))
 
 
 setup(cmdclass={"build_py": BuildPyWithShipped, "build_ext": BuildExtCompiled}, distclass=CompiledDistribution)

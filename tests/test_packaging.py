@@ -103,21 +103,19 @@ def test_wheel_simulates_an_engine(installed: Path, tmp_path: Path) -> None:
         assert client.models.list().data[0].id == "llama-3.1-8b"
 
 
-def _compile_tool():  # tools/compile_sched.py, as setup.py loads it
-    import importlib.util
+def _tool(name: str):
+    """A module of tools/ (not a package), imported as pip's build imports it: with tools/ on the path."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("compile_sched_for_tests", REPO / "tools" / "compile_sched.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "tools"))
 
 
 def test_the_build_backend_asks_for_mypy_only_for_a_compiled_wheel(monkeypatch: pytest.MonkeyPatch) -> None:
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import build_backend
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    build_backend = _tool("build_backend")
     # setuptools' own answer (it reads setup.py) is what the isolated builds below exercise; here only ours.
     monkeypatch.setattr(build_backend._setuptools, "get_requires_for_build_wheel", lambda config_settings=None: [])
     monkeypatch.delenv("CAPBALANCER_COMPILE", raising=False)
@@ -131,7 +129,7 @@ def test_the_build_backend_asks_for_mypy_only_for_a_compiled_wheel(monkeypatch: 
 def test_a_compiled_wheel_carries_and_runs_the_compiled_core(installed: Path, tmp_path: Path) -> None:
     """CAPBALANCER_COMPILE=1 pip wheel: a platform wheel with the mypyc build and its compiled.json; installed, the
     package loads it (not the .py files) and serves. pip's isolated build gets mypy from tools/build_backend.py."""
-    why = _compile_tool().missing_tools()
+    why = _tool("compile_sched").missing_tools()
     if why is not None:
         pytest.skip(f"no compiled wheel here: {why}")
     src = tmp_path / "src"

@@ -10,17 +10,13 @@ plain wheel's build needs nothing more than setuptools. What the compiled build 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from compile_sched import compile_requested  # beside this file: backend-path puts tools/ on sys.path
 from setuptools import build_meta as _setuptools
 from setuptools.build_meta import *  # noqa: F403 - the hooks this backend does not change
 
 MYPYC_REQUIREMENT = "mypy>=1.11"  # the same floor as the dev extras in pyproject.toml
-
-
-def compile_requested(environ: os._Environ[str] | dict[str, str] = os.environ) -> bool:
-    return environ.get("CAPBALANCER_COMPILE", "") not in ("", "0")
 
 
 def get_requires_for_build_wheel(config_settings: dict[str, Any] | None = None) -> list[str]:

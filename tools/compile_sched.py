@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import sysconfig
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,12 @@ SKIP = {"__init__.py", "errors.py"}
 MANIFEST = SCHED / "compiled.json"  # the same name as capbalancer/sched/__init__.py's MANIFEST
 BUILD_DIR = ROOT / "build" / "mypyc"
 GROUP = "capbalancer.sched.compiled"  # the shared library: capbalancer/sched/compiled__mypyc*.so
+
+
+def compile_requested(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether a wheel's build is asked to carry the compiled core: CAPBALANCER_COMPILE set and not 0 (setup.py
+    builds it, tools/build_backend.py puts mypy in the build environment)."""
+    return environ.get("CAPBALANCER_COMPILE", "") not in ("", "0")
 
 
 def sources() -> list[Path]:
@@ -80,17 +87,24 @@ def extensions(separate: bool, opt_level: str, build_dir: Path = BUILD_DIR) -> l
     from mypyc.build import mypycify
 
     paths = ["--ignore-missing-imports", *(str(p.relative_to(ROOT)) for p in sources())]
-    kw: dict[str, Any] = {}
-    if not separate:
-        if "group_name" in inspect.signature(mypycify).parameters:
-            kw["group_name"] = GROUP  # else mypyc names the shared library by a hash, at the top of the tree
-        else:
-            separate = True  # an older mypyc: per-module libraries, which land inside the package
+    separate = built_separate(separate)
+    # One group names its shared library (else mypyc names it by a hash, at the top of the tree).
+    kw: dict[str, Any] = {} if separate else {"group_name": GROUP}
     return list(mypycify(paths, opt_level=opt_level, separate=separate, target_dir=str(build_dir), **kw))
 
 
+def built_separate(separate: bool) -> bool:
+    """Whether a build asked for with `separate` makes one extension per module: also when this mypyc is too old
+    to name a group (per-module libraries, which land inside the package)."""
+    from mypyc.build import mypycify
+
+    return separate or "group_name" not in inspect.signature(mypycify).parameters
+
+
 def manifest_text(separate: bool) -> str:
-    """compiled.json for a build made from the sources as they are now (capbalancer/sched/__init__.py reads it)."""
+    """compiled.json for a build made from the sources as they are now (capbalancer/sched/__init__.py reads it);
+    `separate` as the build was asked for."""
+    separate = built_separate(separate)
     try:
         from importlib.metadata import version
         mypyc_version = version("mypy")
@@ -119,7 +133,7 @@ def build(separate: bool, opt_level: str) -> None:
     cmd.parallel = os.cpu_count() or 1
     cmd.ensure_finalized()
     cmd.run()
-    MANIFEST.write_text(manifest_text(separate or not any(".compiled" in e.name for e in exts)))
+    MANIFEST.write_text(manifest_text(separate))
 
 
 def main() -> int:

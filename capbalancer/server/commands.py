@@ -57,7 +57,6 @@ class WorkersParam(click.ParamType):
         self.fail(f"{value!r} is neither a number of workers nor 'auto'", param, ctx)
 
 
-
 def _auto_workers() -> int:
     from capbalancer.cluster.workers import usable_cpus
 
